@@ -1,0 +1,101 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+// Module map of colorun, one module per concern:
+//   CLua           system Lua 5.4 (pkg-config lua5.4) plus C shims for its macros and trampolines
+//   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
+//   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   LuaRuntime     a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
+//   QEMUSimulator  a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
+//   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
+//   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
+//   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
+let package = Package(
+    name: "colorun",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "colorun", targets: ["ColorunCLI"]),
+        .executable(name: "qemu-sim", targets: ["QEMUSimCLI"]),
+        .library(name: "QMPClient", targets: ["QMPClient"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .target(
+            name: "QMP",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            name: "QMPClient",
+            dependencies: [
+                "QMP",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "LuaRuntime",
+            dependencies: [
+                "CLua",
+                "QMP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+            ]
+        ),
+        .target(
+            name: "QEMUSimulator",
+            dependencies: [
+                "QMP",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "Colorun",
+            dependencies: [
+                "LuaRuntime",
+                "QMP",
+                "QMPClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+            ]
+        ),
+        .executableTarget(
+            name: "ColorunCLI",
+            dependencies: [
+                "Colorun",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "QEMUSimCLI",
+            dependencies: [
+                "QEMUSimulator",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "QMPTests", dependencies: ["QMP"]),
+        .testTarget(name: "QMPClientTests", dependencies: ["QMPClient", "QMP"]),
+        .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP"]),
+        .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
+        .testTarget(name: "ColorunTests", dependencies: ["Colorun", "QEMUSimulator", "QMPClient", "QMP"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

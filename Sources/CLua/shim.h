@@ -1,0 +1,6 @@
+#ifndef COLORUN_CLUA_SHIM_H
+#define COLORUN_CLUA_SHIM_H
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#endif

@@ -1,0 +1,1 @@
+// Colorun: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+print("colorun: not built yet")

@@ -1,0 +1,1 @@
+// LuaRuntime: placeholder until its issue lands.

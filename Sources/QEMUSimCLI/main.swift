@@ -1,0 +1,1 @@
+print("qemu-sim: not built yet")

@@ -1,0 +1,1 @@
+// QEMUSimulator: placeholder until its issue lands.

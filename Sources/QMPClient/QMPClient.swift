@@ -1,0 +1,1 @@
+// QMPClient: placeholder until its issue lands.
