@@ -57,8 +57,8 @@ public struct SimulatedFault: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// Shorthand: `SimulatedFault("stop", .delay(.milliseconds(200)))`.
-    public init(_ command: String, _ action: Action, after: Int = 0, count: Int? = nil) {
-        self.init(trigger: .command(command), action: action, after: after, count: count)
+    public init(_ command: String, _ action: Action, after: Int = 0, count: Int? = nil, at: Duration? = nil) {
+        self.init(trigger: .command(command), action: action, after: after, count: count, at: at)
     }
 
     public func matches(command: String) -> Bool {
