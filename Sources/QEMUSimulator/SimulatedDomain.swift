@@ -206,12 +206,17 @@ public final class SimulatedDomain: Sendable {
             return result
         }
         for timer in timers { timer.cancel() }
+        // Listener first, so a client that sees its connection end finds the socket refusing.
+        try? await server?.close()
+        if case .unix(let path) = address {
+            // NIO removes the socket file when the listener closes. A killed QEMU leaves it
+            // behind, refusing connections: put back a bound, never-listening socket file.
+            unlink(path)
+            if !removeSocket { leaveDeadSocketFile(at: path) }
+        }
         for channel in connections {
-            // SO_LINGER 0 would turn the close into a reset as SIGKILL does; a plain close is enough.
             try? await channel.close()
         }
-        try? await server?.close()
-        if removeSocket, case .unix(let path) = address { unlink(path) }
     }
 
     func attach(server: any Channel, address: SimulatorAddress) {
@@ -276,4 +281,23 @@ func wallClock() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Leaves a UNIX socket file at `path` that nobody listens on: connect() gets ECONNREFUSED,
+/// as after a QEMU was killed.
+func leaveDeadSocketFile(at path: String) {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return }
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return }
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    _ = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
 }
