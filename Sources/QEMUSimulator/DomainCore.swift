@@ -33,7 +33,10 @@ public enum DomainStep: Sendable, Hashable {
 public struct DomainCore: Sendable {
     public var machine: SimulatedQEMU
     public var faults: FaultSchedule
+    /// The newest commands (at least `historyLimit` of them are kept).
     public private(set) var log: [CommandLogEntry] = []
+    /// How much history (commands, loads, saves) a long-running domain keeps.
+    public static let historyLimit = 10_000
     public private(set) var isFrozen = false
     public private(set) var isAlive = true
     /// Wall-clock seconds when the domain started; `at=` and `@` faults count from here.
@@ -117,6 +120,7 @@ public struct DomainCore: Sendable {
         }
         let elapsed = Duration.nanoseconds(Int64(max(0, now - startedAt) * 1e9))
         let fault = faults.action(for: command.name, elapsed: elapsed)
+        if log.count >= 2 * Self.historyLimit { log.removeFirst(log.count - Self.historyLimit) }
         log.append(CommandLogEntry(time: now, connection: connection, name: command.name, arguments: command.arguments, id: command.id, fault: fault))
 
         func errorReply(_ cls: String, _ desc: String) -> JSONValue {

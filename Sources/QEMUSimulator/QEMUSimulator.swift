@@ -94,9 +94,13 @@ public final class QEMUSimulator: Sendable {
             defer { domains = [] }
             return domains
         }
-        for domain in all {
-            domain.core.withLock { $0.markDead() }
-            await domain.closeEverything(removeSocket: true)
+        await withTaskGroup(of: Void.self) { group in
+            for domain in all {
+                group.addTask {
+                    domain.core.withLock { $0.markDead() }
+                    await domain.closeEverything(removeSocket: true)
+                }
+            }
         }
         if ownsGroup { try? await group.shutdownGracefully() }
     }

@@ -20,7 +20,8 @@ public enum SimulatorAddress: Sendable, Hashable, CustomStringConvertible {
             guard !path.isEmpty else { return nil }
             self = .unix(path: path)
         } else if text.hasPrefix("tcp:"), let colon = text.lastIndex(of: ":"), colon > text.index(text.startIndex, offsetBy: 3) {
-            let host = String(text[text.index(text.startIndex, offsetBy: 4)..<colon])
+            var host = String(text[text.index(text.startIndex, offsetBy: 4)..<colon])
+            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
             guard let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port), !host.isEmpty else { return nil }
             self = .tcp(host: host, port: port)
         } else if text.hasPrefix("/") {
@@ -33,7 +34,7 @@ public enum SimulatorAddress: Sendable, Hashable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .unix(let path): "unix:\(path)"
-        case .tcp(let host, let port): "tcp:\(host):\(port)"
+        case .tcp(let host, let port): host.contains(":") ? "tcp:[\(host)]:\(port)" : "tcp:\(host):\(port)"
         }
     }
 }

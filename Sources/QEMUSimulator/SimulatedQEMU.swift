@@ -181,7 +181,7 @@ public struct SimulatedQEMU: Sendable {
             do throws(SimFileIO.Failure) {
                 try SimFileIO.writeFile(file.encode(), to: path)
                 saveCounter += 1
-                savedStates.append(SavedDeviceState(path: path, file: file))
+                appendSaved(SavedDeviceState(path: path, file: file))
             } catch {
                 switch error {
                 case .open(let why): result = .failure(QMPErrorBodyError(.generic("Unable to open \(path): \(why)")))
@@ -209,6 +209,7 @@ public struct SimulatedQEMU: Sendable {
             guard let file = DeviceStateFile.decode(bytes), file.kind == .deviceState else {
                 return fail(.generic("An IO error has occurred"))
             }
+            if loadedStates.count >= 2 * DomainCore.historyLimit { loadedStates.removeFirst(DomainCore.historyLimit) }
             loadedStates.append(LoadedDeviceState(path: path, file: file, loadedAt: now))
             counterBase = file.guestCounter
             return CommandOutcome(reply: ok())
@@ -236,7 +237,7 @@ public struct SimulatedQEMU: Sendable {
                 return CommandOutcome(reply: ok())
             }
             saveCounter += 1
-            savedStates.append(SavedDeviceState(path: target, file: file))
+            appendSaved(SavedDeviceState(path: target, file: file))
             migration = .completed(uri: uri, bytes: file.size, totalTimeMs: 80)
             transition(to: .postmigrate, now: now)
             return CommandOutcome(reply: ok(), eventsAfter: wasRunning ? [event("STOP")] : [])
@@ -275,6 +276,11 @@ public struct SimulatedQEMU: Sendable {
     }
 
     // MARK: - Helpers
+
+    private mutating func appendSaved(_ saved: SavedDeviceState) {
+        if savedStates.count >= 2 * DomainCore.historyLimit { savedStates.removeFirst(DomainCore.historyLimit) }
+        savedStates.append(saved)
+    }
 
     var migrationInfo: JSONValue {
         switch migration {

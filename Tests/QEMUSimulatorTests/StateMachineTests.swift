@@ -277,3 +277,18 @@ import Testing
         #expect(schedule.action(for: "cont", elapsed: .seconds(11)) == .hang)
     }
 }
+
+@Suite struct AddressTests {
+    @Test func parsesAddresses() {
+        #expect(SimulatorAddress(parsing: "unix:/tmp/a.sock") == .unix(path: "/tmp/a.sock"))
+        #expect(SimulatorAddress(parsing: "/tmp/a.sock") == .unix(path: "/tmp/a.sock"))
+        #expect(SimulatorAddress(parsing: "tcp:127.0.0.1:4444") == .tcp(host: "127.0.0.1", port: 4444))
+        #expect(SimulatorAddress(parsing: "tcp:[::1]:0") == .tcp(host: "::1", port: 0))
+        #expect(SimulatorAddress.tcp(host: "::1", port: 5).description == "tcp:[::1]:5")
+        #expect(SimulatorAddress(parsing: "tcp:127.0.0.1") == nil)
+        #expect(SimulatorAddress(parsing: "tcp:h:99999") == nil)
+        #expect(SimulatorAddress(parsing: "unix:") == nil)
+        #expect(SimulatorAddress(parsing: "dom0.sock") == nil)
+        #expect(SimulatorAddress.tcp(host: "h", port: 1).description == "tcp:h:1")
+    }
+}
