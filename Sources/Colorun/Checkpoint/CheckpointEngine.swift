@@ -1,0 +1,284 @@
+import QMP
+
+/// What a checkpoint engine needs of a domain. `Domain` is the real one.
+public protocol CheckpointTarget: AnyObject, Sendable {
+    var name: String { get }
+    /// `stop`, journaled first, so a killed colorun's successor resumes the domain.
+    func stop() async throws(DomainError)
+    /// `cont`, then the journal entry is cleared.
+    func resume() async throws(DomainError)
+    func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue
+}
+
+/// A checkpoint that did not complete. Every domain the checkpoint stopped has been
+/// resumed (or the failure to resume it is listed in `unresumed`), and the last good
+/// generation is untouched.
+public struct CheckpointError: Error, Sendable, CustomStringConvertible {
+    /// The step that failed: `stop`, `save`, `verify`, `restore`, `migrate`, `resume`, `commit`.
+    public var step: String
+    /// The domain the step failed on (empty for a state-directory failure).
+    public var domain: String
+    public var cause: String
+    /// The QMP or colorun error class when the cause was a domain error.
+    public var errorClass: String?
+    public var command: String?
+    /// The generation this checkpoint would have been.
+    public var generation: Int
+    /// The newest complete generation, still intact.
+    public var lastGood: Int?
+    /// Domains that could not be resumed (their error); empty when all run again.
+    public var unresumed: [DomainError]
+
+    public var description: String {
+        var text = "checkpoint \(generation) failed at \(step)"
+        if !domain.isEmpty { text += " on \(domain)" }
+        text += ": \(cause)"
+        if let lastGood { text += " (last good generation: \(lastGood))" } else { text += " (no good generation yet)" }
+        for failure in unresumed { text += "; NOT RESUMED: \(failure)" }
+        return text
+    }
+
+    public var fields: [String: JSONValue] {
+        var f: [String: JSONValue] = [
+            "step": .string(step), "domain": .string(domain), "desc": .string(cause),
+            "generation": .int(Int64(generation)),
+            "class": .string(errorClass ?? "CheckpointError"),
+        ]
+        if let command { f["command"] = .string(command) }
+        if let lastGood { f["last_good"] = .int(Int64(lastGood)) }
+        if !unresumed.isEmpty { f["unresumed"] = .array(unresumed.map { .string($0.domain) }) }
+        return f
+    }
+}
+
+/// The outcome of a good checkpoint.
+public struct CheckpointResult: Sendable, Hashable {
+    public var generation: Int
+    public var path: String
+    public var bytes: Int
+    /// From the first `stop` sent to the last `cont` answered.
+    public var pauseMilliseconds: Double
+    public var saveMilliseconds: Double
+    public var restoreMilliseconds: Double
+
+    public var fields: [String: JSONValue] {
+        [
+            "generation": .int(Int64(generation)), "path": .string(path), "bytes": .int(Int64(bytes)),
+            "pause_ms": .double(pauseMilliseconds), "save_ms": .double(saveMilliseconds),
+            "restore_ms": .double(restoreMilliseconds),
+        ]
+    }
+}
+
+/// The seed's checkpoint and its Remus-style sibling, with the house rules built in:
+/// whatever fails, every domain the checkpoint stopped is resumed, a generation becomes
+/// visible only when complete, and a secondary never loads a file that is not a whole
+/// device-state file.
+public enum CheckpointEngine {
+    /// QEMU's device-state and migration streams start with `QEVM` and version 3.
+    public static let stateMagic: [UInt8] = [0x51, 0x45, 0x56, 0x4D, 0x00, 0x00, 0x00, 0x03]
+
+    /// Xen flavour (libxl's COLO checkpoint): stop both, save the primary's device state,
+    /// load it on the secondary, resume both.
+    public static func xenCheckpoint(
+        primary: some CheckpointTarget, secondary: some CheckpointTarget, store: GenerationStore
+    ) async throws(CheckpointError) -> CheckpointResult {
+        let (generation, partial) = store.begin()
+        let lastGood = (try? store.latest())?.number
+        let clock = ContinuousClock()
+        let pauseStart = clock.now
+
+        func fail(_ step: String, _ error: DomainError, resuming targets: [any CheckpointTarget]) async -> CheckpointError {
+            store.discard(generation)
+            let unresumed = await resumeAll(targets)
+            return CheckpointError(
+                step: step, domain: error.domain, cause: error.desc, errorClass: error.errorClass, command: error.command,
+                generation: generation, lastGood: lastGood, unresumed: unresumed)
+        }
+
+        // 1. Stop both at once.
+        async let stopPrimary = capture { () async throws(DomainError) in try await primary.stop() }
+        async let stopSecondary = capture { () async throws(DomainError) in try await secondary.stop() }
+        let stops = await (stopPrimary, stopSecondary)
+        for result in [stops.0, stops.1] {
+            if case .failure(let error) = result {
+                // A stop that timed out may still have stopped its VM: resume both.
+                throw await fail("stop", error, resuming: [primary, secondary])
+            }
+        }
+
+        // 2. Save the primary's device state under the partial name.
+        let saveStart = clock.now
+        do {
+            _ = try await primary.execute("xen-save-devices-state", ["filename": .string(partial), "live": .bool(false)])
+        } catch {
+            throw await fail("save", error, resuming: [primary, secondary])
+        }
+        let saveEnd = clock.now
+
+        // 3. Never hand the secondary a torn or foreign file.
+        let bytes: Int
+        do {
+            bytes = try store.validate(generation, magic: stateMagic)
+        } catch {
+            throw await fail(
+                "verify", DomainError(domain: primary.name, command: "xen-save-devices-state", errorClass: "TornCheckpoint", desc: error.description),
+                resuming: [primary, secondary])
+        }
+
+        // 4. Load it on the secondary.
+        do {
+            _ = try await secondary.execute("xen-load-devices-state", ["filename": .string(partial)])
+        } catch {
+            throw await fail("restore", error, resuming: [primary, secondary])
+        }
+        let restoreEnd = clock.now
+
+        // 5. Resume both at once.
+        let unresumed = await resumeAll([primary, secondary])
+        let pauseEnd = clock.now
+        if let first = unresumed.first {
+            store.discard(generation)
+            throw CheckpointError(
+                step: "resume", domain: first.domain, cause: first.desc, errorClass: first.errorClass, command: first.command,
+                generation: generation, lastGood: lastGood, unresumed: unresumed)
+        }
+
+        // 6. Make it the last good generation (after the resume: the fsync is not pause time).
+        let committed: Generation
+        do {
+            committed = try store.commit(generation)
+        } catch {
+            store.discard(generation)
+            throw CheckpointError(
+                step: "commit", domain: "", cause: error.description, errorClass: "StateDirError", command: nil,
+                generation: generation, lastGood: lastGood, unresumed: [])
+        }
+        return CheckpointResult(
+            generation: generation, path: committed.path, bytes: bytes,
+            pauseMilliseconds: milliseconds(pauseEnd - pauseStart),
+            saveMilliseconds: milliseconds(saveEnd - saveStart),
+            restoreMilliseconds: milliseconds(restoreEnd - saveEnd))
+    }
+
+    /// Remus style on plain QEMU: stop, migrate the whole VM to a new generation file,
+    /// wait for the migration to complete, resume.
+    public static func remusCheckpoint(
+        _ domain: some CheckpointTarget, store: GenerationStore, pollInterval: Duration = .milliseconds(1),
+        timeout: Duration = .seconds(30)
+    ) async throws(CheckpointError) -> CheckpointResult {
+        let (generation, partial) = store.begin()
+        let lastGood = (try? store.latest())?.number
+        let clock = ContinuousClock()
+        let pauseStart = clock.now
+
+        func fail(_ step: String, _ error: DomainError) async -> CheckpointError {
+            // A migration still writing would keep the file open; cancel it first.
+            if step == "migrate" { _ = try? await domain.execute("migrate_cancel", nil) }
+            store.discard(generation)
+            let unresumed = await resumeAll([domain])
+            return CheckpointError(
+                step: step, domain: error.domain, cause: error.desc, errorClass: error.errorClass, command: error.command,
+                generation: generation, lastGood: lastGood, unresumed: unresumed)
+        }
+
+        guard !partial.contains("'") else {
+            throw CheckpointError(
+                step: "migrate", domain: domain.name, cause: "state path contains a quote: \(partial)", errorClass: "StateDirError",
+                command: "migrate", generation: generation, lastGood: lastGood, unresumed: [])
+        }
+        do {
+            try await domain.stop()
+        } catch {
+            throw await fail("stop", error)
+        }
+        let saveStart = clock.now
+        do throws(DomainError) {
+            _ = try await domain.execute("migrate", ["uri": .string("exec:cat > '\(partial)'")])
+            let deadline = clock.now + timeout
+            while true {
+                let info = try await domain.execute("query-migrate", nil)
+                let status = info["status"]?.stringValue ?? ""
+                if status == "completed" { break }
+                if status == "failed" || status == "cancelled" {
+                    let reason = info["error-desc"]?.stringValue ?? "migration \(status)"
+                    throw DomainError(domain: domain.name, command: "migrate", errorClass: "MigrationFailed", desc: reason)
+                }
+                if clock.now > deadline {
+                    throw DomainError(domain: domain.name, command: "query-migrate", errorClass: DomainError.timeout, desc: "migration did not complete within \(timeout)")
+                }
+                try? await Task.sleep(for: pollInterval)
+            }
+        } catch {
+            throw await fail("migrate", error)
+        }
+        let saveEnd = clock.now
+        let unresumed = await resumeAll([domain])
+        let pauseEnd = clock.now
+        if let first = unresumed.first {
+            store.discard(generation)
+            throw CheckpointError(
+                step: "resume", domain: first.domain, cause: first.desc, errorClass: first.errorClass, command: first.command,
+                generation: generation, lastGood: lastGood, unresumed: unresumed)
+        }
+        let bytes: Int
+        let committed: Generation
+        do {
+            bytes = try store.validate(generation, magic: stateMagic)
+            committed = try store.commit(generation)
+        } catch {
+            store.discard(generation)
+            throw CheckpointError(
+                step: "commit", domain: domain.name, cause: error.description, errorClass: "TornCheckpoint", command: "migrate",
+                generation: generation, lastGood: lastGood, unresumed: [])
+        }
+        return CheckpointResult(
+            generation: generation, path: committed.path, bytes: bytes,
+            pauseMilliseconds: milliseconds(pauseEnd - pauseStart),
+            saveMilliseconds: milliseconds(saveEnd - saveStart), restoreMilliseconds: 0)
+    }
+
+    /// Resumes every target at once; a failed `cont` that is not a lost connection is tried
+    /// once more. Returns the failures that remain.
+    public static func resumeAll(_ targets: [any CheckpointTarget]) async -> [DomainError] {
+        await withTaskGroup(of: DomainError?.self) { group in
+            for target in targets {
+                group.addTask {
+                    do throws(DomainError) {
+                        try await target.resume()
+                        return nil
+                    } catch let first {
+                        if first.errorClass == DomainError.disconnected || first.errorClass == DomainError.connectFailed {
+                            return first
+                        }
+                        do throws(DomainError) {
+                            try await target.resume()
+                            return nil
+                        } catch {
+                            return error
+                        }
+                    }
+                }
+            }
+            var failures: [DomainError] = []
+            for await failure in group {
+                if let failure { failures.append(failure) }
+            }
+            return failures
+        }
+    }
+
+    static func capture(_ body: () async throws(DomainError) -> Void) async -> Result<Void, DomainError> {
+        do {
+            try await body()
+            return .success(())
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    static func milliseconds(_ d: Duration) -> Double {
+        let (s, attos) = d.components
+        return Double(s) * 1000 + Double(attos) / 1e15
+    }
+}

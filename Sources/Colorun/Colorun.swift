@@ -1,1 +1,0 @@
-// Colorun: placeholder until its issue lands.

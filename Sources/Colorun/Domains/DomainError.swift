@@ -1,0 +1,33 @@
+import QMP
+
+/// A failed operation on one domain, as policies see it: a Lua error whose value is
+/// `{domain=, command=, class=, desc=}` and which prints as
+/// `web-p: xen-load-devices-state: GenericError: Cannot update device state while vm is running`.
+///
+/// `class` is QEMU's error class (`GenericError`, `CommandNotFound`, ...) or one of colorun's
+/// own: `Timeout` (no reply in time), `Disconnected` (the monitor connection ended),
+/// `ConnectFailed` (no monitor to talk to), `ProtocolError` (the peer broke QMP).
+public struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var domain: String
+    public var command: String
+    public var errorClass: String
+    public var desc: String
+
+    public init(domain: String, command: String, errorClass: String, desc: String) {
+        self.domain = domain
+        self.command = command
+        self.errorClass = errorClass
+        self.desc = desc
+    }
+
+    public var description: String { "\(domain): \(command): \(errorClass): \(desc)" }
+
+    public var fields: [String: JSONValue] {
+        ["domain": .string(domain), "command": .string(command), "class": .string(errorClass), "desc": .string(desc)]
+    }
+
+    public static let timeout = "Timeout"
+    public static let disconnected = "Disconnected"
+    public static let connectFailed = "ConnectFailed"
+    public static let protocolError = "ProtocolError"
+}
