@@ -292,3 +292,55 @@ import Testing
         #expect(SimulatorAddress.tcp(host: "h", port: 1).description == "tcp:h:1")
     }
 }
+
+/// The domain layer without sockets: connections, faults, steps.
+@Suite struct DomainCoreTests {
+    static func core(_ faults: [SimulatedFault] = []) -> DomainCore {
+        DomainCore(machine: SimulatedQEMU(name: "d", now: 100), faults: FaultSchedule(faults), startedAt: 100)
+    }
+
+    static func sent(_ steps: [DomainStep]) -> [JSONValue] {
+        steps.compactMap { if case .send(.json(let v)) = $0 { return v } else { return nil } }
+    }
+
+    @Test func oneConnectionHoldsTheMonitor() {
+        var core = Self.core()
+        #expect(Self.sent(core.connect(1)).first?["QMP"] != nil)
+        #expect(core.connect(2).isEmpty)
+        #expect(core.isServing(1) && !core.isServing(2))
+        #expect(core.disconnect(1) == 2)
+        #expect(core.isServing(2))
+    }
+
+    @Test func faultsBecomeSteps() throws {
+        let dir = try TempDir("core")
+        defer { dir.cleanup() }
+        var core = Self.core([
+            SimulatedFault("stop", .delay(.seconds(1)), count: 1),
+            SimulatedFault("query-status", .hang, count: 1),
+            try SimulatedFault(parsing: "xen-save-devices-state:crash-after-bytes=100"),
+        ])
+        _ = core.connect(1)
+        _ = core.receive(.value(["execute": "qmp_capabilities"]), from: 1, now: 101)
+        let stop = core.receive(.value(["execute": "stop"]), from: 1, now: 101)
+        #expect(stop.first == .wait(.seconds(1)))
+        #expect(Self.sent(stop).count == 2)  // STOP, then the reply
+        #expect(core.receive(.value(["execute": "query-status"]), from: 1, now: 101) == [.hang])
+        let path = dir.file("p.state")
+        let crash = core.receive(.value(["execute": "xen-save-devices-state", "arguments": ["filename": .string(path)]]), from: 1, now: 102)
+        #expect(crash == [.die])
+        #expect(!core.isAlive)
+        #expect(try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int == 100)
+        #expect(core.log.map(\.name) == ["qmp_capabilities", "stop", "query-status", "xen-save-devices-state"])
+        #expect(core.connect(3) == [.close])
+    }
+
+    @Test func quitExits() {
+        var core = Self.core()
+        _ = core.connect(1)
+        _ = core.receive(.value(["execute": "qmp_capabilities"]), from: 1, now: 101)
+        let steps = core.receive(.value(["execute": "quit"]), from: 1, now: 101)
+        #expect(steps.last == .exit)
+        #expect(Self.sent(steps).map { $0["event"] ?? $0["return"] } == ["SHUTDOWN", [:]])
+    }
+}
