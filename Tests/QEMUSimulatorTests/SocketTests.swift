@@ -163,11 +163,11 @@ import Testing
     }
 
     @Test func freezeByTime() async throws {
-        try await withSimulatedDomain(SimulatedDomainConfiguration(faults: [try SimulatedFault(parsing: "@300ms:freeze")])) { domain, dir in
+        try await withSimulatedDomain(SimulatedDomainConfiguration(faults: [try SimulatedFault(parsing: "@1s:freeze")])) { domain, dir in
             let client = try await TestQMPClient.connect(.unix(path: dir.file("dom0.sock")))
             _ = try await client.negotiate()
             #expect(try await client.execute("query-status").reply["return"] != nil)
-            try await Task.sleep(for: .milliseconds(400))
+            try await Task.sleep(for: .milliseconds(1200))
             #expect(domain.isFrozen)
             try await client.send(#"{"execute":"query-status"}"# + "\n")
             await #expect(throws: TestTimeout.self) { try await client.line(timeout: .milliseconds(200)) }
