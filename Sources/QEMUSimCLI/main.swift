@@ -1,1 +1,0 @@
-print("qemu-sim: not built yet")
