@@ -307,6 +307,7 @@ final class QMPConnectionCore {
     private func finish(_ reason: QMPCloseReason) {
         guard phase != .closed else { return }
         phase = .closed
+        if closeReason == nil { closeReason = reason }
         shared.closing.store(true, ordering: .relaxed)
         greetingTimer?.cancel()
         greetingTimer = nil

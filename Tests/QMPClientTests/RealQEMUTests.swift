@@ -12,7 +12,10 @@ import Glibc
 #endif
 
 /// Against real QEMU 7.2 under TCG, started by each test in its own run directory.
-@Suite struct RealQEMUTests {
+///
+/// Serialized: each test starts its own QEMU (safe in parallel), but a dozen QEMUs booting
+/// at once on two cores delay the event loop by 100+ ms, which the timing tests would feel.
+@Suite(.serialized) struct RealQEMUTests {
     @Test func greetingAndNegotiation() async throws {
         try await withQEMU { qemu, connection async throws in
             #expect(connection.greeting.qemuVersion.hasPrefix("7."), "version \(connection.greeting.version)")
@@ -188,6 +191,7 @@ import Glibc
             #expect(reason == .connectionReset || reason == .endOfFile)
             let elapsed = failedAt! - killedAt
             #expect(elapsed < .milliseconds(100), "failed \(elapsed) after SIGKILL")
+            print("SIGKILL to disconnected: \(elapsed)")
             #expect(try await connection.closeFuture.get() == reason)
             #expect(!connection.isActive)
             // Sending on a closed connection fails at once, with the same reason.
@@ -290,7 +294,7 @@ import Glibc
     }
 }
 
-@Suite struct ConnectTests {
+@Suite(.serialized) struct ConnectTests {
     @Test func connectTimeoutNamesTheEndpoint() async {
         let endpoint = QMPEndpoint.unix(path: "/tmp/colorun-no-such-dir-\(getpid())/qmp.sock")
         let clock = ContinuousClock()
