@@ -42,10 +42,7 @@ struct QMPConnectOptions: Sendable {
 final class QMPConnectionCore {
     typealias Completion = (Result<JSONValue, QMPClientError>) -> Void
 
-    struct Token {
-        var completion: Completion
-        var timer: Scheduled<Void>?
-    }
+    typealias Token = Completion
 
     enum Subscriber {
         case callback((QMPEvent) -> Void)
@@ -73,6 +70,9 @@ final class QMPConnectionCore {
     private var table = QMPRequestTable<Token>()
     private var context: ChannelHandlerContext?
     private var greetingTimer: Scheduled<Void>?
+    /// One timer, armed for the earliest command deadline.
+    private var sweepTimer: Scheduled<Void>?
+    private var sweepDeadline: NIODeadline?
     private var closeReason: QMPCloseReason?
     private var subscribers: [(key: Int, subscriber: Subscriber)] = []
     private var logger: Logger
@@ -171,18 +171,32 @@ final class QMPConnectionCore {
         }
         let id = table.reserveID()
         let after = timeout ?? options.commandTimeout
-        let timer = eventLoop.assumeIsolated().scheduleTask(in: after) {
-            self.timedOut(id: id, after: after)
-        }
-        table.insert(id: id, command: command, token: Token(completion: completion, timer: timer))
+        let deadline = NIODeadline.now() + after
+        table.insert(id: id, command: command, timeout: after, deadline: deadline, token: completion)
+        armSweep(for: deadline)
         let json = QMPCommand(name: command, arguments: arguments, id: .int(id)).json
         context.writeAndFlush(NIOAny(json), promise: nil)
     }
 
-    private func timedOut(id: Int64, after: TimeAmount) {
-        guard let pending = table.remove(id: id) else { return }
-        logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)", "id": "\(id)"])
-        pending.token.completion(.failure(.timeout(command: pending.command, after: after, endpoint: endpoint)))
+    private func armSweep(for deadline: NIODeadline) {
+        if let armed = sweepDeadline, armed <= deadline { return }
+        sweepTimer?.cancel()
+        sweepDeadline = deadline
+        sweepTimer = eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            self.sweep()
+        }
+    }
+
+    /// Fails the commands whose deadline passed, then re-arms for the next deadline.
+    private func sweep() {
+        sweepTimer = nil
+        sweepDeadline = nil
+        guard phase != .closed else { return }
+        for (id, pending) in table.removeExpired(now: .now()) {
+            logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)", "id": "\(id)"])
+            pending.token(.failure(.timeout(command: pending.command, after: pending.timeout, endpoint: endpoint)))
+        }
+        if let next = table.earliestDeadline { armSweep(for: next) }
     }
 
     private func receiveGreeting(_ greeting: QMPGreeting) {
@@ -230,12 +244,12 @@ final class QMPConnectionCore {
     }
 
     private func complete(_ pending: QMPRequestTable<Token>.Pending, _ result: Result<JSONValue, QMPErrorBodyError>) {
-        pending.token.timer?.cancel()
+        // The sweep timer stays armed: it finds nothing expired and re-arms (or not) then.
         switch result {
         case .success(let value):
-            pending.token.completion(.success(value))
+            pending.token(.success(value))
         case .failure(let error):
-            pending.token.completion(.failure(.commandFailed(command: pending.command, error.body, endpoint: endpoint)))
+            pending.token(.failure(.commandFailed(command: pending.command, error.body, endpoint: endpoint)))
         }
     }
 
@@ -293,14 +307,13 @@ final class QMPConnectionCore {
 
     private func failAllPending(_ reason: QMPCloseReason) {
         for (_, pending) in table.removeAll() {
-            pending.token.timer?.cancel()
             let error: QMPClientError
             if case .protocolError(let protocolError) = reason {
                 error = .protocolError(protocolError, command: pending.command, endpoint: endpoint)
             } else {
                 error = .disconnected(command: pending.command, reason: reason, endpoint: endpoint)
             }
-            pending.token.completion(.failure(error))
+            pending.token(.failure(error))
         }
     }
 
@@ -311,6 +324,9 @@ final class QMPConnectionCore {
         shared.closing.store(true, ordering: .relaxed)
         greetingTimer?.cancel()
         greetingTimer = nil
+        sweepTimer?.cancel()
+        sweepTimer = nil
+        sweepDeadline = nil
         logger.debug("QMP connection closed", metadata: ["reason": "\(reason)"])
         failAllPending(reason)
         readyPromise.fail(QMPClientError.connectFailed(endpoint: endpoint, reason: "the connection closed before QMP was ready: \(reason)"))

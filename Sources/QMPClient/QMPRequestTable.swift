@@ -1,12 +1,17 @@
+import NIOCore
 import QMP
 
 /// The bookkeeping for commands in flight on one connection, without any I/O: it hands out
 /// ids, remembers which command each id belongs to, and routes replies.
 ///
 /// Ids are increasing integers, so the oldest pending command is the one with the smallest id.
+/// Each command has a deadline; the owner runs one timer for the earliest deadline and calls
+/// `removeExpired(now:)` when it fires (no timer per command).
 struct QMPRequestTable<Token> {
     struct Pending {
         var command: String
+        var deadline: NIODeadline
+        var timeout: TimeAmount
         var token: Token
     }
 
@@ -35,8 +40,20 @@ struct QMPRequestTable<Token> {
         return nextID
     }
 
-    mutating func insert(id: Int64, command: String, token: Token) {
-        entries[id] = Pending(command: command, token: token)
+    mutating func insert(id: Int64, command: String, timeout: TimeAmount, deadline: NIODeadline, token: Token) {
+        entries[id] = Pending(command: command, deadline: deadline, timeout: timeout, token: token)
+    }
+
+    /// The earliest deadline of any pending command.
+    var earliestDeadline: NIODeadline? {
+        entries.values.lazy.map(\.deadline).min()
+    }
+
+    /// Removes the commands whose deadline is at or before `now`, oldest first.
+    mutating func removeExpired(now: NIODeadline) -> [(id: Int64, pending: Pending)] {
+        let expired = entries.filter { $0.value.deadline <= now }.sorted { $0.key < $1.key }
+        for (id, _) in expired { entries.removeValue(forKey: id) }
+        return expired.map { (id: $0.key, pending: $0.value) }
     }
 
     mutating func remove(id: Int64) -> Pending? {

@@ -42,12 +42,13 @@ import Testing
 @Suite struct RequestTableTests {
     @Test func routesByIDAndChargesIdlessErrorsToTheOldest() {
         var table = QMPRequestTable<String>()
+        let now = NIODeadline.now()
         let a = table.reserveID()
-        table.insert(id: a, command: "query-status", token: "A")
+        table.insert(id: a, command: "query-status", timeout: .seconds(1), deadline: now + .seconds(1), token: "A")
         let b = table.reserveID()
-        table.insert(id: b, command: "stop", token: "B")
+        table.insert(id: b, command: "stop", timeout: .seconds(1), deadline: now + .seconds(1), token: "B")
         let c = table.reserveID()
-        table.insert(id: c, command: "cont", token: "C")
+        table.insert(id: c, command: "cont", timeout: .seconds(1), deadline: now + .seconds(1), token: "C")
         #expect(Set([a, b, c]).count == 3)
 
         guard case .matched(let id, let pending) = table.route(QMPReply(id: .int(b), result: .success([:]))) else {
@@ -82,6 +83,21 @@ import Testing
             Issue.record("nothing left to charge")
             return
         }
+    }
+
+    @Test func expiresByDeadline() {
+        var table = QMPRequestTable<Int>()
+        let now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        for (i, ms) in [300, 100, 200, 100].enumerated() {
+            table.insert(id: table.reserveID(), command: "c\(i)", timeout: .milliseconds(Int64(ms)), deadline: now + .milliseconds(Int64(ms)), token: i)
+        }
+        #expect(table.earliestDeadline == now + .milliseconds(100))
+        #expect(table.removeExpired(now: now + .milliseconds(99)).isEmpty)
+        let expired = table.removeExpired(now: now + .milliseconds(150))
+        #expect(expired.map(\.pending.token) == [1, 3])
+        #expect(expired.allSatisfy { $0.pending.timeout == .milliseconds(100) })
+        #expect(table.earliestDeadline == now + .milliseconds(200))
+        #expect(table.count == 2)
     }
 
     @Test func errorDescriptionsNameEndpointAndCommand() {
