@@ -120,14 +120,14 @@ public final class QMPConnection: Sendable {
         let promise = loop.makePromise(of: QMPConnection.self)
         let deadline = NIODeadline.now() + options.connectTimeout
         loop.execute {
-            attemptConnect(options, on: loop, deadline: deadline, attempt: 1, promise: promise)
+            attemptConnect(options, on: loop, deadline: deadline, attempt: 1, lastErrno: nil, promise: promise)
         }
         return promise.futureResult
     }
 
     private static func attemptConnect(
         _ options: QMPConnectOptions, on loop: any EventLoop, deadline: NIODeadline, attempt: Int,
-        promise: EventLoopPromise<QMPConnection>
+        lastErrno: Int32?, promise: EventLoopPromise<QMPConnection>
     ) {
         let remaining = deadline - .now()
         let bootstrap = ClientBootstrap(group: loop)
@@ -174,14 +174,17 @@ public final class QMPConnection: Sendable {
                 let retryable = errno == ENOENT || errno == ECONNREFUSED
                 if retryable, deadline - .now() > retryDelay {
                     _ = loop.scheduleTask(in: retryDelay) {
-                        attemptConnect(options, on: loop, deadline: deadline, attempt: attempt + 1, promise: promise)
+                        attemptConnect(options, on: loop, deadline: deadline, attempt: attempt + 1, lastErrno: errno, promise: promise)
                     }
                     return
                 }
+                let isTimeout: Bool
+                if let error = error as? ChannelError, case .connectTimeout = error { isTimeout = true } else { isTimeout = false }
                 let reason: String
-                if retryable {
+                if let code = retryable ? errno : (isTimeout ? lastErrno : nil) {
+                    // Retried until the deadline (the last attempt may have been cut short by it).
                     reason = "nothing accepted the connection within \(formatDuration(options.connectTimeout)) "
-                        + "(\(attempt) attempts; last error: \(errnoText(errno!)))"
+                        + "(\(attempt) attempts; last error: \(errnoText(code)))"
                 } else if let error = error as? ChannelError, case .connectTimeout(let after) = error {
                     reason = "timed out after \(formatDuration(after))"
                 } else {

@@ -17,17 +17,17 @@ final class FakeQMPPeer: Sendable {
 
     let endpoint: QMPEndpoint
     private let serverChannel: any Channel
-    private let path: String
+    private let path: String?
 
-    private init(path: String, serverChannel: any Channel) {
+    private init(endpoint: QMPEndpoint, path: String?, serverChannel: any Channel) {
         self.path = path
-        self.endpoint = .unix(path: path)
+        self.endpoint = endpoint
         self.serverChannel = serverChannel
     }
 
-    static func start(respond: @escaping @Sendable (JSONValue) -> [String]) async throws -> FakeQMPPeer {
-        let path = "/tmp/colorun-fake-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        let channel = try await ServerBootstrap(group: testGroup)
+    /// Listens on a fresh UNIX socket, or with `tcp` on 127.0.0.1 at a port the system picks.
+    static func start(tcp: Bool = false, respond: @escaping @Sendable (JSONValue) -> [String]) async throws -> FakeQMPPeer {
+        let bootstrap = ServerBootstrap(group: testGroup)
             .childChannelInitializer { child in
                 child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.addHandlers([
@@ -36,14 +36,19 @@ final class FakeQMPPeer: Sendable {
                     ])
                 }
             }
-            .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
-            .get()
-        return FakeQMPPeer(path: path, serverChannel: channel)
+        if tcp {
+            let channel = try await bootstrap.bind(host: "127.0.0.1", port: 0).get()
+            let port = try #require(channel.localAddress?.port)
+            return FakeQMPPeer(endpoint: .tcp(host: "127.0.0.1", port: port), path: nil, serverChannel: channel)
+        }
+        let path = "/tmp/colorun-fake-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        return FakeQMPPeer(endpoint: .unix(path: path), path: path, serverChannel: channel)
     }
 
     func stop() async {
         try? await serverChannel.close()
-        unlink(path)
+        if let path { unlink(path) }
     }
 }
 
@@ -189,5 +194,31 @@ private final class FakePeerHandler: ChannelInboundHandler {
         #expect(error == .disconnected(command: "bye", reason: .endOfFile, endpoint: peer.endpoint))
         #expect(try await connection.closeFuture.get() == .endOfFile)
         await peer.stop()
+    }
+
+    @Test func tcpEndpoint() async throws {
+        let peer = try await FakeQMPPeer.start(tcp: true) { command in
+            [#"{"return": {"status": "running"}, "id": \#(command["id"]!)}"#]
+        }
+        let connection = try await QMPConnection.connect(
+            to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCapture().logger)
+        #expect(try await connection.execute("query-status")["status"] == "running")
+        await connection.close()
+        await peer.stop()
+    }
+
+    @Test func tcpConnectionRefusedIsRetriedUntilTheTimeout() async throws {
+        // A port that was just free: bind, read the port, close.
+        let probe = try await FakeQMPPeer.start(tcp: true) { _ in [] }
+        let endpoint = probe.endpoint
+        await probe.stop()
+        let error = await qmpError {
+            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .milliseconds(150), logger: LogCapture().logger)
+        }
+        guard case .connectFailed(endpoint, let reason) = error else {
+            Issue.record("expected connectFailed, got \(String(describing: error))")
+            return
+        }
+        #expect(reason.contains("Connection refused"), "\(reason)")
     }
 }
