@@ -5,6 +5,7 @@ import PackageDescription
 //   CLua           system Lua 5.4 (pkg-config lua5.4) plus C shims for its macros and trampolines
 //   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
 //   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   QEMULab        real QEMU processes for tests and lab runs (run directory, counting guest)
 //   LuaRuntime     a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator  a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
@@ -43,6 +44,15 @@ let package = Package(
                 "QMP",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "QEMULab",
+            dependencies: [
+                "QMP",
+                "QMPClient",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -92,7 +102,15 @@ let package = Package(
             ]
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
-        .testTarget(name: "QMPClientTests", dependencies: ["QMPClient", "QMP"]),
+        .testTarget(
+            name: "QMPClientTests",
+            dependencies: [
+                "QMPClient", "QMP", "QEMULab",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP"]),
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
         .testTarget(name: "ColorunTests", dependencies: ["Colorun", "QEMUSimulator", "QMPClient", "QMP"]),

@@ -1,0 +1,71 @@
+/// What to start: the fixed machine that answers QMP under TCG (see
+/// shared/notes/qemu-facts.md), plus the knobs tests and `colorun --lab` need.
+public struct QEMUSpec: Sendable, Hashable {
+    public var executable: String
+    /// `-M`; `suppress-vmdesc=on` keeps migration streams free of the JSON description.
+    public var machine: String
+    public var accelerator: String
+    public var memoryMiB: Int
+    /// `-incoming` (e.g. `exec:cat FILE` for a Remus restore, or `defer`).
+    public var incoming: String?
+    /// Boot the 512-byte counting guest from a read-only floppy (see `CountingGuest`).
+    public var countingGuest: Bool
+    public var extraArguments: [String]
+    /// The run directory is made under this one (keep it short: UNIX socket paths hold 107 bytes).
+    public var runDirectoryParent: String
+
+    public init(
+        executable: String = "qemu-system-x86_64",
+        machine: String = "pc,suppress-vmdesc=on",
+        accelerator: String = "tcg",
+        memoryMiB: Int = 64,
+        incoming: String? = nil,
+        countingGuest: Bool = false,
+        extraArguments: [String] = [],
+        runDirectoryParent: String = "/tmp"
+    ) {
+        self.executable = executable
+        self.machine = machine
+        self.accelerator = accelerator
+        self.memoryMiB = memoryMiB
+        self.incoming = incoming
+        self.countingGuest = countingGuest
+        self.extraArguments = extraArguments
+        self.runDirectoryParent = runDirectoryParent
+    }
+
+    /// The command line (without the executable) for a run directory's files.
+    public func arguments(qmpSocket: String, guestImage: String?) -> [String] {
+        var args = [
+            "-M", machine, "-accel", accelerator, "-nodefaults", "-display", "none", "-m", String(memoryMiB),
+            "-global", "migration.send-configuration=off", "-global", "apic.vapic=off",
+            "-qmp", "unix:\(qmpSocket),server=on,wait=off",
+        ]
+        if let guestImage {
+            args += ["-drive", "if=floppy,format=raw,file=\(guestImage),readonly=on"]
+        }
+        if let incoming {
+            args += ["-incoming", incoming]
+        }
+        return args + extraArguments
+    }
+}
+
+/// Why QEMU could not be started.
+public struct QEMULabError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// How a QEMU process ended.
+public enum QEMUExitStatus: Sendable, Hashable, CustomStringConvertible {
+    case exited(code: Int32)
+    case signaled(signal: Int32)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): return "exited with status \(code)"
+        case .signaled(let signal): return "killed by signal \(signal)"
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// QMPClient: placeholder until its issue lands.

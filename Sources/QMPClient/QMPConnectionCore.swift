@@ -1,0 +1,340 @@
+import Logging
+import NIOCore
+import QMP
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// State a connection shares across threads: read anywhere, written on the loop.
+final class QMPConnectionShared: Sendable {
+    let closing = Atomic<Bool>(false)
+    let droppedEvents = Atomic<Int>(0)
+    let nextSubscriptionKey = Atomic<Int>(1)
+}
+
+/// Counts the events one stream subscriber lost because its buffer was full.
+final class QMPDropCounter: Sendable {
+    let value = Atomic<Int>(0)
+}
+
+/// Everything a connection is configured with.
+struct QMPConnectOptions: Sendable {
+    var endpoint: QMPEndpoint
+    var connectTimeout: TimeAmount
+    var greetingTimeout: TimeAmount
+    var commandTimeout: TimeAmount
+    var enableOOB: Bool
+    var maxLineLength: Int
+    var logger: Logger
+}
+
+/// The heart of a connection: the handshake, commands in flight, timeouts, event fan-out.
+///
+/// It lives on the channel's event loop and is only touched there (the public
+/// `QMPConnection` reaches it through `NIOLoopBound`), so it needs no locks. Completions
+/// and event callbacks run on the loop, synchronously, with no hop.
+final class QMPConnectionCore {
+    typealias Completion = (Result<JSONValue, QMPClientError>) -> Void
+
+    typealias Token = Completion
+
+    enum Subscriber {
+        case callback((QMPEvent) -> Void)
+        case stream(AsyncStream<QMPEvent>.Continuation, QMPDropCounter)
+    }
+
+    enum Phase: Equatable {
+        case awaitingGreeting
+        case negotiating
+        case ready
+        case closed
+    }
+
+    let options: QMPConnectOptions
+    let eventLoop: any EventLoop
+    let shared = QMPConnectionShared()
+    /// Succeeds with the greeting once `qmp_capabilities` succeeded.
+    let readyPromise: EventLoopPromise<QMPGreeting>
+    /// Succeeds (never fails) with the reason once the connection is closed.
+    let closePromise: EventLoopPromise<QMPCloseReason>
+
+    private(set) var phase = Phase.awaitingGreeting
+    private(set) var greeting: QMPGreeting?
+    private(set) var outOfBandEnabled = false
+    private var table = QMPRequestTable<Token>()
+    private var context: ChannelHandlerContext?
+    private var greetingTimer: Scheduled<Void>?
+    /// One timer, armed for the earliest command deadline.
+    private var sweepTimer: Scheduled<Void>?
+    private var sweepDeadline: NIODeadline?
+    private var closeReason: QMPCloseReason?
+    private var subscribers: [(key: Int, subscriber: Subscriber)] = []
+    private var logger: Logger
+
+    var endpoint: QMPEndpoint { options.endpoint }
+    var pendingCount: Int { table.count }
+
+    init(options: QMPConnectOptions, eventLoop: any EventLoop) {
+        self.options = options
+        self.eventLoop = eventLoop
+        self.readyPromise = eventLoop.makePromise()
+        self.closePromise = eventLoop.makePromise()
+        var logger = options.logger
+        logger[metadataKey: "qmp.endpoint"] = "\(options.endpoint)"
+        self.logger = logger
+    }
+
+    // MARK: Channel events (from QMPChannelHandler)
+
+    func attach(_ context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive() {
+        guard phase == .awaitingGreeting, greetingTimer == nil else { return }
+        let after = options.greetingTimeout
+        greetingTimer = eventLoop.assumeIsolated().scheduleTask(in: after) {
+            guard self.phase == .awaitingGreeting else { return }
+            self.logger.warning("no QMP greeting; another client may hold the monitor", metadata: ["after": "\(formatDuration(after))"])
+            self.readyPromise.fail(QMPClientError.greetingTimeout(endpoint: self.endpoint, after: after))
+            self.closeByClient()
+        }
+    }
+
+    func receive(_ json: JSONValue) {
+        guard phase != .closed else { return }
+        let message: QMPServerMessage
+        do {
+            message = try QMPServerMessage(json: json)
+        } catch {
+            protocolViolation(error)
+            return
+        }
+        switch message {
+        case .greeting(let greeting):
+            guard phase == .awaitingGreeting else {
+                protocolViolation(.unexpectedMessage("a second greeting: \(json)"))
+                return
+            }
+            receiveGreeting(greeting)
+        case .reply(let reply):
+            guard phase != .awaitingGreeting else {
+                protocolViolation(.unexpectedMessage("a reply before the greeting: \(json)"))
+                return
+            }
+            route(reply, json: json)
+        case .event(let event):
+            publish(event)
+        }
+    }
+
+    func errorCaught(_ error: any Error) {
+        if let protocolError = error as? QMPProtocolError {
+            protocolViolation(protocolError)
+            return
+        }
+        // Errors after we decided to close (e.g. the decoder refusing data after its own error) add nothing.
+        guard closeReason == nil, phase != .closed else { return }
+        if let io = error as? IOError, io.errnoCode == ECONNRESET {
+            closeReason = .connectionReset
+        } else {
+            closeReason = .ioError("\(error)")
+        }
+        logger.debug("QMP connection error", metadata: ["error": "\(error)"])
+        context?.close(promise: nil)
+    }
+
+    func channelInactive() {
+        finish(closeReason ?? .endOfFile)
+    }
+
+    func detach() {
+        context = nil
+        // A channel that never became active (or a pipeline torn down early) still completes its promises.
+        finish(closeReason ?? .closedByClient)
+    }
+
+    // MARK: Commands
+
+    /// Sends a command. `completion` runs on the loop exactly once, never before `send` returns.
+    func send(_ command: String, arguments: [String: JSONValue]?, timeout: TimeAmount?, _ completion: @escaping Completion) {
+        guard phase != .closed, phase != .awaitingGreeting, let context else {
+            let error = QMPClientError.disconnected(command: command, reason: closeReason ?? .closedByClient, endpoint: endpoint)
+            eventLoop.assumeIsolated().execute { completion(.failure(error)) }
+            return
+        }
+        let id = table.reserveID()
+        let after = timeout ?? options.commandTimeout
+        let deadline = NIODeadline.now() + after
+        table.insert(id: id, command: command, timeout: after, deadline: deadline, token: completion)
+        armSweep(for: deadline)
+        let json = QMPCommand(name: command, arguments: arguments, id: .int(id)).json
+        context.writeAndFlush(NIOAny(json), promise: nil)
+    }
+
+    private func armSweep(for deadline: NIODeadline) {
+        if let armed = sweepDeadline, armed <= deadline { return }
+        sweepTimer?.cancel()
+        sweepDeadline = deadline
+        sweepTimer = eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            self.sweep()
+        }
+    }
+
+    /// Fails the commands whose deadline passed, then re-arms for the next deadline.
+    private func sweep() {
+        sweepTimer = nil
+        sweepDeadline = nil
+        guard phase != .closed else { return }
+        for (id, pending) in table.removeExpired(now: .now()) {
+            logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)", "id": "\(id)"])
+            pending.token(.failure(.timeout(command: pending.command, after: pending.timeout, endpoint: endpoint)))
+        }
+        if let next = table.earliestDeadline { armSweep(for: next) }
+    }
+
+    private func receiveGreeting(_ greeting: QMPGreeting) {
+        greetingTimer?.cancel()
+        greetingTimer = nil
+        self.greeting = greeting
+        phase = .negotiating
+        let askOOB = options.enableOOB && greeting.capabilities.contains("oob")
+        let arguments: [String: JSONValue]? = askOOB ? ["enable": ["oob"]] : nil
+        send("qmp_capabilities", arguments: arguments, timeout: nil) { result in
+            switch result {
+            case .success:
+                guard self.phase == .negotiating else { return }
+                self.phase = .ready
+                self.outOfBandEnabled = askOOB
+                self.logger.debug("QMP negotiated", metadata: ["qemu": "\(greeting.qemuVersion)", "oob": "\(askOOB)"])
+                self.readyPromise.succeed(greeting)
+            case .failure(let error):
+                switch error {
+                case .disconnected(_, let reason, _):
+                    self.readyPromise.fail(QMPClientError.connectFailed(
+                        endpoint: self.endpoint, reason: "the connection ended during capabilities negotiation: \(reason)"))
+                default:
+                    self.readyPromise.fail(error)
+                }
+                self.closeByClient()
+            }
+        }
+    }
+
+    private func route(_ reply: QMPReply, json: JSONValue) {
+        switch table.route(reply) {
+        case .matched(_, let pending):
+            complete(pending, reply.result)
+        case .unknownID(let id):
+            logger.warning("dropping a QMP reply with an unknown id", metadata: ["id": "\(id)", "reply": "\(json)"])
+        case .idlessErrorMatchedOldest(let id, let pending):
+            logger.warning(
+                "QMP error reply without an id; failing the oldest pending command",
+                metadata: ["command": "\(pending.command)", "id": "\(id)", "reply": "\(json)"])
+            complete(pending, reply.result)
+        case .unmatched:
+            logger.warning("dropping a QMP reply without an id", metadata: ["reply": "\(json)"])
+        }
+    }
+
+    private func complete(_ pending: QMPRequestTable<Token>.Pending, _ result: Result<JSONValue, QMPErrorBodyError>) {
+        // The sweep timer stays armed: it finds nothing expired and re-arms (or not) then.
+        switch result {
+        case .success(let value):
+            pending.token(.success(value))
+        case .failure(let error):
+            pending.token(.failure(.commandFailed(command: pending.command, error.body, endpoint: endpoint)))
+        }
+    }
+
+    // MARK: Events
+
+    func subscribe(key: Int, _ subscriber: Subscriber) {
+        guard phase != .closed else {
+            if case .stream(let continuation, _) = subscriber { continuation.finish() }
+            return
+        }
+        subscribers.append((key: key, subscriber: subscriber))
+    }
+
+    func unsubscribe(key: Int) {
+        subscribers.removeAll { $0.key == key }
+    }
+
+    private func publish(_ event: QMPEvent) {
+        // Iterate a copy: a callback may subscribe or cancel.
+        for (_, subscriber) in subscribers {
+            switch subscriber {
+            case .callback(let body):
+                body(event)
+            case .stream(let continuation, let counter):
+                if case .dropped = continuation.yield(event) {
+                    counter.value.add(1, ordering: .relaxed)
+                    shared.droppedEvents.add(1, ordering: .relaxed)
+                }
+            }
+        }
+    }
+
+    // MARK: Closing
+
+    func closeByClient() {
+        if closeReason == nil { closeReason = .closedByClient }
+        shared.closing.store(true, ordering: .relaxed)
+        if let context {
+            context.close(promise: nil)
+        } else {
+            finish(closeReason ?? .closedByClient)
+        }
+    }
+
+    private func protocolViolation(_ error: QMPProtocolError) {
+        guard phase != .closed else { return }
+        logger.error("QMP protocol error; closing the connection", metadata: ["error": "\(error)"])
+        if closeReason == nil { closeReason = .protocolError(error) }
+        shared.closing.store(true, ordering: .relaxed)
+        // Fail what is pending now, with the protocol error, before the channel closes.
+        failAllPending(.protocolError(error))
+        readyPromise.fail(QMPClientError.protocolError(error, command: nil, endpoint: endpoint))
+        context?.close(promise: nil)
+    }
+
+    private func failAllPending(_ reason: QMPCloseReason) {
+        for (_, pending) in table.removeAll() {
+            let error: QMPClientError
+            if case .protocolError(let protocolError) = reason {
+                error = .protocolError(protocolError, command: pending.command, endpoint: endpoint)
+            } else {
+                error = .disconnected(command: pending.command, reason: reason, endpoint: endpoint)
+            }
+            pending.token(.failure(error))
+        }
+    }
+
+    private func finish(_ reason: QMPCloseReason) {
+        guard phase != .closed else { return }
+        phase = .closed
+        if closeReason == nil { closeReason = reason }
+        shared.closing.store(true, ordering: .relaxed)
+        greetingTimer?.cancel()
+        greetingTimer = nil
+        sweepTimer?.cancel()
+        sweepTimer = nil
+        sweepDeadline = nil
+        logger.debug("QMP connection closed", metadata: ["reason": "\(reason)"])
+        failAllPending(reason)
+        readyPromise.fail(QMPClientError.connectFailed(endpoint: endpoint, reason: "the connection closed before QMP was ready: \(reason)"))
+        let current = subscribers
+        subscribers = []
+        for (_, subscriber) in current {
+            if case .stream(let continuation, _) = subscriber { continuation.finish() }
+        }
+        closePromise.succeed(reason)
+    }
+}

@@ -1,0 +1,224 @@
+import Logging
+import NIOCore
+import NIOPosix
+import QMP
+import QMPClient
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A tiny QMP server on a UNIX socket that misbehaves on request: it greets, accepts
+/// `qmp_capabilities`, then answers each command with the raw lines `respond` returns
+/// (`FakeQMPPeer.close` closes the connection instead).
+final class FakeQMPPeer: Sendable {
+    static let close = "<close>"
+
+    let endpoint: QMPEndpoint
+    private let serverChannel: any Channel
+    private let path: String?
+
+    private init(endpoint: QMPEndpoint, path: String?, serverChannel: any Channel) {
+        self.path = path
+        self.endpoint = endpoint
+        self.serverChannel = serverChannel
+    }
+
+    /// Listens on a fresh UNIX socket, or with `tcp` on 127.0.0.1 at a port the system picks.
+    static func start(tcp: Bool = false, respond: @escaping @Sendable (JSONValue) -> [String]) async throws -> FakeQMPPeer {
+        let bootstrap = ServerBootstrap(group: testGroup)
+            .childChannelInitializer { child in
+                child.eventLoop.makeCompletedFuture {
+                    try child.pipeline.syncOperations.addHandlers([
+                        ByteToMessageHandler(QMPJSONLineDecoder()),
+                        FakePeerHandler(respond: respond),
+                    ])
+                }
+            }
+        if tcp {
+            let channel = try await bootstrap.bind(host: "127.0.0.1", port: 0).get()
+            let port = try #require(channel.localAddress?.port)
+            return FakeQMPPeer(endpoint: .tcp(host: "127.0.0.1", port: port), path: nil, serverChannel: channel)
+        }
+        let path = "/tmp/colorun-fake-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        return FakeQMPPeer(endpoint: .unix(path: path), path: path, serverChannel: channel)
+    }
+
+    func stop() async {
+        try? await serverChannel.close()
+        if let path { unlink(path) }
+    }
+}
+
+private final class FakePeerHandler: ChannelInboundHandler {
+    typealias InboundIn = JSONValue
+    typealias OutboundOut = ByteBuffer
+
+    let respond: @Sendable (JSONValue) -> [String]
+
+    init(respond: @escaping @Sendable (JSONValue) -> [String]) {
+        self.respond = respond
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        send(#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#, context)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let command = unwrapInboundIn(data)
+        if command["execute"] == "qmp_capabilities" {
+            send(#"{"return": {}, "id": \#(command["id"] ?? .null)}"#, context)
+            return
+        }
+        for line in respond(command) {
+            if line == FakeQMPPeer.close {
+                context.close(promise: nil)
+                return
+            }
+            send(line, context)
+        }
+    }
+
+    private func send(_ line: String, _ context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: line.utf8.count + 2)
+        buffer.writeString(line)
+        buffer.writeString("\r\n")
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+}
+
+/// What a client does when the peer breaks the protocol: the connection closes, pending
+/// commands fail with `.protocolError`, the process goes on.
+@Suite struct FakePeerTests {
+    private func connect(_ peer: FakeQMPPeer, logs: LogCapture = LogCapture()) async throws -> QMPConnection {
+        try await QMPConnection.connect(to: peer.endpoint, on: testGroup, commandTimeout: .seconds(5), logger: logs.logger)
+    }
+
+    @Test func malformedJSONFailsEveryPendingCommand() async throws {
+        let peer = try await FakeQMPPeer.start { command in
+            command["execute"] == "second" ? ["this is { not JSON"] : []
+        }
+        let connection = try await connect(peer)
+        #expect(connection.greeting.package == "fake")
+        let first = Task { await qmpError { _ = try await connection.execute("first") } }
+        try await Task.sleep(for: .milliseconds(20))
+        let second = await qmpError { _ = try await connection.execute("second") }
+        let firstError = await first.value
+        guard case .protocolError(.malformedJSON, let command, let endpoint) = second else {
+            Issue.record("expected protocolError(.malformedJSON), got \(String(describing: second))")
+            await peer.stop()
+            return
+        }
+        #expect(command == "second")
+        #expect(endpoint == peer.endpoint)
+        guard case .protocolError(.malformedJSON, "first", _) = firstError else {
+            Issue.record("the other pending command must fail too, got \(String(describing: firstError))")
+            await peer.stop()
+            return
+        }
+        guard case .protocolError(.malformedJSON) = try await connection.closeFuture.get() else {
+            Issue.record("close reason must be the protocol error")
+            await peer.stop()
+            return
+        }
+        #expect(!connection.isActive)
+        let after = await qmpError { _ = try await connection.execute("third") }
+        #expect(after?.command == "third")
+        await peer.stop()
+    }
+
+    @Test func oversizedLineClosesTheConnection() async throws {
+        let peer = try await FakeQMPPeer.start { _ in
+            [String(repeating: "x", count: QMPJSONLineDecoder.defaultMaxLineLength + 1024)]
+        }
+        let connection = try await connect(peer)
+        let error = await qmpError { _ = try await connection.execute("big") }
+        #expect(error == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength), command: "big", endpoint: peer.endpoint))
+        #expect(try await connection.closeFuture.get() == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength)))
+        await peer.stop()
+    }
+
+    @Test func nonQMPMessageIsAProtocolError() async throws {
+        let peer = try await FakeQMPPeer.start { _ in [#"{"neither": "reply nor event"}"#] }
+        let connection = try await connect(peer)
+        let error = await qmpError { _ = try await connection.execute("odd") }
+        guard case .protocolError(.unexpectedMessage, "odd", _) = error else {
+            Issue.record("expected unexpectedMessage, got \(String(describing: error))")
+            await peer.stop()
+            return
+        }
+        await peer.stop()
+    }
+
+    @Test func replyWithUnknownIDIsDroppedAndLogged() async throws {
+        let logs = LogCapture()
+        let peer = try await FakeQMPPeer.start { command in
+            [#"{"return": {"stray": true}, "id": 987654}"#, #"{"return": {"ok": true}, "id": \#(command["id"]!)}"#]
+        }
+        let connection = try await connect(peer, logs: logs)
+        #expect(try await connection.execute("anything") == ["ok": true])
+        #expect(logs.all.contains { $0.contains("unknown id") && $0.contains("987654") })
+        #expect(connection.isActive)
+        await connection.close()
+        await peer.stop()
+    }
+
+    @Test func idlessErrorFailsTheOldestPendingCommand() async throws {
+        let logs = LogCapture()
+        let peer = try await FakeQMPPeer.start { command in
+            command["execute"] == "second"
+                ? [#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#]
+                : []
+        }
+        let connection = try await connect(peer, logs: logs)
+        let first = Task { await qmpError { _ = try await connection.execute("first") } }
+        try await Task.sleep(for: .milliseconds(20))
+        let second = Task { await qmpError { _ = try await connection.execute("second", timeout: .milliseconds(300)) } }
+        let firstError = await first.value
+        #expect(firstError == .commandFailed(
+            command: "first", QMPErrorBody(errorClass: "GenericError", desc: "QMP input must be a JSON object"), endpoint: peer.endpoint))
+        // The second got no answer of its own.
+        #expect(await second.value == .timeout(command: "second", after: .milliseconds(300), endpoint: peer.endpoint))
+        #expect(logs.contains("without an id"))
+        await connection.close()
+        await peer.stop()
+    }
+
+    @Test func peerClosingFailsPendingAsDisconnected() async throws {
+        let peer = try await FakeQMPPeer.start { _ in [FakeQMPPeer.close] }
+        let connection = try await connect(peer)
+        let error = await qmpError { _ = try await connection.execute("bye") }
+        #expect(error == .disconnected(command: "bye", reason: .endOfFile, endpoint: peer.endpoint))
+        #expect(try await connection.closeFuture.get() == .endOfFile)
+        await peer.stop()
+    }
+
+    @Test func tcpEndpoint() async throws {
+        let peer = try await FakeQMPPeer.start(tcp: true) { command in
+            [#"{"return": {"status": "running"}, "id": \#(command["id"]!)}"#]
+        }
+        let connection = try await QMPConnection.connect(
+            to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCapture().logger)
+        #expect(try await connection.execute("query-status")["status"] == "running")
+        await connection.close()
+        await peer.stop()
+    }
+
+    @Test func tcpConnectionRefusedIsRetriedUntilTheTimeout() async throws {
+        // A port that was just free: bind, read the port, close.
+        let probe = try await FakeQMPPeer.start(tcp: true) { _ in [] }
+        let endpoint = probe.endpoint
+        await probe.stop()
+        let error = await qmpError {
+            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .milliseconds(150), logger: LogCapture().logger)
+        }
+        guard case .connectFailed(endpoint, let reason) = error else {
+            Issue.record("expected connectFailed, got \(String(describing: error))")
+            return
+        }
+        #expect(reason.contains("Connection refused"), "\(reason)")
+    }
+}
