@@ -47,10 +47,16 @@ let package = Package(
             ]
         ),
         .target(
+            name: "CLuaShims",
+            dependencies: ["CLua"]
+        ),
+        .target(
             name: "LuaRuntime",
             dependencies: [
                 "CLua",
+                "CLuaShims",
                 "QMP",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ]
@@ -93,7 +99,15 @@ let package = Package(
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
         .testTarget(name: "QMPClientTests", dependencies: ["QMPClient", "QMP"]),
-        .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP"]),
+        .testTarget(
+            name: "LuaRuntimeTests",
+            dependencies: [
+                "LuaRuntime", "QMP", "CLua",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
         .testTarget(name: "ColorunTests", dependencies: ["Colorun", "QEMUSimulator", "QMPClient", "QMP"]),
     ],
