@@ -37,6 +37,8 @@ static inline int clua_rawgetfield(lua_State *L, int idx, const char *k) {
     idx = lua_absindex(L, idx);
     lua_pushstring(L, k); return lua_rawget(L, idx);
 }
+static inline int clua_gc_collect(lua_State *L) { return lua_gc(L, LUA_GCCOLLECT); }
+static inline int clua_gc_count_kb(lua_State *L) { return lua_gc(L, LUA_GCCOUNT); }
 /* May raise: only from C or under lua_pcall. */
 static inline int clua_pcall(lua_State *L, int nargs, int nresults, int msgh) {
     return lua_pcall(L, nargs, nresults, msgh);

@@ -23,7 +23,8 @@ public enum LuaHostFunction {
 public struct LuaCall {
     /// The running coroutine (or state) that called the function.
     public let state: OpaquePointer
-    unowned(unsafe) let runtime: LuaRuntime
+    /// The runtime (use it to spawn tasks, reach the loop, push values).
+    public unowned(unsafe) let runtime: LuaRuntime
     unowned(unsafe) let function: HostFunctionBox
     /// Number of arguments passed by Lua.
     public let argumentCount: Int

@@ -113,6 +113,12 @@ public final class LuaRuntime: @unchecked Sendable {
         #endif
     }
 
+    /// Runs a full garbage collection (finalizers of Swift objects run).
+    public func collectGarbage() {
+        assertOnLoop()
+        _ = clua_gc_collect(L)
+    }
+
     /// Bytes currently allocated by the Lua state.
     public var memoryInUse: Int { ctx.pointee.used }
 

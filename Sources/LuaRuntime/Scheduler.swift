@@ -384,16 +384,16 @@ extension LuaRuntime {
     /// has ended and no hold remains, when `stop()` is called, or when a task fails with an
     /// uncaught error (see `LuaRuntimeOptions.uncaughtErrors`). Shutdown hooks run before it
     /// completes. Callable from any thread.
-    public func run(policyAt path: String, arguments: [String] = []) -> EventLoopFuture<LuaRunOutcome> {
+    public func start(policyAt path: String, arguments: [String] = []) -> EventLoopFuture<LuaRunOutcome> {
         eventLoop.flatSubmit {
             self.startRun(path: path, arguments: arguments)
         }
     }
 
-    /// `run(policyAt:)` for async code.
+    /// `start(policyAt:)`, awaited.
     public func run(policyAt path: String, arguments: [String] = []) async -> LuaRunOutcome {
         // the future never fails
-        (try? await run(policyAt: path, arguments: arguments).get()) ?? .stopped
+        (try? await start(policyAt: path, arguments: arguments).get()) ?? .stopped
     }
 
     func startRun(path: String, arguments: [String]) -> EventLoopFuture<LuaRunOutcome> {

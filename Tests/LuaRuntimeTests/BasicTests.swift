@@ -2,6 +2,7 @@ import LuaRuntime
 import QMP
 import Testing
 
+extension LuaRuntimeSuite {
 @Suite struct BasicTests {
     @Test func printsAndFinishes() async throws {
         let r = try await runPolicy(#"print("hello", 1, 2.5, nil, true)"#)
@@ -34,4 +35,5 @@ import Testing
         #expect(r.finished, "\(r.outcome)")
         #expect(r.printed == ["3", "a\tb"])
     }
+}
 }

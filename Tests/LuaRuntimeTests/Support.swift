@@ -4,6 +4,11 @@ import LuaRuntime
 import NIOCore
 import NIOPosix
 import Synchronization
+import Testing
+
+/// Every suite of this target runs serialized: several tests assert timing, and the machine
+/// has two cores.
+@Suite(.serialized) struct LuaRuntimeSuite {}
 
 /// One single-threaded loop shared by the tests (each test makes its own runtime).
 let testGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -42,12 +47,24 @@ func makePolicyDir(_ files: [String: String]) throws -> String {
     return dir.path
 }
 
+/// Test results with the temporary directory stripped from positions ("policy.lua:3: ...").
 struct PolicyResult {
     var outcome: LuaRunOutcome
     var logs: [String]
     var failure: LuaTaskFailure? {
         if case .failed(let f) = outcome { return f }
         return nil
+    }
+    init(outcome: LuaRunOutcome, logs: [String], dir: String) {
+        let strip = { (s: String) in s.replacingOccurrences(of: dir + "/", with: "") }
+        if case .failed(var f) = outcome {
+            f.message = strip(f.message)
+            f.traceback = strip(f.traceback)
+            self.outcome = .failed(f)
+        } else {
+            self.outcome = outcome
+        }
+        self.logs = logs.map(strip)
     }
     var finished: Bool {
         if case .finished = outcome { return true }
@@ -62,12 +79,15 @@ func runPolicy(_ source: String, files: [String: String] = [:], options: LuaRunt
                setup: @escaping @Sendable (LuaRuntime) throws -> Void = { _ in }) async throws -> PolicyResult {
     let dir = try makePolicyDir(files.merging(["policy.lua": source]) { a, _ in a })
     let sink = LogSink()
-    let loop = testGroup.next()
+    // a loop of its own, so timing assertions do not see other tests' work
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    defer { group.shutdownGracefully { _ in } }
+    let loop = group.next()
     let runtime = try await loop.submit {
         let rt = try LuaRuntime(eventLoop: loop, options: options, logger: sink.logger())
         try setup(rt)
         return rt
     }.get()
     let outcome = await runtime.run(policyAt: dir + "/policy.lua")
-    return PolicyResult(outcome: outcome, logs: sink.all)
+    return PolicyResult(outcome: outcome, logs: sink.all, dir: dir)
 }
