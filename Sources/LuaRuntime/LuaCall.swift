@@ -201,12 +201,20 @@ public struct LuaCall {
 /// Boxes a host function; the Lua closure holds its address as a light userdata.
 final class HostFunctionBox {
     let name: String
-    let body: LuaHostFunction
+    let sync: ((inout LuaCall) throws -> Void)?
+    let async: ((inout LuaCall, LuaCompletion) throws -> Void)?
     unowned(unsafe) let runtime: LuaRuntime
 
     init(name: String, body: LuaHostFunction, runtime: LuaRuntime) {
         self.name = name
-        self.body = body
+        switch body {
+        case .sync(let f):
+            sync = f
+            async = nil
+        case .async(let f):
+            sync = nil
+            async = f
+        }
         self.runtime = runtime
     }
 }
@@ -217,8 +225,7 @@ let luaDispatch: @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?) -> In
     let fn = Unmanaged<HostFunctionBox>.fromOpaque(box!).takeUnretainedValue()
     let L = L!
     var call = LuaCall(state: L, runtime: fn.runtime, function: fn, argumentCount: Int(lua_gettop(L)))
-    switch fn.body {
-    case .sync(let body):
+    if let body = fn.sync {
         do {
             try body(&call)
             return call.resultCount
@@ -226,9 +233,8 @@ let luaDispatch: @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?) -> In
             fn.runtime.pushError(LuaHostError(error), on: L, positionFrom: L)
             return CLUA_RAISE
         }
-    case .async(let body):
-        return fn.runtime.startAsync(&call, body)
     }
+    return fn.runtime.startAsync(&call, fn.async!)
 }
 
 let luaRelease: @convention(c) (UnsafeMutableRawPointer?) -> Void = { p in

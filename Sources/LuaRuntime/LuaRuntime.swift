@@ -126,6 +126,7 @@ public final class LuaRuntime: @unchecked Sendable {
 
     /// Pushes a host function (async ones wrapped so that they yield) onto `L`.
     func pushHostFunction(_ name: String, _ body: LuaHostFunction) throws {
+        guard runState != .ended else { throw LuaHostError.message("the run has ended") }
         let box = HostFunctionBox(name: name, body: body, runtime: self)
         owner.hostFunctions.append(box)
         clua_pushhostfunction(L, Unmanaged.passUnretained(box).toOpaque())
@@ -225,6 +226,7 @@ public final class LuaRuntime: @unchecked Sendable {
     }
 
     func runHostLua(_ source: String, name: String, pushArguments: () -> Int32) throws {
+        guard runState != .ended else { throw LuaHostError.message("the run has ended") }
         let status = source.withCString { p in clua_loadbuffer(L, p, source.utf8.count, "=[host \(name)]") }
         guard status == LUA_OK else {
             let msg = String(lua: L, at: -1) ?? "?"

@@ -125,7 +125,7 @@ extension LuaRuntime {
         }
         guard lua_isyieldable(S) != 0 else {
             pushError(
-                .message("\(call.functionName) cannot wait here: this code cannot yield (a table.sort comparator, a string.gsub callback, a metamethod, or the top level of a required module); call it from ordinary policy code"),
+                .message("\(call.functionName) cannot wait here: this code cannot yield (a table.sort comparator, a string.gsub callback, a __tostring or other metamethod called from C); call it from ordinary policy code"),
                 on: S, positionFrom: S)
             return CLUA_RAISE
         }
@@ -470,6 +470,9 @@ extension LuaRuntime {
         @Sendable func step(_ i: Int) {
             guard i < hooks.value.count else {
                 runState = .ended
+                // host functions may capture the runtime: drop them to break the cycle
+                // (no Lua code runs after the run has ended)
+                owner.hostFunctions.removeAll()
                 runPromise?.succeed(outcome)
                 runPromise = nil
                 return
