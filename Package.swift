@@ -2,7 +2,8 @@
 import PackageDescription
 
 // Module map of colorun, one module per concern:
-//   CLua           system Lua 5.4 (pkg-config lua5.4) plus C shims for its macros and trampolines
+//   CLua           system Lua 5.4 (pkg-config lua5.4), its macros as static inline functions
+//   CLuaShims      the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
 //   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
 //   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
 //   QEMULab        real QEMU processes for tests and lab runs (run directory, counting guest)
@@ -11,6 +12,12 @@ import PackageDescription
 //   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
 //   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
 //   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
+let nio: [Target.Dependency] = [
+    .product(name: "NIOCore", package: "swift-nio"),
+    .product(name: "NIOPosix", package: "swift-nio"),
+]
+let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
+
 let package = Package(
     name: "colorun",
     platforms: [.macOS(.v15)],
@@ -32,88 +39,43 @@ let package = Package(
             pkgConfig: "lua5.4",
             providers: [.apt(["liblua5.4-dev"])]
         ),
-        .target(
-            name: "QMP",
-            dependencies: [
-                .product(name: "NIOCore", package: "swift-nio"),
-            ]
-        ),
-        .target(
-            name: "QMPClient",
-            dependencies: [
-                "QMP",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
-        ),
-        .target(
-            name: "QEMULab",
-            dependencies: [
-                "QMP",
-                "QMPClient",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
-        ),
+        .target(name: "CLuaShims", dependencies: ["CLua"]),
+        .target(name: "QMP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        .target(name: "QMPClient", dependencies: ["QMP", logging] + nio),
+        .target(name: "QEMULab", dependencies: ["QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "LuaRuntime",
             dependencies: [
-                "CLua",
-                "QMP",
-                .product(name: "Logging", package: "swift-log"),
+                "CLua", "CLuaShims", "QMP", logging,
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
-        .target(
-            name: "QEMUSimulator",
-            dependencies: [
-                "QMP",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
-        ),
+        .target(name: "QEMUSimulator", dependencies: ["QMP", logging] + nio),
         .target(
             name: "Colorun",
-            dependencies: [
-                "LuaRuntime",
-                "QMP",
-                "QMPClient",
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "Subprocess", package: "swift-subprocess"),
-            ]
+            dependencies: ["LuaRuntime", "QMP", "QMPClient", "QEMULab", logging] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun",
+                "Colorun", logging,
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .executableTarget(
             name: "QEMUSimCLI",
-            dependencies: [
-                "QEMUSimulator",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
+            dependencies: ["QEMUSimulator", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
-        .testTarget(
-            name: "QMPClientTests",
-            dependencies: [
-                "QMPClient", "QMP", "QEMULab",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
-        ),
-        .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP"]),
+        .testTarget(name: "QMPClientTests", dependencies: ["QMPClient", "QMP", "QEMULab", logging] + nio),
+        .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP", "CLua", logging] + nio),
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
-        .testTarget(name: "ColorunTests", dependencies: ["Colorun", "QEMUSimulator", "QMPClient", "QMP"]),
+        .testTarget(
+            name: "ColorunTests",
+            dependencies: ["Colorun", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,1 +1,391 @@
-// LuaRuntime: placeholder until its issue lands.
+import CLua
+import CLuaShims
+import Logging
+import NIOCore
+import QMP
+
+/// Options of a `LuaRuntime`.
+public struct LuaRuntimeOptions: Sendable {
+    /// Memory cap of the Lua state in bytes (default 64 MiB). The task whose allocation hits
+    /// it fails with "not enough memory"; the runtime lives on.
+    public var memoryLimit: Int = 64 << 20
+    /// Instructions a task runs before the count hook forces it to yield (default 10,000).
+    public var instructionSlice: Int32 = 10_000
+    /// Wall-clock limit of one slice-run of a task: the time from being resumed with a host
+    /// result (or started) until it next waits on a host operation (default 5 s). A task over
+    /// it fails with "file:line: time limit exceeded"; `pcall` cannot catch that.
+    public var timeLimit: TimeAmount = .seconds(5)
+    /// Extra directories searched by `require` after the policy's own directory.
+    public var luaPath: [String] = []
+    /// Lets policies run commands with `exec.run` (the `--allow-exec` option).
+    public var allowExec: Bool = false
+    /// Timeout of `exec.run` when the call gives none.
+    public var execDefaultTimeout: TimeAmount = .seconds(60)
+    /// What an uncaught error in a task other than the main chunk does.
+    public var uncaughtErrors: UncaughtErrorPolicy = .failRun
+
+    public enum UncaughtErrorPolicy: Sendable {
+        /// End the run as failed with the error and its traceback (default).
+        case failRun
+        /// Log the error and its traceback; the run goes on.
+        case logAndContinue
+    }
+
+    public init() {}
+}
+
+/// A failed task: its error message (`file:line: message`) and the traceback.
+public struct LuaTaskFailure: Error, Sendable, CustomStringConvertible {
+    public var task: String
+    public var message: String
+    public var traceback: String
+
+    public var description: String { traceback.isEmpty ? message : "\(message)\n\(traceback)" }
+}
+
+/// How a run ended.
+public enum LuaRunOutcome: Sendable, CustomStringConvertible {
+    /// Every task finished and no timer or hold keeps the run alive.
+    case finished
+    /// `stop()` was called.
+    case stopped
+    /// A task failed with an uncaught error (or the policy did not load).
+    case failed(LuaTaskFailure)
+
+    public var description: String {
+        switch self {
+        case .finished: "finished"
+        case .stopped: "stopped"
+        case .failed(let f): "failed: \(f)"
+        }
+    }
+}
+
+/// The Lua runtime: one sandboxed Lua state confined to one NIO event loop, running every
+/// piece of policy code as a coroutine task.
+///
+/// Every method must be called on `eventLoop` (use `eventLoop.execute { ... }` from
+/// elsewhere); `run`, `stop` and `LuaCompletion` hop there themselves.
+public final class LuaRuntime: @unchecked Sendable {
+    public let eventLoop: any EventLoop
+    public let options: LuaRuntimeOptions
+    public let logger: Logger
+
+    let owner: LuaStateOwner
+    var L: OpaquePointer { owner.L }
+    var ctx: UnsafeMutablePointer<clua_ctx> { owner.ctx }
+
+    var nullPointer: UnsafeRawPointer?
+    var typeNames: [ObjectIdentifier: String] = [:]
+    var policyDirectory: String = "."
+
+    // scheduler state (see Scheduler.swift)
+    var tasks: [Int: LuaTask] = [:]
+    var nextTaskID = 1
+    var readyQueue: [LuaTask] = []
+    var drainBuffer: [LuaTask] = []
+    var drainScheduled = false
+    var currentTask: LuaTask?
+    var runState: RunState = .idle
+    var runPromise: EventLoopPromise<LuaRunOutcome>?
+    var holds = 0
+    var shutdownHooks: [(LuaRunOutcome) -> EventLoopFuture<Void>] = []
+
+    enum RunState { case idle, running, ending, ended }
+
+    /// Creates the state, the sandbox and the built-in modules. Call on `eventLoop`.
+    public init(eventLoop: any EventLoop, options: LuaRuntimeOptions = LuaRuntimeOptions(), logger: Logger? = nil) throws {
+        self.eventLoop = eventLoop
+        self.options = options
+        self.logger = logger ?? Logger(label: "colorun.lua")
+        self.owner = try LuaStateOwner(memoryLimit: options.memoryLimit, instructionSlice: options.instructionSlice)
+        try installSandbox()
+    }
+
+    deinit {
+        for task in tasks.values { task.thread = nil }
+    }
+
+    @inline(__always)
+    func assertOnLoop() {
+        #if DEBUG
+            eventLoop.preconditionInEventLoop()
+        #endif
+    }
+
+    /// Runs a full garbage collection (finalizers of Swift objects run).
+    public func collectGarbage() {
+        assertOnLoop()
+        _ = clua_gc_collect(L)
+    }
+
+    /// Bytes currently allocated by the Lua state.
+    public var memoryInUse: Int { ctx.pointee.used }
+
+    // MARK: registration
+
+    /// Pushes a host function (async ones wrapped so that they yield) onto `L`.
+    func pushHostFunction(_ name: String, _ body: LuaHostFunction) throws {
+        guard runState != .ended else { throw LuaHostError.message("the run has ended") }
+        let box = HostFunctionBox(name: name, body: body, runtime: self)
+        owner.hostFunctions.append(box)
+        clua_pushhostfunction(L, Unmanaged.passUnretained(box).toOpaque())
+        if case .async = body {
+            _ = clua_getregistryfield(L, "colorun.make_async")
+            clua_insert(L, -2)
+            try pcallHost(1, 1)
+        }
+    }
+
+    /// Registers (or extends) a global module table `name` made of host functions, then runs
+    /// `luaSource` (if any) as host code with the module table as `...` (so thin Lua
+    /// wrappers can be written in Lua). `require(name)` also returns the module.
+    public func registerModule(_ name: String, functions: [String: LuaHostFunction], luaSource: String? = nil) throws {
+        assertOnLoop()
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        try pushModuleTable(name)
+        for (fname, body) in functions.sorted(by: { $0.key < $1.key }) {
+            try pushHostFunction("\(name).\(fname)", body)
+            clua_rawsetfield(L, -2, fname)
+        }
+        if let luaSource {
+            try runHostLua(luaSource, name: name, pushArguments: { lua_pushvalue(self.L, -2) ; return 1 })
+        }
+    }
+
+    /// Registers a global function `name`.
+    public func registerGlobal(_ name: String, _ body: LuaHostFunction) throws {
+        assertOnLoop()
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        _ = clua_getregistryfield(L, "colorun.env")
+        try pushHostFunction(name, body)
+        clua_rawsetfield(L, -2, name)
+    }
+
+    /// Pushes module table `name` (creating it in the env and in the module list if needed).
+    func pushModuleTable(_ name: String) throws {
+        _ = clua_getregistryfield(L, "colorun.modules")
+        if clua_rawgetfield(L, -1, name) != LUA_TTABLE {
+            clua_pop(L, 1)
+            clua_newtable(L)
+            lua_pushvalue(L, -1)
+            clua_rawsetfield(L, -3, name)
+            _ = clua_getregistryfield(L, "colorun.env")
+            lua_pushvalue(L, -2)
+            clua_rawsetfield(L, -2, name)
+            clua_pop(L, 1)
+        }
+        clua_remove(L, -2)
+    }
+
+    /// Declares a Swift class as a Lua userdata type: pushed with `.object(x)`, its methods
+    /// are called as `obj:method(...)` (the object is argument 1), and `__gc` releases it.
+    /// `luaSource` runs as host code with the methods table as `...` (add Lua methods there).
+    public func registerType<T: AnyObject>(_ type: T.Type, name: String, methods: [String: LuaHostFunction] = [:],
+                                           luaSource: String? = nil) throws {
+        assertOnLoop()
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        let mtName = "colorun.type.\(name)"
+        typeNames[ObjectIdentifier(type)] = mtName
+        clua_newtable(L)  // metatable
+        lua_pushstring(L, name)
+        clua_rawsetfield(L, -2, "__name")
+        lua_pushboolean(L, 0)
+        clua_rawsetfield(L, -2, "__metatable")
+        clua_newtable(L)  // methods
+        for (mname, body) in methods.sorted(by: { $0.key < $1.key }) {
+            try pushHostFunction("\(name):\(mname)", body)
+            clua_rawsetfield(L, -2, mname)
+        }
+        lua_pushvalue(L, -1)
+        clua_rawsetfield(L, -3, "__index")
+        if let luaSource {
+            try runHostLua(luaSource, name: name, pushArguments: { lua_pushvalue(self.L, -2); return 1 })
+        }
+        clua_pop(L, 1)
+        lua_pushstring(L, mtName)
+        clua_insert(L, -2)
+        lua_rawset(L, clua_registryindex())
+    }
+
+    func typeName<T>(of type: T.Type) -> String {
+        typeNames[ObjectIdentifier(type)].map { String($0.dropFirst("colorun.type.".count)) } ?? "\(type)"
+    }
+
+    /// Runs host Lua code (chunk name "=[host name]", environment the policy's globals).
+    /// Host code is skipped when error positions are computed, so errors raised by thin
+    /// wrappers point at the policy line that called them.
+    public func runHostLua(_ source: String, name: String) throws {
+        assertOnLoop()
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        try runHostLua(source, name: name, pushArguments: { 0 })
+    }
+
+    func runHostLua(_ source: String, name: String, pushArguments: () -> Int32) throws {
+        guard runState != .ended else { throw LuaHostError.message("the run has ended") }
+        let status = source.withCString { p in clua_loadbuffer(L, p, source.utf8.count, "=[host \(name)]") }
+        guard status == LUA_OK else {
+            let msg = String(lua: L, at: -1) ?? "?"
+            clua_pop(L, 1)
+            throw LuaHostError(message: msg, addsPosition: false)
+        }
+        _ = clua_getregistryfield(L, "colorun.env")
+        _ = lua_setupvalue(L, -2, 1)
+        let n = pushArguments()
+        try pcallHost(n, 0)
+    }
+
+    /// lua_pcall from Swift on the main state (host code: no memory cap, no deadline).
+    func pcallHost(_ nargs: Int32, _ nresults: Int32) throws {
+        if clua_pcall(L, nargs, nresults, 0) != LUA_OK {
+            var len = 0
+            let p = clua_safe_tostring(L, -1, &len)
+            let msg = p.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: len), as: UTF8.self) } ?? "?"
+            clua_pop(L, 2)
+            throw LuaHostError(message: msg, addsPosition: false)
+        }
+    }
+
+    // MARK: values
+
+    func makeRef(_ S: OpaquePointer, _ idx: Int32) -> LuaRef {
+        let t = LuaType(rawValue: lua_type(S, idx)) ?? .nil
+        lua_pushvalue(S, idx)
+        let r = luaL_ref(S, clua_registryindex())
+        return LuaRef(owner: owner, ref: r, type: t)
+    }
+
+    func isNull(_ S: OpaquePointer, _ idx: Int32) -> Bool {
+        lua_topointer(S, idx) == nullPointer
+    }
+
+    /// Pushes a Swift value onto `S` (never raises: Swift-side allocations are not capped).
+    func push(_ value: LuaValue, on S: OpaquePointer) {
+        switch value {
+        case .nil: lua_pushnil(S)
+        case .bool(let b): lua_pushboolean(S, b ? 1 : 0)
+        case .integer(let i): lua_pushinteger(S, lua_Integer(i))
+        case .number(let d): lua_pushnumber(S, d)
+        case .string(var s):
+            s.withUTF8 { b in _ = lua_pushlstring(S, b.baseAddress.map { UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self) }, b.count) }
+        case .json(let j): pushJSON(j, on: S)
+        case .object(let o):
+            let name = typeNames[ObjectIdentifier(Swift.type(of: o))] ?? "colorun.object"
+            clua_pushobject(S, Unmanaged.passRetained(o).toOpaque(), name)
+        case .ref(let r):
+            r.push(S)
+        }
+    }
+
+    func pushJSON(_ value: JSONValue, on S: OpaquePointer) {
+        _ = lua_checkstack(S, 4)
+        switch value {
+        case .null: _ = clua_getregistryfield(S, "colorun.null")
+        case .bool(let b): lua_pushboolean(S, b ? 1 : 0)
+        case .int(let i): lua_pushinteger(S, lua_Integer(i))
+        case .double(let d): lua_pushnumber(S, d)
+        case .string(let s): push(.string(s), on: S)
+        case .array(let a):
+            lua_createtable(S, Int32(clamping: a.count), 0)
+            for (i, e) in a.enumerated() {
+                pushJSON(e, on: S)
+                lua_rawseti(S, -2, lua_Integer(i + 1))
+            }
+            _ = clua_getregistryfield(S, "colorun.jsonarray")
+            _ = lua_setmetatable(S, -2)
+        case .object(let o):
+            lua_createtable(S, 0, Int32(clamping: o.count))
+            for (k, v) in o {
+                push(.string(k), on: S)
+                pushJSON(v, on: S)
+                lua_rawset(S, -3)
+            }
+        }
+    }
+
+    /// Converts the Lua value at `idx` to JSON with raw accesses only (no metamethods).
+    func toJSON(_ S: OpaquePointer, _ idx: Int32, depth: Int) throws -> JSONValue {
+        let idx = lua_absindex(S, idx)
+        switch lua_type(S, idx) {
+        case LUA_TNIL: return .null
+        case LUA_TBOOLEAN: return .bool(lua_toboolean(S, idx) != 0)
+        case LUA_TNUMBER:
+            if lua_isinteger(S, idx) != 0 { return .int(Int64(clua_tointeger(S, idx))) }
+            let d = clua_tonumber(S, idx)
+            guard d.isFinite else { throw LuaHostError.message("cannot convert \(d) to JSON") }
+            return .double(d)
+        case LUA_TSTRING: return .string(String(lua: S, at: idx) ?? "")
+        case LUA_TTABLE:
+            if lua_topointer(S, idx) == nullPointer { return .null }
+            guard depth < 100 else { throw LuaHostError.message("table nested too deeply (or a cycle) for JSON") }
+            guard lua_checkstack(S, 4) != 0 else { throw LuaHostError.message("stack overflow converting to JSON") }
+            var isArrayMarked = false
+            if lua_getmetatable(S, idx) != 0 {
+                _ = clua_getregistryfield(S, "colorun.jsonarray")
+                isArrayMarked = lua_rawequal(S, -1, -2) != 0
+                clua_pop(S, 2)
+            }
+            var object: [String: JSONValue] = [:]
+            var indexed: [(Int64, JSONValue)] = []
+            lua_pushnil(S)
+            while lua_next(S, idx) != 0 {
+                let v: JSONValue
+                do { v = try toJSON(S, -1, depth: depth + 1) } catch { clua_pop(S, 2); throw error }
+                if lua_type(S, -2) == LUA_TSTRING {
+                    object[String(lua: S, at: -2) ?? ""] = v
+                } else if lua_isinteger(S, -2) != 0 {
+                    indexed.append((Int64(clua_tointeger(S, -2)), v))
+                } else {
+                    let t = LuaType(rawValue: lua_type(S, -2))?.name ?? "?"
+                    clua_pop(S, 2)
+                    throw LuaHostError.message("cannot convert a table with a \(t) key to JSON")
+                }
+                clua_pop(S, 1)
+            }
+            if indexed.isEmpty {
+                return isArrayMarked && object.isEmpty ? .array([]) : .object(object)
+            }
+            guard object.isEmpty else { throw LuaHostError.message("cannot convert a table with both array and string keys to JSON") }
+            indexed.sort { $0.0 < $1.0 }
+            for (n, e) in indexed.enumerated() where e.0 != Int64(n + 1) {
+                throw LuaHostError.message("cannot convert a sparse array to JSON (index \(e.0))")
+            }
+            return .array(indexed.map(\.1))
+        default:
+            let t = LuaType(rawValue: lua_type(S, idx))?.name ?? "?"
+            throw LuaHostError.message("cannot convert a \(t) to JSON")
+        }
+    }
+
+    // MARK: errors
+
+    /// Pushes the Lua error value for `error`: "where message" or a structured table.
+    func pushError(_ error: LuaHostError, on S: OpaquePointer, positionFrom P: OpaquePointer?) {
+        _ = lua_checkstack(S, 6)
+        var whereText = ""
+        if error.addsPosition, let P {
+            clua_pushwhere(P)
+            whereText = String(lua: P, at: -1) ?? ""
+            clua_pop(P, 1)
+        }
+        guard let fields = error.fields else {
+            push(.string(whereText + error.message), on: S)
+            return
+        }
+        lua_createtable(S, 0, Int32(fields.count + 2))
+        for (k, v) in fields {
+            pushJSON(v, on: S)
+            clua_rawsetfield(S, -2, k)
+        }
+        push(.string(error.message), on: S)
+        clua_rawsetfield(S, -2, "message")
+        push(.string(whereText), on: S)
+        clua_rawsetfield(S, -2, "where")
+        _ = clua_getregistryfield(S, "colorun.errormt")
+        _ = lua_setmetatable(S, -2)
+    }
+}
