@@ -8,6 +8,9 @@ public protocol CheckpointTarget: AnyObject, Sendable {
     /// `cont`, then the journal entry is cleared.
     func resume() async throws(DomainError)
     func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue
+    /// Drops the monitor connection; the next command opens a new one (after a timeout, a
+    /// command stuck ahead in the old connection cannot block the next one).
+    func disconnect() async
 }
 
 /// A checkpoint that did not complete. Every domain the checkpoint stopped has been
@@ -238,26 +241,27 @@ public enum CheckpointEngine {
             saveMilliseconds: milliseconds(saveEnd - saveStart), restoreMilliseconds: 0)
     }
 
-    /// Resumes every target at once; a failed `cont` that is not a lost connection is tried
-    /// once more. Returns the failures that remain.
-    public static func resumeAll(_ targets: [any CheckpointTarget]) async -> [DomainError] {
+    /// Resumes every target at once. A `cont` that fails for a reason other than a
+    /// refused connection is tried again on a fresh connection, up to `attempts` times.
+    /// Returns the failures that remain.
+    public static func resumeAll(_ targets: [any CheckpointTarget], attempts: Int = 3) async -> [DomainError] {
         await withTaskGroup(of: DomainError?.self) { group in
             for target in targets {
                 group.addTask {
-                    do throws(DomainError) {
-                        try await target.resume()
-                        return nil
-                    } catch let first {
-                        if first.errorClass == DomainError.disconnected || first.errorClass == DomainError.connectFailed {
-                            return first
-                        }
+                    var last: DomainError?
+                    for attempt in 1...max(attempts, 1) {
                         do throws(DomainError) {
                             try await target.resume()
                             return nil
                         } catch {
-                            return error
+                            last = error
+                            if error.errorClass == DomainError.connectFailed || attempt == attempts { break }
+                            if [DomainError.timeout, DomainError.protocolError].contains(error.errorClass) {
+                                await target.disconnect()
+                            }
                         }
                     }
+                    return last
                 }
             }
             var failures: [DomainError] = []
@@ -268,10 +272,9 @@ public enum CheckpointEngine {
         }
     }
 
-    static func capture(_ body: () async throws(DomainError) -> Void) async -> Result<Void, DomainError> {
-        do {
-            try await body()
-            return .success(())
+    static func capture<T, E: Error>(_ body: () async throws(E) -> T) async -> Result<T, E> {
+        do throws(E) {
+            return .success(try await body())
         } catch {
             return .failure(error)
         }

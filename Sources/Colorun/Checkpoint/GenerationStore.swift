@@ -30,7 +30,7 @@ public struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
 public final class GenerationStore: @unchecked Sendable {
     public let directory: String
     public let fileExtension: String
-    public let keep: Int
+    public var keep: Int
     private var highest: Int
 
     /// Opens (creating if needed) the store. Returns the names of removed partial files in `removedPartials`.

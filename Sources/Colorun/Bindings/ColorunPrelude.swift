@@ -1,0 +1,280 @@
+/// The Lua half of colorun's policy API: thin wrappers over the host functions in
+/// `HostBindings.swift`. It runs once per run as host code (its frames are skipped when an
+/// error's position is computed, so errors point at the policy line that made the call).
+///
+/// Domains are Lua tables `{name=, endpoint=}` with methods; host functions take the
+/// domain's name. Everything that waits (QMP commands, checkpoints, sleeps) yields the
+/// calling task, so policy code reads sequentially while other tasks run.
+let colorunPrelude = #"""
+local C = ...
+local raw = {}
+for k, v in pairs(C) do raw[k] = v end
+for k in pairs(raw) do C[k] = nil end
+C.version = raw.version()
+
+local type, error, tostring, pairs, ipairs, select, setmetatable, rawget, pcall =
+  type, error, tostring, pairs, ipairs, select, setmetatable, rawget, pcall
+local pack, unpack = table.pack, table.unpack
+local floor, min, random = math.floor, math.min, math.random
+
+-- Domains -------------------------------------------------------------------------------
+
+local Domain = {}
+Domain.__index = Domain
+Domain.__name = "domain"
+Domain.__tostring = function(d) return "domain " .. d.name end
+Domain.__newindex = function(_, k) error("domain fields are read-only ('" .. tostring(k) .. "')", 2) end
+
+local cache = {}
+local function wrap(info)
+  local d = cache[info.name]
+  if d == nil then
+    d = setmetatable({ name = info.name, endpoint = info.endpoint }, Domain)
+    cache[info.name] = d
+  end
+  return d
+end
+
+local function isdomain(d) return type(d) == "table" and getmetatable(d) == Domain end
+
+-- The name of the domain argument #i of function fname (a domain, or a domain's name).
+local function name_of(d, fname, i)
+  if isdomain(d) then return d.name end
+  if type(d) == "string" then return raw.domain_get(d).name end
+  error("bad argument #" .. (i or 1) .. " to '" .. fname .. "' (domain expected, got " .. type(d) .. ")", 3)
+end
+
+local function opt_table(t, fname, i)
+  if t == nil then return {} end
+  if type(t) ~= "table" then
+    error("bad argument #" .. i .. " to '" .. fname .. "' (table of options expected, got " .. type(t) .. ")", 3)
+  end
+  return t
+end
+
+domain.get = function(name)
+  if type(name) ~= "string" then
+    error("bad argument #1 to 'domain.get' (domain name expected, got " .. type(name) .. ")", 2)
+  end
+  return wrap(raw.domain_get(name))
+end
+domain.open = function(spec)
+  spec = opt_table(spec, "domain.open", 1)
+  if type(spec.name) ~= "string" then error("domain.open: 'name' (a string) is required", 2) end
+  if type(spec.qmp) ~= "string" then error("domain.open: 'qmp' (unix:PATH or tcp:HOST:PORT) is required", 2) end
+  return wrap(raw.domain_open(spec.name, spec.qmp, spec.timeout))
+end
+domain.xen = function(domid, opts)
+  opts = opt_table(opts, "domain.xen", 2)
+  if math.type(domid) ~= "integer" or domid < 0 then
+    error("bad argument #1 to 'domain.xen' (domain id expected, got " .. tostring(domid) .. ")", 2)
+  end
+  local run_dir = opts.run_dir or "/var/run/xen"
+  return wrap(raw.domain_open(opts.name or ("xen-" .. domid), "unix:" .. run_dir .. "/qmp-libxl-" .. domid, opts.timeout))
+end
+domain.list = function()
+  local list = {}
+  for i, info in ipairs(raw.domain_list()) do list[i] = wrap(info) end
+  return list
+end
+domain.is = isdomain
+
+-- qmp.* ---------------------------------------------------------------------------------
+
+qmp.execute = function(d, command, args, opts)
+  local name = name_of(d, "qmp.execute")
+  if type(command) ~= "string" then
+    error("bad argument #2 to 'qmp.execute' (command name expected, got " .. type(command) .. ")", 2)
+  end
+  if args ~= nil and type(args) ~= "table" then
+    error("bad argument #3 to 'qmp.execute' (table of arguments expected, got " .. type(args) .. ")", 2)
+  end
+  opts = opt_table(opts, "qmp.execute", 4)
+  return raw.execute(name, command, args, opts.timeout)
+end
+qmp.stop = function(d) raw.stop(name_of(d, "qmp.stop")) end
+qmp.resume = function(d) raw.resume(name_of(d, "qmp.resume")) end
+qmp.save = function(d, path, opts)
+  local name = name_of(d, "qmp.save")
+  if type(path) ~= "string" then error("bad argument #2 to 'qmp.save' (path expected, got " .. type(path) .. ")", 2) end
+  opts = opt_table(opts, "qmp.save", 3)
+  local args = { filename = path }
+  if opts.live ~= nil then args.live = opts.live and true or false end
+  raw.execute(name, "xen-save-devices-state", args, opts.timeout)
+end
+qmp.restore = function(d, path, opts)
+  local name = name_of(d, "qmp.restore")
+  if type(path) ~= "string" then error("bad argument #2 to 'qmp.restore' (path expected, got " .. type(path) .. ")", 2) end
+  opts = opt_table(opts, "qmp.restore", 3)
+  raw.execute(name, "xen-load-devices-state", { filename = path }, opts.timeout)
+end
+qmp.status = function(d, opts)
+  local name = name_of(d, "qmp.status")
+  opts = opt_table(opts, "qmp.status", 2)
+  return raw.execute(name, "query-status", nil, opts.timeout)
+end
+
+for _, m in ipairs({ "execute", "stop", "resume", "save", "restore", "status" }) do
+  Domain[m] = qmp[m]
+end
+function Domain:alive(timeout) return raw.alive(self.name, timeout) end
+function Domain:on(event, fn)
+  if type(event) ~= "string" then error("bad argument #1 to 'on' (event name or \"*\" expected, got " .. type(event) .. ")", 2) end
+  if type(fn) ~= "function" then error("bad argument #2 to 'on' (function expected, got " .. type(fn) .. ")", 2) end
+  local id = raw.on_event(self.name, event, fn)
+  return { cancel = function() raw.cancel(id) end }
+end
+function Domain:stats() return raw.domain_stats(self.name) end
+
+-- Checkpoints ---------------------------------------------------------------------------
+
+colo.checkpoint = function(p, s, opts)
+  local pn = name_of(p, "colo.checkpoint", 1)
+  local sn = name_of(s, "colo.checkpoint", 2)
+  opts = opt_table(opts, "colo.checkpoint", 3)
+  return raw.colo_checkpoint(pn, sn, opts.keep)
+end
+colo.generations = function(p, s)
+  return raw.generations(name_of(p, "colo.generations", 1) .. "+" .. name_of(s, "colo.generations", 2))
+end
+
+remus.checkpoint = function(d, opts)
+  local name = name_of(d, "remus.checkpoint")
+  opts = opt_table(opts, "remus.checkpoint", 2)
+  return raw.remus_checkpoint(name, opts.keep)
+end
+remus.generations = function(d) return raw.generations(name_of(d, "remus.generations")) end
+
+-- Policy primitives ---------------------------------------------------------------------
+
+local function timer_handle(id)
+  return {
+    cancel = function() raw.cancel(id) end,
+    stats = function() return raw.timer_stats(id) end,
+  }
+end
+policy.every = function(interval, fn)
+  if type(fn) ~= "function" then error("bad argument #2 to 'policy.every' (function expected, got " .. type(fn) .. ")", 2) end
+  return timer_handle(raw.every(interval, fn))
+end
+policy.after = function(delay, fn)
+  if type(fn) ~= "function" then error("bad argument #2 to 'policy.after' (function expected, got " .. type(fn) .. ")", 2) end
+  return timer_handle(raw.after(delay, fn))
+end
+policy.on_lost = function(d, fn, opts)
+  local name = name_of(d, "policy.on_lost")
+  if type(fn) ~= "function" then error("bad argument #2 to 'policy.on_lost' (function expected, got " .. type(fn) .. ")", 2) end
+  opts = opt_table(opts, "policy.on_lost", 3)
+  local dom = wrap(raw.domain_get(name))
+  local id = raw.on_lost(name, function(reason) return fn(dom, reason) end, opts.heartbeat, opts.timeout)
+  return { cancel = function() raw.cancel(id) end }
+end
+policy.stop = function() raw.stop_run() end
+policy.seconds = raw.seconds
+
+-- retry(opts, fn): attempts with exponential backoff and jitter.
+local retry_keys = { attempts = "number", backoff = "duration", max_backoff = "duration", jitter = "number",
+  retry_on = "function", on_retry = "function" }
+local function check_retry(opts, level)
+  for k, v in pairs(opts) do
+    local want = retry_keys[k]
+    if want == nil then error("retry: unknown option '" .. tostring(k) .. "'", level) end
+    if want == "duration" then
+      if type(v) ~= "number" and type(v) ~= "string" then error("retry: '" .. k .. "' must be a duration", level) end
+    elseif type(v) ~= want then
+      error("retry: '" .. k .. "' must be a " .. want .. ", got " .. type(v), level)
+    end
+  end
+end
+function retry(opts, fn)
+  if type(opts) == "function" and fn == nil then opts, fn = {}, opts end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("bad argument #1 to 'retry' (table of options expected, got " .. type(opts) .. ")", 2) end
+  if type(fn) ~= "function" then error("bad argument #2 to 'retry' (function expected, got " .. type(fn) .. ")", 2) end
+  check_retry(opts, 3)
+  local attempts = opts.attempts or 3
+  local base = raw.seconds(opts.backoff or "100ms")
+  local cap = raw.seconds(opts.max_backoff or "5s")
+  local jitter = opts.jitter or 0.1
+  for attempt = 1, attempts do
+    local r = pack(pcall(fn, attempt))
+    if r[1] then return unpack(r, 2, r.n) end
+    local err = r[2]
+    if attempt >= attempts or (opts.retry_on ~= nil and not opts.retry_on(err)) then error(err, 0) end
+    if opts.on_retry ~= nil then opts.on_retry(err, attempt) end
+    local delay = min(cap, base * 2 ^ (attempt - 1))
+    delay = delay * (1 + jitter * (2 * random() - 1))
+    if delay > 0 then sleep(delay) end
+  end
+end
+
+-- log.*(message [, fields])
+for _, level in ipairs({ "debug", "info", "warn", "error" }) do
+  log[level] = function(message, fields)
+    if fields ~= nil and type(fields) ~= "table" then
+      error("bad argument #2 to 'log." .. level .. "' (table of fields expected, got " .. type(fields) .. ")", 2)
+    end
+    raw.log(level, tostring(message), fields)
+  end
+end
+
+-- The declarative form: return colo.policy{ primary=, secondary=, interval=, ... }
+local policy_fields = {
+  primary = "domain", secondary = "domain", interval = "duration", mode = "string", keep = "number",
+  retry = "table", on_failover = "function", on_checkpoint = "function", on_checkpoint_error = "function",
+  heartbeat = "duration", heartbeat_timeout = "duration",
+}
+local function check_field(spec, k, v)
+  local want = policy_fields[k]
+  if want == nil then
+    local known = {}
+    for name in pairs(policy_fields) do known[#known + 1] = name end
+    table.sort(known)
+    error("colo.policy: unknown field '" .. tostring(k) .. "' (known: " .. table.concat(known, ", ") .. ")", 4)
+  end
+  local ok
+  if want == "domain" then ok = isdomain(v)
+  elseif want == "duration" then ok = type(v) == "number" or type(v) == "string"
+  else ok = type(v) == want end
+  if not ok then error("colo.policy: field '" .. k .. "' must be a " .. want .. ", got " .. type(v), 4) end
+end
+colo.policy = function(spec)
+  if type(spec) ~= "table" then error("bad argument #1 to 'colo.policy' (table expected, got " .. type(spec) .. ")", 2) end
+  for k, v in pairs(spec) do check_field(spec, k, v) end
+  for _, k in ipairs({ "primary", "secondary", "interval" }) do
+    if spec[k] == nil then error("colo.policy: field '" .. k .. "' is required", 2) end
+  end
+  local mode = spec.mode or "xen"
+  if mode ~= "xen" and mode ~= "remus" then error("colo.policy: mode must be \"xen\" or \"remus\", got \"" .. mode .. "\"", 2) end
+  if spec.retry ~= nil then check_retry(spec.retry, 3) end
+  raw.seconds(spec.interval)
+  local p, s = spec.primary, spec.secondary
+  local ticker, watch
+  local function checkpoint()
+    if mode == "xen" then return colo.checkpoint(p, s, { keep = spec.keep }) end
+    return remus.checkpoint(p, { keep = spec.keep })
+  end
+  ticker = policy.every(spec.interval, function()
+    local ok, result = pcall(retry, spec.retry or { attempts = 1 }, checkpoint)
+    if ok then
+      if spec.on_checkpoint then spec.on_checkpoint(result) end
+    elseif spec.on_checkpoint_error then
+      spec.on_checkpoint_error(result)
+    else
+      log.error("checkpoint failed: " .. tostring(result))
+    end
+  end)
+  watch = policy.on_lost(p, function(_, reason)
+    ticker.cancel()
+    log.warn("primary lost (" .. tostring(reason) .. "): failing over to " .. s.name)
+    if spec.on_failover then
+      spec.on_failover(p, s, reason)
+    else
+      raw.count_failover()
+      if mode == "xen" then s:resume() end
+    end
+    policy.stop()
+  end, { heartbeat = spec.heartbeat, timeout = spec.heartbeat_timeout })
+  return { ticker = ticker, watch = watch, primary = p, secondary = s, mode = mode }
+end
+"""#

@@ -1,0 +1,288 @@
+import Logging
+import NIOCore
+import QMP
+import QMPClient
+
+/// Connection settings of a domain.
+public struct DomainOptions: Sendable {
+    /// How long to keep retrying a monitor socket that is not there yet.
+    public var connectTimeout: TimeAmount = .seconds(5)
+    /// How long a command may go unanswered.
+    public var commandTimeout: TimeAmount = .seconds(5)
+
+    public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
+        self.connectTimeout = connectTimeout
+        self.commandTimeout = commandTimeout
+    }
+}
+
+/// Counters and timings one domain keeps for the summary and the metrics.
+public struct DomainStats: Sendable, Hashable {
+    public var commands = 0
+    public var failures = 0
+    public var connects = 0
+    public var disconnects = 0
+    public var totalLatencySeconds = 0.0
+}
+
+/// A VM as colorun sees it: a name, a QMP monitor and what this run did to it.
+///
+/// The monitor connection opens on first use, is shared by every task (QEMU serves one
+/// client per monitor) and opens again after the peer comes back. Before colorun stops a
+/// domain it journals the fact; after it resumes it, it clears the entry, so a run killed
+/// in between is repaired by the next one.
+///
+/// A domain is confined to the run's event loop, like the Lua state: its callback API
+/// (`send`, `sendStop`, `sendResume`, `onEvent`) must be called on that loop and calls back
+/// on it, with no thread hop; the async API (`execute`, `stop`, `resume`) may be used from
+/// anywhere and hops to the loop.
+public final class Domain: CheckpointTarget, @unchecked Sendable {
+    public let name: String
+    public let endpoint: QMPEndpoint
+    public let eventLoop: any EventLoop
+    public let options: DomainOptions
+    let journal: StopJournal?
+    let logger: Logger
+
+    private var connection: QMPConnection?
+    private var connectWaiters: [(Result<QMPConnection, DomainError>) -> Void]?
+    private var eventHandlers: [(id: Int, event: String, handler: (QMPEvent) -> Void)] = []
+    private var closeHandlers: [(id: Int, handler: (String) -> Void)] = []
+    private var nextHandlerID = 1
+    private var warnedSimulated = false
+    /// True from the moment this run sends `stop` until a `cont` succeeds.
+    public private(set) var stoppedByUs = false
+    public private(set) var stats = DomainStats()
+    /// The greeting of the current (or last) connection.
+    public private(set) var greeting: QMPGreeting?
+
+    public init(name: String, endpoint: QMPEndpoint, eventLoop: any EventLoop, options: DomainOptions = DomainOptions(),
+                journal: StopJournal? = nil, logger: Logger) {
+        self.name = name
+        self.endpoint = endpoint
+        self.eventLoop = eventLoop
+        self.options = options
+        self.journal = journal
+        var logger = logger
+        logger[metadataKey: "domain"] = .string(name)
+        self.logger = logger
+    }
+
+    public var isConnected: Bool { connection?.isActive ?? false }
+
+    // MARK: - The connection
+
+    /// Calls `body` with an open connection, opening one if needed. `body` runs on the loop.
+    public func withConnection(_ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
+        if let connection, connection.isActive {
+            body(.success(connection))
+            return
+        }
+        if connectWaiters != nil {
+            connectWaiters!.append(body)
+            return
+        }
+        connectWaiters = [body]
+        let future = QMPConnection.connect(
+            to: endpoint, on: eventLoop, connectTimeout: options.connectTimeout,
+            commandTimeout: options.commandTimeout, logger: logger)
+        future.assumeIsolated().whenComplete { result in
+            self.connectFinished(result.mapError { error in
+                let text = (error as? QMPClientError)?.description ?? "\(error)"
+                return DomainError(domain: self.name, command: "connect", errorClass: DomainError.connectFailed, desc: text)
+            })
+        }
+    }
+
+    private func connectFinished(_ result: Result<QMPConnection, DomainError>) {
+        let waiters = connectWaiters ?? []
+        connectWaiters = nil
+        if case .success(let connection) = result {
+            self.connection = connection
+            greeting = connection.greeting
+            stats.connects += 1
+            if connection.greeting.package.lowercased().contains("simulated"), !warnedSimulated {
+                warnedSimulated = true
+                logger.warning("this monitor is a simulated QEMU, not a real VM", metadata: ["package": .string(connection.greeting.package)])
+            }
+            connection.syncOperations.onEvent { event in
+                self.dispatch(event)
+            }
+            connection.closeFuture.assumeIsolated().whenSuccess { reason in
+                self.connectionClosed(connection, reason: reason)
+            }
+        }
+        for waiter in waiters { waiter(result) }
+    }
+
+    private func connectionClosed(_ closed: QMPConnection, reason: QMPCloseReason) {
+        guard connection === closed else { return }
+        connection = nil
+        stats.disconnects += 1
+        guard reason != .closedByClient else { return }
+        logger.warning("monitor connection lost", metadata: ["reason": .string(reason.description)])
+        let text = reason.description
+        for (_, handler) in closeHandlers { handler(text) }
+    }
+
+    /// Closes the monitor connection (the next command opens a new one). On the loop.
+    public func dropConnection() {
+        connection?.close(promise: nil)
+        connection = nil
+    }
+
+    // MARK: - Commands (callback API, on the loop)
+
+    /// Sends one command; `completion` runs on the loop.
+    public func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
+                     _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
+        let started = NIODeadline.now()
+        withConnection { result in
+            switch result {
+            case .failure(let error):
+                self.stats.failures += 1
+                completion(.failure(error))
+            case .success(let connection):
+                connection.syncOperations.send(command, arguments: arguments, timeout: timeout) { reply in
+                    self.stats.commands += 1
+                    self.stats.totalLatencySeconds += Double((NIODeadline.now() - started).nanoseconds) / 1e9
+                    if case .failure = reply { self.stats.failures += 1 }
+                    completion(reply.mapError { self.domainError($0, command: command) })
+                }
+            }
+        }
+    }
+
+    func domainError(_ error: QMPClientError, command: String) -> DomainError {
+        switch error {
+        case .commandFailed(_, let body, _):
+            return DomainError(domain: name, command: command, errorClass: body.errorClass, desc: body.desc)
+        case .timeout(_, let after, _):
+            return DomainError(domain: name, command: command, errorClass: DomainError.timeout,
+                               desc: "no reply within \(Double(after.nanoseconds) / 1e9) s")
+        case .disconnected(_, let reason, _):
+            return DomainError(domain: name, command: command, errorClass: DomainError.disconnected, desc: reason.description)
+        case .protocolError(let protocolError, _, _):
+            return DomainError(domain: name, command: command, errorClass: DomainError.protocolError, desc: protocolError.description)
+        case .connectFailed, .greetingTimeout, .invalidEndpoint:
+            return DomainError(domain: name, command: command, errorClass: DomainError.connectFailed, desc: error.description)
+        }
+    }
+
+    /// `stop`, journaled first. The domain counts as stopped by us from before the command
+    /// is sent: a stop whose reply is lost may still have paused the VM.
+    public func sendStop(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+        if let journal {
+            do {
+                try journal.willStop(domain: name, endpoint: endpoint.description)
+            } catch {
+                completion(.failure(DomainError(domain: name, command: "stop", errorClass: "StateDirError", desc: error.description)))
+                return
+            }
+        }
+        stoppedByUs = true
+        send("stop", nil, timeout: timeout) { completion($0.map { _ in () }) }
+    }
+
+    /// `cont`; on success the domain no longer counts as stopped by us.
+    public func sendResume(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+        send("cont", nil, timeout: timeout) { result in
+            if case .success = result {
+                self.markResumed()
+            }
+            completion(result.map { _ in () })
+        }
+    }
+
+    private func markResumed() {
+        stoppedByUs = false
+        journal?.didResume(domain: name)
+    }
+
+    // MARK: - Commands (async API)
+
+    public func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue {
+        try await withCheckedContinuation { (continuation: CheckedContinuation<Result<JSONValue, DomainError>, Never>) in
+            onLoop { $0.send(command, arguments) { continuation.resume(returning: $0) } }
+        }.get()
+    }
+
+    public func stop() async throws(DomainError) {
+        try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
+            onLoop { $0.sendStop { continuation.resume(returning: $0) } }
+        }.get()
+    }
+
+    public func resume() async throws(DomainError) {
+        try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
+            onLoop { $0.sendResume { continuation.resume(returning: $0) } }
+        }.get()
+    }
+
+    public func disconnect() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            onLoop { domain in
+                domain.dropConnection()
+                continuation.resume()
+            }
+        }
+    }
+
+    // MARK: - Events
+
+    /// Calls `handler` on the loop for each event named `event` (or every event for "*").
+    @discardableResult
+    public func onEvent(_ event: String, _ handler: @escaping (QMPEvent) -> Void) -> Int {
+        let id = nextHandlerID
+        nextHandlerID += 1
+        eventHandlers.append((id, event, handler))
+        return id
+    }
+
+    /// Calls `handler` with the reason each time an open monitor connection is lost (not when
+    /// colorun closes it).
+    @discardableResult
+    public func onClose(_ handler: @escaping (String) -> Void) -> Int {
+        let id = nextHandlerID
+        nextHandlerID += 1
+        closeHandlers.append((id, handler))
+        return id
+    }
+
+    public func removeHandler(_ id: Int) {
+        eventHandlers.removeAll { $0.id == id }
+        closeHandlers.removeAll { $0.id == id }
+    }
+
+    private func dispatch(_ event: QMPEvent) {
+        for (_, name, handler) in eventHandlers where name == "*" || name == event.name {
+            handler(event)
+        }
+    }
+}
+
+extension Domain {
+    /// Runs `body` with the domain on its loop, from anywhere.
+    func onLoop(_ body: @escaping @Sendable (Domain) -> Void) {
+        if eventLoop.inEventLoop {
+            body(self)
+        } else {
+            eventLoop.execute { body(self) }
+        }
+    }
+
+    /// `send` as a future (which never fails: the outcome is the `Result`).
+    public func request(_ command: String, _ arguments: [String: JSONValue]? = nil,
+                                    timeout: TimeAmount? = nil) -> EventLoopFuture<Result<JSONValue, DomainError>> {
+        let promise = eventLoop.makePromise(of: Result<JSONValue, DomainError>.self)
+        onLoop { d in d.send(command, arguments, timeout: timeout) { promise.succeed($0) } }
+        return promise.futureResult
+    }
+
+    /// `sendResume` as a future (which never fails: the outcome is the `Result`).
+    public func requestResume() -> EventLoopFuture<Result<Void, DomainError>> {
+        let promise = eventLoop.makePromise(of: Result<Void, DomainError>.self)
+        onLoop { d in d.sendResume { promise.succeed($0) } }
+        return promise.futureResult
+    }
+}

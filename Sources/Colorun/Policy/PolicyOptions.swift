@@ -1,0 +1,80 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import LuaRuntime
+import NIOCore
+import QMPClient
+
+/// A domain named on the command line: `NAME=unix:/path` or `NAME=tcp:host:port`.
+public struct DomainSpec: Sendable, Hashable {
+    public var name: String
+    public var endpoint: QMPEndpoint
+
+    public init(name: String, endpoint: QMPEndpoint) {
+        self.name = name
+        self.endpoint = endpoint
+    }
+
+    /// Parses `NAME=ENDPOINT`; the error names the bad text.
+    public init(parsing text: String) throws(PolicyError) {
+        guard let eq = text.firstIndex(of: "="), eq != text.startIndex else {
+            throw PolicyError.usage("--domain '\(text)': expected NAME=unix:PATH or NAME=tcp:HOST:PORT")
+        }
+        let name = String(text[..<eq])
+        guard DomainSpec.isValidName(name) else {
+            throw PolicyError.usage("--domain '\(text)': a domain name may use letters, digits, '-', '_' and '.'")
+        }
+        do {
+            self.init(name: name, endpoint: try QMPEndpoint(parsing: String(text[text.index(after: eq)...])))
+        } catch {
+            throw PolicyError.usage("--domain '\(text)': \(error)")
+        }
+    }
+
+    public static func isValidName(_ name: String) -> Bool {
+        !name.isEmpty && name.allSatisfy { ($0.isLetter || $0.isNumber || "-_.".contains($0)) && $0.isASCII }
+    }
+}
+
+/// What went wrong before or around a policy run (not inside it).
+public enum PolicyError: Error, Sendable, CustomStringConvertible {
+    /// Bad command-line input (exit code 2).
+    case usage(String)
+    /// The state directory or another resource could not be set up.
+    case setup(String)
+
+    public var description: String {
+        switch self {
+        case .usage(let text), .setup(let text): return text
+        }
+    }
+}
+
+/// Everything a policy run is configured with.
+public struct PolicyOptions: Sendable {
+    public var policyPath: String
+    /// Arguments passed to the policy's main chunk as `...`.
+    public var arguments: [String] = []
+    public var domains: [DomainSpec] = []
+    /// Generations, the stop journal and the like live here.
+    public var stateDirectory: String = PolicyOptions.defaultStateDirectory
+    /// How many checkpoint generations to keep per pair unless a call says otherwise.
+    public var keepGenerations = 3
+    public var lua = LuaRuntimeOptions()
+    public var domainOptions = DomainOptions()
+    /// End the run (as a clean stop) after this long.
+    public var duration: TimeAmount?
+
+    public init(policyPath: String) {
+        self.policyPath = policyPath
+    }
+
+    /// `/var/lib/colorun` for root, `$HOME/.local/state/colorun` otherwise.
+    public static var defaultStateDirectory: String {
+        if geteuid() == 0 { return "/var/lib/colorun" }
+        let home = getenv("HOME").map { String(cString: $0) } ?? "."
+        return home + "/.local/state/colorun"
+    }
+}

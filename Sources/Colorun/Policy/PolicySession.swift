@@ -1,0 +1,281 @@
+import Logging
+import LuaRuntime
+import NIOCore
+import QMP
+import QMPClient
+
+/// What a run did, for the summary and the exit code.
+public struct PolicyReport: Sendable {
+    public var outcome: LuaRunOutcome
+    public var checkpoints = 0
+    public var failedCheckpoints = 0
+    public var skippedTicks = 0
+    /// Pause of each good checkpoint, in milliseconds.
+    public var pauseMilliseconds: [Double] = []
+    public var failovers = 0
+    /// The newest good generation per checkpoint series ("primary+secondary" or a Remus domain).
+    public var lastGood: [String: Int] = [:]
+    /// Domains left paused by an earlier, killed run and resumed before this one started.
+    public var recovered: [String] = []
+    /// Domains the policy left paused that colorun resumed when the run ended.
+    public var resumedAtExit: [String] = []
+    /// Domains that could not be resumed (with why): an operator must look at them.
+    public var unresumed: [String] = []
+
+    init(outcome: LuaRunOutcome) { self.outcome = outcome }
+}
+
+/// One run of one policy: the Lua runtime, the domains it drives, the checkpoint stores and
+/// the house rules around them.
+///
+/// Everything lives on one event loop: the Lua state, the domains' monitor connections and
+/// the timers, so a QMP reply resumes the waiting Lua task with no thread hop. Whatever
+/// ends the run (the policy finishing, `policy.stop()`, `stop()` on a signal, an uncaught
+/// error), its end waits for in-flight checkpoints to finish or roll back, then resumes
+/// every domain this run stopped and did not resume.
+public final class PolicySession: @unchecked Sendable {
+    public let options: PolicyOptions
+    public let eventLoop: any EventLoop
+    public let logger: Logger
+    public let runtime: LuaRuntime
+    let journal: StopJournal
+
+    // Loop-confined state.
+    var domains: [String: Domain] = [:]
+    var domainOrder: [String] = []
+    var stores: [String: GenerationStore] = [:]
+    var inFlight = 0
+    var idleWaiters: [EventLoopPromise<Void>] = []
+    var report = PolicyReport(outcome: .finished)
+    /// Timers, event subscriptions and lost-domain watches, by the id Lua holds.
+    var handles: [Int: any PolicyHandle] = [:]
+    var nextHandleID = 1
+    var tunedForRemus: Set<String> = []
+    var stopping = false
+    /// Extra Lua modules and shutdown work (the lab adds its own).
+    var extensions: [any PolicyExtension] = []
+
+    /// Creates the runtime and binds colorun's modules. Call on `eventLoop`.
+    public init(options: PolicyOptions, eventLoop: any EventLoop, logger: Logger,
+                extensions: [any PolicyExtension] = []) throws(PolicyError) {
+        eventLoop.preconditionInEventLoop()
+        self.options = options
+        self.eventLoop = eventLoop
+        self.logger = logger
+        do {
+            journal = try StopJournal(stateDirectory: options.stateDirectory)
+        } catch {
+            throw .setup("state directory: \(error)")
+        }
+        do {
+            var luaLogger = logger
+            luaLogger[metadataKey: "policy"] = .string(options.policyPath)
+            runtime = try LuaRuntime(eventLoop: eventLoop, options: options.lua, logger: luaLogger)
+        } catch {
+            throw .setup("cannot create the Lua runtime: \(error)")
+        }
+        self.extensions = extensions
+        for spec in options.domains {
+            _ = try addDomain(name: spec.name, endpoint: spec.endpoint, options: options.domainOptions)
+        }
+        do {
+            try registerBindings()
+            for ext in extensions { try ext.register(in: self) }
+        } catch {
+            throw .setup("cannot bind colorun's Lua modules: \(error)")
+        }
+        runtime.addShutdownHook { [self] outcome in self.shutdown(outcome) }
+    }
+
+    // MARK: - Domains
+
+    /// Adds a named domain; adding the same name and endpoint again returns the existing one.
+    func addDomain(name: String, endpoint: QMPEndpoint, options domainOptions: DomainOptions) throws(PolicyError) -> Domain {
+        if let existing = domains[name] {
+            guard existing.endpoint == endpoint else {
+                throw .usage("domain '\(name)' is already bound to \(existing.endpoint), not \(endpoint)")
+            }
+            return existing
+        }
+        guard DomainSpec.isValidName(name) else {
+            throw .usage("bad domain name '\(name)': use letters, digits, '-', '_' and '.'")
+        }
+        let domain = Domain(name: name, endpoint: endpoint, eventLoop: eventLoop, options: domainOptions,
+                            journal: journal, logger: logger)
+        domains[name] = domain
+        domainOrder.append(name)
+        return domain
+    }
+
+    func domain(named name: String) throws(LuaHostError) -> Domain {
+        guard let domain = domains[name] else {
+            let known = domainOrder.isEmpty ? "none" : domainOrder.joined(separator: ", ")
+            throw LuaHostError.message("unknown domain '\(name)' (known: \(known); name domains with --domain NAME=unix:PATH)")
+        }
+        return domain
+    }
+
+    // MARK: - Running
+
+    /// Repairs what an earlier, killed run left paused, runs the policy, and completes when
+    /// the run has ended and every domain it stopped runs again. Callable from any thread.
+    public func run() -> EventLoopFuture<PolicyReport> {
+        eventLoop.flatSubmit { [self] in
+            recoverJournal().flatMap { [self] in
+                if let duration = options.duration {
+                    eventLoop.scheduleTask(in: duration) { [self] in
+                        logger.info("--duration reached; stopping")
+                        stop()
+                    }
+                }
+                return runtime.start(policyAt: options.policyPath, arguments: options.arguments)
+            }.map { [self] outcome in
+                report.outcome = outcome
+                return report
+            }
+        }
+    }
+
+    /// Ends the run cleanly: no new work starts, in-flight checkpoints finish or roll back,
+    /// and every domain this run stopped is resumed. Callable from any thread.
+    public func stop() {
+        eventLoop.execute { [self] in
+            stopping = true
+            runtime.stop()
+        }
+    }
+
+    /// Resumes domains an earlier run journaled as stopped by it and never resumed.
+    func recoverJournal() -> EventLoopFuture<Void> {
+        let entries = journal.entries().filter { !StopJournal.writerIsAlive($0) }
+        guard !entries.isEmpty else { return eventLoop.makeSucceededVoidFuture() }
+        var futures: [EventLoopFuture<Void>] = []
+        for entry in entries {
+            guard let endpoint = try? QMPEndpoint(parsing: entry.endpoint) else {
+                logger.error("stop journal entry with a bad endpoint; removing it", metadata: ["domain": .string(entry.domain)])
+                journal.didResume(domain: entry.domain)
+                continue
+            }
+            let domain: Domain
+            if let known = domains[entry.domain], known.endpoint == endpoint {
+                domain = known
+            } else {
+                domain = Domain(name: entry.domain, endpoint: endpoint, eventLoop: eventLoop, options: options.domainOptions,
+                                journal: journal, logger: logger)
+            }
+            futures.append(recover(entry, domain: domain))
+        }
+        return EventLoopFuture.andAllComplete(futures, on: eventLoop)
+    }
+
+    private func recover(_ entry: StopJournal.Entry, domain: Domain) -> EventLoopFuture<Void> {
+        let metadata: Logger.Metadata = ["domain": .string(entry.domain), "previous-pid": .stringConvertible(entry.pid)]
+        return domain.request("query-status").flatMap { [self] result -> EventLoopFuture<Void> in
+            let status: JSONValue
+            switch result {
+            case .failure(let error):
+                logger.error("a previous run left this domain stopped and its monitor does not answer; keeping the journal entry for the next run",
+                             metadata: metadata.merging(["error": .string(error.description)]) { a, _ in a })
+                report.unresumed.append("\(entry.domain): \(error)")
+                return eventLoop.makeSucceededVoidFuture()
+            case .success(let value):
+                status = value
+            }
+            let state = status["status"]?.stringValue ?? ""
+            guard ["paused", "postmigrate", "finish-migrate"].contains(state) else {
+                logger.info("journal entry of a previous run: the domain is \(state), nothing to resume", metadata: metadata)
+                journal.didResume(domain: entry.domain)
+                return eventLoop.makeSucceededVoidFuture()
+            }
+            return domain.requestResume().map { [self] result in
+                switch result {
+                case .success:
+                    logger.warning("resumed a domain that a previous colorun run left \(state)", metadata: metadata)
+                    report.recovered.append(entry.domain)
+                case .failure(let error):
+                    logger.error("cannot resume a domain a previous run left \(state)",
+                                 metadata: metadata.merging(["error": .string(error.description)]) { a, _ in a })
+                    report.unresumed.append("\(entry.domain): \(error)")
+                }
+            }
+        }
+    }
+
+    // MARK: - In-flight work
+
+    /// Runs a multi-step operation (a checkpoint) that must finish or roll back even if the
+    /// run ends meanwhile; the run's end waits for it.
+    func track<T: Sendable>(_ operation: @escaping @Sendable () async -> T, then: @escaping (T) -> Void) {
+        inFlight += 1
+        let box = UncheckedSendable(then)
+        Task { [self] in
+            let value = await operation()
+            eventLoop.execute { [self] in
+                inFlight -= 1
+                box.value(value)
+                if inFlight == 0 {
+                    let waiters = idleWaiters
+                    idleWaiters = []
+                    for waiter in waiters { waiter.succeed() }
+                }
+            }
+        }
+    }
+
+    func waitIdle() -> EventLoopFuture<Void> {
+        if inFlight == 0 { return eventLoop.makeSucceededVoidFuture() }
+        let promise = eventLoop.makePromise(of: Void.self)
+        idleWaiters.append(promise)
+        return promise.futureResult
+    }
+
+    // MARK: - The end of a run
+
+    func shutdown(_ outcome: LuaRunOutcome) -> EventLoopFuture<Void> {
+        stopping = true
+        for handle in handles.values { handle.cancel() }
+        handles.removeAll()
+        if inFlight > 0 {
+            logger.info("waiting for \(inFlight) in-flight checkpoint(s) to finish or roll back")
+        }
+        return waitIdle().flatMap { [self] in
+            resumeStoppedDomains()
+        }.flatMap { [self] in
+            EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
+        }.map { [self] in
+            for domain in domains.values {
+                domain.dropConnection()
+            }
+        }
+    }
+
+    /// Resumes every domain this run stopped and did not resume.
+    func resumeStoppedDomains() -> EventLoopFuture<Void> {
+        var futures: [EventLoopFuture<Void>] = []
+        for name in domainOrder {
+            guard let domain = domains[name], domain.stoppedByUs else { continue }
+            futures.append(domain.requestResume().map { [self] result in
+                switch result {
+                case .success:
+                    logger.warning("resumed a domain the policy left stopped", metadata: ["domain": .string(name)])
+                    report.resumedAtExit.append(name)
+                case .failure(let error):
+                    logger.error("could not resume a domain this run stopped", metadata: ["domain": .string(name), "error": .string(error.description)])
+                    report.unresumed.append("\(name): \(error)")
+                }
+            })
+        }
+        return EventLoopFuture.andAllComplete(futures, on: eventLoop)
+    }
+}
+
+/// Something that adds Lua modules to a session and work to its end (the lab, tests).
+public protocol PolicyExtension: AnyObject {
+    func register(in session: PolicySession) throws
+    func shutdown(session: PolicySession) -> EventLoopFuture<Void>
+}
+
+struct UncheckedSendable<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
+}
