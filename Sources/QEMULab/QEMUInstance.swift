@@ -208,8 +208,10 @@ private func errnoText(_ code: Int32) -> String {
 }
 
 /// posix_spawn with stdin and stdout on /dev/null, stderr appended to `stderrPath`, default
-/// signal dispositions and mask, and no inherited descriptors beyond those three.
-private func spawn(_ commandLine: [String], stderrPath: String) throws(QEMULabError) -> pid_t {
+/// signal dispositions and mask, and no inherited descriptors beyond those three. A
+/// `detached` process gets a session of its own (`setsid`), so signals to colorun's process
+/// group or terminal do not reach it.
+func spawn(_ commandLine: [String], stderrPath: String, detached: Bool = false) throws(QEMULabError) -> pid_t {
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
@@ -228,7 +230,9 @@ private func spawn(_ commandLine: [String], stderrPath: String) throws(QEMULabEr
     sigemptyset(&defaults)
     for signal in [SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGCHLD] { sigaddset(&defaults, signal) }
     posix_spawnattr_setsigdefault(&attributes, &defaults)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    var flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF
+    if detached { flags |= 0x80 }  // glibc POSIX_SPAWN_SETSID, which Swift does not import
+    posix_spawnattr_setflags(&attributes, Int16(flags))
 
     let argv: [UnsafeMutablePointer<CChar>?] = commandLine.map { strdup($0) } + [nil]
     defer { for arg in argv { free(arg) } }

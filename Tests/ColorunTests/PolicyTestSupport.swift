@@ -40,7 +40,8 @@ struct CollectingHandler: LogHandler {
         var all = metadata
         for (k, v) in event.metadata ?? [:] { all[k] = v }
         let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        collector.lines.withLock { $0.append("\(event.level) \(event.message) \(fields)") }
+        let now = ContinuousClock.now
+        collector.lines.withLock { $0.append("\(now) \(event.level) \(event.message) \(fields)") }
     }
 }
 
@@ -62,6 +63,7 @@ func runPolicy(
     domains: [(String, String)] = [],
     stateDirectory: String? = nil,
     hooks: [String: @Sendable () throws -> Void] = [:],
+    lab: Lab? = nil,
     configure: (inout PolicyOptions) -> Void = { _ in }
 ) async throws -> PolicyRun {
     let dir = makeTempDirectory("colorun-policy")
@@ -69,13 +71,13 @@ func runPolicy(
     writeFile(path, Array(source.utf8))
     var options = PolicyOptions(policyPath: path)
     options.stateDirectory = stateDirectory ?? dir + "/state"
-    options.domains = try domains.map { try DomainSpec(parsing: "\($0.0)=\($0.1)") }
+    options.domains = try domains.map { try DomainSpec(parsing: "\($0.0)=\($0.1)") } + (lab?.domainSpecs ?? [])
     options.domainOptions = DomainOptions(connectTimeout: .seconds(2), commandTimeout: .seconds(2))
     configure(&options)
     let logs = LogCollector()
     let loop = MultiThreadedEventLoopGroup.singleton.next()
     let session = try await loop.submit { [options] in
-        try PolicySession(options: options, eventLoop: loop, logger: logs.logger(), extensions: [TestHooks(hooks)])
+        try PolicySession(options: options, eventLoop: loop, logger: logs.logger(), extensions: [TestHooks(hooks)] + (lab.map { [$0] } ?? []))
     }.get()
     let report = try await session.run().get()
     return PolicyRun(report: report, logs: logs, stateDirectory: options.stateDirectory)

@@ -143,6 +143,22 @@ remus.checkpoint = function(d, opts)
   opts = opt_table(opts, "remus.checkpoint", 2)
   return raw.remus_checkpoint(name, opts.keep)
 end
+remus.restore = function(spec, generation)
+  spec = opt_table(spec, "remus.restore", 1)
+  if type(spec.name) ~= "string" then error("remus.restore: 'name' (the standby's domain name) is required", 2) end
+  local from = spec.from
+  if isdomain(from) then from = from.name end
+  if type(from) ~= "string" then error("remus.restore: 'from' (the domain whose checkpoints to restore) is required", 2) end
+  if generation ~= nil and math.type(generation) ~= "integer" then
+    error("bad argument #2 to 'remus.restore' (generation number expected, got " .. type(generation) .. ")", 2)
+  end
+  local copy = {}
+  for k, v in pairs(spec) do copy[k] = v end
+  copy.from = from
+  local info = raw.remus_restore(copy, generation)
+  local d = wrap(info)
+  return d, info
+end
 remus.generations = function(d) return raw.generations(name_of(d, "remus.generations")) end
 
 -- Policy primitives ---------------------------------------------------------------------
@@ -230,13 +246,13 @@ local function check_field(spec, k, v)
     local known = {}
     for name in pairs(policy_fields) do known[#known + 1] = name end
     table.sort(known)
-    error("colo.policy: unknown field '" .. tostring(k) .. "' (known: " .. table.concat(known, ", ") .. ")", 4)
+    error("colo.policy: unknown field '" .. tostring(k) .. "' (known: " .. table.concat(known, ", ") .. ")", 3)
   end
   local ok
   if want == "domain" then ok = isdomain(v)
   elseif want == "duration" then ok = type(v) == "number" or type(v) == "string"
   else ok = type(v) == want end
-  if not ok then error("colo.policy: field '" .. k .. "' must be a " .. want .. ", got " .. type(v), 4) end
+  if not ok then error("colo.policy: field '" .. k .. "' must be a " .. want .. ", got " .. type(v), 3) end
 end
 colo.policy = function(spec)
   if type(spec) ~= "table" then error("bad argument #1 to 'colo.policy' (table expected, got " .. type(spec) .. ")", 2) end

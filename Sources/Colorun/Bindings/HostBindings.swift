@@ -1,4 +1,7 @@
 import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
 import LuaRuntime
 import NIOCore
 import QMP
@@ -174,6 +177,9 @@ extension PolicySession {
                     }
                 }
             },
+            "remus_restore": .async { [unowned self] call, completion in
+                try restoreStandby(spec: try call.json(1), generation: call.isNil(2) ? nil : Int(try call.integer(2)), completion: completion)
+            },
             "generations": .sync { [unowned self] call in
                 let series = try call.string(1)
                 let list = (try? stores[series]?.generations()) ?? []
@@ -241,6 +247,64 @@ extension PolicySession {
         }
         stores[series] = store
         return store
+    }
+
+    /// `remus.restore(spec, generation)`: starts a standby QEMU reading a Remus generation
+    /// of `spec.from`, waits for the load, resumes it and returns it as a new domain.
+    private func restoreStandby(spec: JSONValue, generation wanted: Int?, completion: LuaCompletion) throws {
+        guard !stopping else { throw LuaHostError.message("the run is stopping: no standby is restored") }
+        guard let name = spec["name"]?.stringValue, DomainSpec.isValidName(name) else {
+            throw LuaHostError.message("remus.restore: 'name' must be a domain name (letters, digits, '-', '_', '.')")
+        }
+        guard domains[name] == nil else { throw LuaHostError.message("remus.restore: a domain named '\(name)' already exists") }
+        guard let series = spec["from"]?.stringValue else { throw LuaHostError.message("remus.restore: 'from' is required") }
+        let store = try store(series: series, fileExtension: "vmstate", keep: stores[series]?.keep ?? options.keepGenerations)
+        let generations = (try? store.generations()) ?? []
+        guard let generation = wanted.map({ n in generations.first { $0.number == n } }) ?? generations.last else {
+            let have = generations.map { String($0.number) }.joined(separator: ", ")
+            throw LuaHostError.structured(
+                ["class": "NoCheckpoint", "desc": .string("no generation \(wanted.map(String.init) ?? "at all") of \(series) (have: \(have.isEmpty ? "none" : have))"), "step": "restore"],
+                message: "remus.restore: no good checkpoint of \(series)\(wanted.map { " numbered \($0)" } ?? "") (have: \(have.isEmpty ? "none" : have))")
+        }
+        do {
+            _ = try GenerationStore.validate(path: generation.path, magic: CheckpointEngine.stateMagic)
+        } catch {
+            throw LuaHostError.structured(["class": "TornCheckpoint", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
+        }
+        guard !generation.path.contains("'") else { throw LuaHostError.message("remus.restore: the state path contains a quote") }
+        let launcher: any StandbyLauncher = spec["lab"]?.boolValue == true ? (labLauncher ?? detachedLauncher) : detachedLauncher
+        let launched = try launcher.launch(name: name, spec: spec, incoming: "exec:cat '\(generation.path)'", stateDirectory: options.stateDirectory)
+        let domain: Domain
+        do {
+            domain = try addDomain(name: name, endpoint: launched.endpoint, options: options.domainOptions)
+        } catch {
+            kill(launched.pid, SIGKILL)
+            throw LuaHostError.message("remus.restore: \(error)")
+        }
+        logger.warning("restoring a standby from a checkpoint", metadata: [
+            "domain": .string(name), "from": .string(series), "generation": .stringConvertible(generation.number), "pid": .stringConvertible(launched.pid),
+        ])
+        let resume = spec["paused"]?.boolValue != true
+        track({ await CheckpointEngine.capture { () async throws(DomainError) in try await CheckpointEngine.bringUpStandby(domain, resume: resume) } }) { [self] result in
+            switch result {
+            case .success(let milliseconds):
+                if !resume { try? domain.adoptPaused() }
+                report.failovers += 1
+                logger.warning("standby running", metadata: ["domain": .string(name), "restore_ms": .stringConvertible(milliseconds)])
+                completion.succeed([.json([
+                    "name": .string(name), "endpoint": .string(launched.endpoint.description),
+                    "generation": .int(Int64(generation.number)), "restore_ms": .double(milliseconds), "pid": .int(Int64(launched.pid)),
+                ])])
+            case .failure(let error):
+                kill(launched.pid, SIGKILL)
+                let stderr = String(decoding: StopJournal.readFile(launched.stderrPath) ?? [], as: UTF8.self)
+                let detail = stderr.split(separator: "\n").suffix(3).joined(separator: " | ")
+                var fields = error.fields
+                fields["step"] = "restore"
+                if !detail.isEmpty { fields["qemu_stderr"] = .string(detail) }
+                completion.fail(LuaHostError.structured(fields, message: "\(error)\(detail.isEmpty ? "" : " (QEMU said: \(detail))")"))
+            }
+        }
     }
 
     private func startCheckpoint(series: String, completion: LuaCompletion,

@@ -95,6 +95,7 @@ public final class GenerationStore: @unchecked Sendable {
         try Self.validate(path: partialPath(number), magic: magic)
     }
 
+    @discardableResult
     public static func validate(path: String, magic: [UInt8]) throws(GenerationStoreError) -> Int {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }

@@ -194,6 +194,19 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         }
     }
 
+    /// Counts a domain that is paused for this run's reasons (a standby restored paused on
+    /// request) as stopped by us, journaled, so the end of the run resumes it.
+    public func adoptPaused() throws(DomainError) {
+        if let journal {
+            do {
+                try journal.willStop(domain: name, endpoint: endpoint.description)
+            } catch {
+                throw DomainError(domain: name, command: "stop", errorClass: "StateDirError", desc: error.description)
+            }
+        }
+        stoppedByUs = true
+    }
+
     private func markResumed() {
         stoppedByUs = false
         journal?.didResume(domain: name)

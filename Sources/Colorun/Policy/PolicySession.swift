@@ -54,6 +54,9 @@ public final class PolicySession: @unchecked Sendable {
     var stopping = false
     /// Extra Lua modules and shutdown work (the lab adds its own).
     var extensions: [any PolicyExtension] = []
+    /// Starts standbys for `remus.restore` specs marked `lab = true` (set by the lab).
+    public var labLauncher: (any StandbyLauncher)?
+    let detachedLauncher = DetachedStandbyLauncher()
 
     /// Creates the runtime and binds colorun's modules. Call on `eventLoop`.
     public init(options: PolicyOptions, eventLoop: any EventLoop, logger: Logger,
@@ -241,11 +244,8 @@ public final class PolicySession: @unchecked Sendable {
         return waitIdle().flatMap { [self] in
             resumeStoppedDomains()
         }.flatMap { [self] in
-            EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
-        }.map { [self] in
-            for domain in domains.values {
-                domain.dropConnection()
-            }
+            for domain in domains.values { domain.dropConnection() }
+            return EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
         }
     }
 
