@@ -6,6 +6,7 @@ import PackageDescription
 //   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
 //   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
 //   QEMULab        real QEMU processes for tests and lab runs (run directory, counting guest)
+//   QMPBench       the `qmp-bench` command: query-status latency through both QMPClient APIs
 //   LuaRuntime     a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator  a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
@@ -17,6 +18,7 @@ let package = Package(
     products: [
         .executable(name: "colorun", targets: ["ColorunCLI"]),
         .executable(name: "qemu-sim", targets: ["QEMUSimCLI"]),
+        .executable(name: "qmp-bench", targets: ["QMPBench"]),
         .library(name: "QMPClient", targets: ["QMPClient"]),
     ],
     dependencies: [
@@ -91,6 +93,16 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "QMPBench",
+            dependencies: [
+                "QMPClient",
+                "QEMULab",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(
