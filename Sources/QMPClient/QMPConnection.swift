@@ -134,13 +134,7 @@ public final class QMPConnection: Sendable {
             .connectTimeout(max(remaining, .milliseconds(1)))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
-                    let handlers: [any ChannelHandler] = [
-                        ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
-                        MessageToByteHandler(QMPJSONLineEncoder(crlf: false)),
-                        QMPChannelHandler(core: core),
-                    ]
-                    try channel.pipeline.syncOperations.addHandlers(handlers)
+                    _ = try configurePipeline(channel, options: options)
                 }
             }
         let connected: EventLoopFuture<any Channel>
@@ -193,6 +187,19 @@ public final class QMPConnection: Sendable {
                 promise.fail(QMPClientError.connectFailed(endpoint: options.endpoint, reason: reason))
             }
         }
+    }
+
+    /// Adds the line codec and the QMP handler to `channel`'s pipeline (on its loop) and
+    /// returns the core that drives the connection.
+    static func configurePipeline(_ channel: any Channel, options: QMPConnectOptions) throws -> QMPConnectionCore {
+        let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
+        let handlers: [any ChannelHandler] = [
+            ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
+            MessageToByteHandler(QMPJSONLineEncoder(crlf: false)),
+            QMPChannelHandler(core: core),
+        ]
+        try channel.pipeline.syncOperations.addHandlers(handlers)
+        return core
     }
 
     private static func connectErrno(_ error: any Error) -> Int32? {
