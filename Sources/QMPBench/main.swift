@@ -7,17 +7,29 @@ import NIOPosix
 import QEMULab
 import QMPClient
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// CPU time (user + system) of this process, all threads, in microseconds.
+func processCPUMicros() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return (usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1_000_000 + Int(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec)
+}
+
 let rounds = CommandLine.arguments.dropFirst().first.flatMap { Int($0) } ?? 1000
 let logger = Logger(label: "qmp-bench")
 let group = MultiThreadedEventLoopGroup.singleton
 
-func summary(_ label: String, _ samples: [Int64]) {
+func summary(_ label: String, _ samples: [Int64], cpuMicros: Int) {
     let sorted = samples.sorted()
     func ms(_ p: Int) -> String {
         let value = Double(sorted[min(sorted.count - 1, sorted.count * p / 100)]) / 1e6
         return String((value * 1000).rounded() / 1000)
     }
-    print("\(label): n=\(sorted.count) p50 \(ms(50)) ms  p90 \(ms(90)) ms  p99 \(ms(99)) ms")
+    let cpu = Double(cpuMicros) / Double(sorted.count)
+    print("\(label): n=\(sorted.count) p50 \(ms(50)) ms  p90 \(ms(90)) ms  p99 \(ms(99)) ms  client CPU \((cpu * 10).rounded() / 10) us/command")
 }
 
 let qemu = try QEMUInstance.start()
@@ -26,6 +38,7 @@ do {
     let loop = connection.eventLoop
 
     for pass in 1...2 {
+        var cpuStart = processCPUMicros()
         let callbackSamples = try await loop.flatSubmit {
             let promise = loop.makePromise(of: [Int64].self)
             var samples: [Int64] = []
@@ -42,7 +55,8 @@ do {
             next()
             return promise.futureResult
         }.get()
-        summary("pass \(pass) callback", callbackSamples)
+        summary("pass \(pass) callback", callbackSamples, cpuMicros: processCPUMicros() - cpuStart)
+        cpuStart = processCPUMicros()
 
         var asyncSamples: [Int64] = []
         asyncSamples.reserveCapacity(rounds)
@@ -51,7 +65,7 @@ do {
             _ = try await connection.execute("query-status")
             asyncSamples.append((NIODeadline.now() - start).nanoseconds)
         }
-        summary("pass \(pass) async   ", asyncSamples)
+        summary("pass \(pass) async   ", asyncSamples, cpuMicros: processCPUMicros() - cpuStart)
     }
     await connection.close()
 } catch {
