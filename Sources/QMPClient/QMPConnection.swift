@@ -22,6 +22,7 @@ import Darwin
 ///
 /// Many commands may be in flight; each gets a unique integer id and its reply is routed by
 /// id. QEMU serves one client per `-qmp` socket: hold one connection per monitor and share it.
+/// The owner must `close()` it: a dropped `QMPConnection` leaves its channel open.
 public final class QMPConnection: Sendable {
     public let endpoint: QMPEndpoint
     /// The server's greeting (QEMU version, capabilities).
@@ -237,7 +238,8 @@ public final class QMPConnection: Sendable {
         }
     }
 
-    /// Sends `command` and waits for its reply (the `return` value).
+    /// Sends `command` and waits for its reply (the `return` value). Task cancellation does
+    /// not abandon the command: it ends with its reply, its timeout or the connection.
     public func execute(
         _ command: String,
         arguments: [String: JSONValue]? = nil,
