@@ -12,6 +12,7 @@ import PackageDescription
 //   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
 //   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
 //   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
+//   QMPBench       the `qmp-bench` command: query-status latency through both QMPClient APIs
 let nio: [Target.Dependency] = [
     .product(name: "NIOCore", package: "swift-nio"),
     .product(name: "NIOPosix", package: "swift-nio"),
@@ -24,6 +25,7 @@ let package = Package(
     products: [
         .executable(name: "colorun", targets: ["ColorunCLI"]),
         .executable(name: "qemu-sim", targets: ["QEMUSimCLI"]),
+        .executable(name: "qmp-bench", targets: ["QMPBench"]),
         .library(name: "QMPClient", targets: ["QMPClient"]),
     ],
     dependencies: [
@@ -68,8 +70,12 @@ let package = Package(
             name: "QEMUSimCLI",
             dependencies: ["QEMUSimulator", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+        .executableTarget(name: "QMPBench", dependencies: ["QMPClient", "QEMULab", logging] + nio),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
-        .testTarget(name: "QMPClientTests", dependencies: ["QMPClient", "QMP", "QEMULab", logging] + nio),
+        .testTarget(
+            name: "QMPClientTests",
+            dependencies: ["QMPClient", "QMP", "QEMULab", logging, .product(name: "NIOEmbedded", package: "swift-nio")] + nio
+        ),
         .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP", "CLua", logging] + nio),
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
         .testTarget(

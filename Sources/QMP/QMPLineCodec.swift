@@ -1,5 +1,13 @@
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Frames QMP's newline-delimited JSON and parses each line into a `JSONValue`.
 ///
 /// Lines may end in LF or CRLF (QEMU sends CRLF). Blank lines are skipped. A line longer
@@ -33,13 +41,21 @@ public struct QMPJSONLineDecoder: ByteToMessageDecoder {
     /// `buffer` holds no complete line yet.
     public mutating func nextValue(from buffer: inout ByteBuffer) throws(QMPProtocolError) -> JSONValue? {
         while true {
-            let view = buffer.readableBytesView
-            guard let newline = view.dropFirst(scanned).firstIndex(of: UInt8(ascii: "\n")) else {
-                scanned = view.count
+            // memchr over the bytes not yet scanned: a long line arriving in many reads is
+            // scanned once, at memory speed (a byte-wise walk of ByteBufferView is slow,
+            // dramatically so in debug builds).
+            let scanFrom = scanned
+            let found: Int? = buffer.withUnsafeReadableBytes { raw in
+                guard raw.count > scanFrom, let base = raw.baseAddress,
+                    let hit = memchr(base + scanFrom, 0x0A, raw.count - scanFrom)
+                else { return nil }
+                return base.distance(to: UnsafeRawPointer(hit))
+            }
+            guard let length = found else {
+                scanned = buffer.readableBytes
                 if scanned > maxLineLength { throw .lineTooLong(limit: maxLineLength) }
                 return nil
             }
-            let length = newline - view.startIndex
             scanned = 0
             if length > maxLineLength {
                 throw .lineTooLong(limit: maxLineLength)

@@ -22,6 +22,7 @@ import Darwin
 ///
 /// Many commands may be in flight; each gets a unique integer id and its reply is routed by
 /// id. QEMU serves one client per `-qmp` socket: hold one connection per monitor and share it.
+/// The owner must `close()` it: a dropped `QMPConnection` leaves its channel open.
 public final class QMPConnection: Sendable {
     public let endpoint: QMPEndpoint
     /// The server's greeting (QEMU version, capabilities).
@@ -134,13 +135,7 @@ public final class QMPConnection: Sendable {
             .connectTimeout(max(remaining, .milliseconds(1)))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
-                    let handlers: [any ChannelHandler] = [
-                        ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
-                        MessageToByteHandler(QMPJSONLineEncoder(crlf: false)),
-                        QMPChannelHandler(core: core),
-                    ]
-                    try channel.pipeline.syncOperations.addHandlers(handlers)
+                    _ = try configurePipeline(channel, options: options)
                 }
             }
         let connected: EventLoopFuture<any Channel>
@@ -195,6 +190,19 @@ public final class QMPConnection: Sendable {
         }
     }
 
+    /// Adds the line codec and the QMP handler to `channel`'s pipeline (on its loop) and
+    /// returns the core that drives the connection.
+    static func configurePipeline(_ channel: any Channel, options: QMPConnectOptions) throws -> QMPConnectionCore {
+        let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
+        let handlers: [any ChannelHandler] = [
+            ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
+            MessageToByteHandler(QMPJSONLineEncoder(crlf: false)),
+            QMPChannelHandler(core: core),
+        ]
+        try channel.pipeline.syncOperations.addHandlers(handlers)
+        return core
+    }
+
     private static func connectErrno(_ error: any Error) -> Int32? {
         if let io = error as? IOError { return io.errnoCode }
         if let connection = error as? NIOConnectionError {
@@ -230,7 +238,8 @@ public final class QMPConnection: Sendable {
         }
     }
 
-    /// Sends `command` and waits for its reply (the `return` value).
+    /// Sends `command` and waits for its reply (the `return` value). Task cancellation does
+    /// not abandon the command: it ends with its reply, its timeout or the connection.
     public func execute(
         _ command: String,
         arguments: [String: JSONValue]? = nil,

@@ -171,7 +171,7 @@ final class QMPConnectionCore {
         }
         let id = table.reserveID()
         let after = timeout ?? options.commandTimeout
-        let deadline = NIODeadline.now() + after
+        let deadline = eventLoop.now + after
         table.insert(id: id, command: command, timeout: after, deadline: deadline, token: completion)
         armSweep(for: deadline)
         let json = QMPCommand(name: command, arguments: arguments, id: .int(id)).json
@@ -192,7 +192,7 @@ final class QMPConnectionCore {
         sweepTimer = nil
         sweepDeadline = nil
         guard phase != .closed else { return }
-        for (id, pending) in table.removeExpired(now: .now()) {
+        for (id, pending) in table.removeExpired(now: eventLoop.now) {
             logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)", "id": "\(id)"])
             pending.token(.failure(.timeout(command: pending.command, after: pending.timeout, endpoint: endpoint)))
         }

@@ -18,16 +18,20 @@ final class FakeQMPPeer: Sendable {
     let endpoint: QMPEndpoint
     private let serverChannel: any Channel
     private let path: String?
+    /// The peer's own loop: a peer busy writing megabytes must not stall the clients' loops.
+    private let group: MultiThreadedEventLoopGroup
 
-    private init(endpoint: QMPEndpoint, path: String?, serverChannel: any Channel) {
+    private init(endpoint: QMPEndpoint, path: String?, serverChannel: any Channel, group: MultiThreadedEventLoopGroup) {
         self.path = path
         self.endpoint = endpoint
         self.serverChannel = serverChannel
+        self.group = group
     }
 
     /// Listens on a fresh UNIX socket, or with `tcp` on 127.0.0.1 at a port the system picks.
     static func start(tcp: Bool = false, respond: @escaping @Sendable (JSONValue) -> [String]) async throws -> FakeQMPPeer {
-        let bootstrap = ServerBootstrap(group: testGroup)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let bootstrap = ServerBootstrap(group: group)
             .childChannelInitializer { child in
                 child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.addHandlers([
@@ -39,16 +43,17 @@ final class FakeQMPPeer: Sendable {
         if tcp {
             let channel = try await bootstrap.bind(host: "127.0.0.1", port: 0).get()
             let port = try #require(channel.localAddress?.port)
-            return FakeQMPPeer(endpoint: .tcp(host: "127.0.0.1", port: port), path: nil, serverChannel: channel)
+            return FakeQMPPeer(endpoint: .tcp(host: "127.0.0.1", port: port), path: nil, serverChannel: channel, group: group)
         }
         let path = "/tmp/colorun-fake-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         let channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
-        return FakeQMPPeer(endpoint: .unix(path: path), path: path, serverChannel: channel)
+        return FakeQMPPeer(endpoint: .unix(path: path), path: path, serverChannel: channel, group: group)
     }
 
     func stop() async {
         try? await serverChannel.close()
         if let path { unlink(path) }
+        try? await group.shutdownGracefully()
     }
 }
 
@@ -131,9 +136,8 @@ private final class FakePeerHandler: ChannelInboundHandler {
     }
 
     @Test func oversizedLineClosesTheConnection() async throws {
-        let peer = try await FakeQMPPeer.start { _ in
-            [String(repeating: "x", count: QMPJSONLineDecoder.defaultMaxLineLength + 1024)]
-        }
+        let huge = String(decoding: [UInt8](repeating: UInt8(ascii: "x"), count: QMPJSONLineDecoder.defaultMaxLineLength + 1024), as: UTF8.self)
+        let peer = try await FakeQMPPeer.start { _ in [huge] }
         let connection = try await connect(peer)
         let error = await qmpError { _ = try await connection.execute("big") }
         #expect(error == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength), command: "big", endpoint: peer.endpoint))

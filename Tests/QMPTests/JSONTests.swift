@@ -55,6 +55,22 @@ import NIOCore
         #expect(throws: QMPProtocolError.lineTooLong(limit: 16)) { try decoder.nextValue(from: &buffer) }
     }
 
+    @Test func scansEachByteOnceAcrossReads() throws {
+        var decoder = QMPJSONLineDecoder(maxLineLength: 64)
+        var buffer = ByteBuffer()
+        let line = #"{"return": {"status": "running"}, "id": 7}"#
+        for chunk in line.utf8.map({ [$0] }) {
+            buffer.writeBytes(chunk)
+            #expect(try decoder.nextValue(from: &buffer) == nil)
+        }
+        buffer.writeString("\r\n \r\n{\"return\": 1}\n{\"ret")
+        #expect(try decoder.nextValue(from: &buffer)?["id"] == 7)
+        #expect(try decoder.nextValue(from: &buffer) == ["return": 1])
+        #expect(try decoder.nextValue(from: &buffer) == nil)
+        buffer.writeString(String(repeating: " ", count: 60))
+        #expect(throws: QMPProtocolError.lineTooLong(limit: 64)) { try decoder.nextValue(from: &buffer) }
+    }
+
     @Test func rejectsJunk() {
         var decoder = QMPJSONLineDecoder()
         var buffer = ByteBuffer(string: "junk\n")

@@ -1,0 +1,103 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import QMP
+@testable import QMPClient
+import Testing
+
+/// The connection core driven through an `EmbeddedChannel`: no sockets, virtual time.
+@Suite struct EmbeddedCoreTests {
+    let endpoint = QMPEndpoint.unix(path: "/embedded/qmp.sock")
+
+    private func makeChannel(enableOOB: Bool = true) throws -> (EmbeddedChannel, QMPConnectionCore) {
+        let channel = EmbeddedChannel()
+        let options = QMPConnectOptions(
+            endpoint: endpoint, connectTimeout: .seconds(1), greetingTimeout: .seconds(3), commandTimeout: .seconds(30),
+            enableOOB: enableOOB, maxLineLength: 1024, logger: LogCapture().logger)
+        let core = try QMPConnection.configurePipeline(channel, options: options)
+        try channel.connect(to: SocketAddress(unixDomainSocketPath: "/embedded/qmp.sock")).wait()
+        return (channel, core)
+    }
+
+    private func outbound(_ channel: EmbeddedChannel) throws -> String? {
+        try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) }
+    }
+
+    private func inbound(_ channel: EmbeddedChannel, _ line: String) throws {
+        try channel.writeInbound(ByteBuffer(string: line + "\r\n"))
+    }
+
+    private func negotiate(_ channel: EmbeddedChannel, _ core: QMPConnectionCore) throws {
+        try inbound(channel, #"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#)
+        #expect(try outbound(channel) == #"{"arguments":{"enable":["oob"]},"execute":"qmp_capabilities","id":1}"# + "\n")
+        try inbound(channel, #"{"return": {}, "id": 1}"#)
+        #expect(try core.readyPromise.futureResult.wait().qemuVersion == "7.2.22")
+        #expect(core.outOfBandEnabled)
+    }
+
+    @Test func handshakeWritesAndTimeouts() throws {
+        let (channel, core) = try makeChannel()
+        try negotiate(channel, core)
+
+        var results: [String: Result<JSONValue, QMPClientError>] = [:]
+        core.send("stop", arguments: nil, timeout: .milliseconds(100)) { results["stop"] = $0 }
+        core.send("query-status", arguments: nil, timeout: .milliseconds(300)) { results["query-status"] = $0 }
+        core.send("human-monitor-command", arguments: ["command-line": "info version"], timeout: nil) { results["hmp"] = $0 }
+        #expect(try outbound(channel) == #"{"execute":"stop","id":2}"# + "\n")
+        #expect(try outbound(channel) == #"{"execute":"query-status","id":3}"# + "\n")
+        #expect(try outbound(channel) == #"{"arguments":{"command-line":"info version"},"execute":"human-monitor-command","id":4}"# + "\n")
+
+        // Replies out of order, routed by id; events on the way do not disturb them.
+        try inbound(channel, #"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
+        try inbound(channel, #"{"return": "7.2.22\r\n", "id": 4}"#)
+        #expect(try results["hmp"]?.get() == "7.2.22\r\n")
+        #expect(results["stop"] == nil)
+
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(99))
+        #expect(results["stop"] == nil)
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+        #expect(results["stop"] == .failure(.timeout(command: "stop", after: .milliseconds(100), endpoint: endpoint)))
+        #expect(results["query-status"] == nil)
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(200))
+        #expect(results["query-status"] == .failure(.timeout(command: "query-status", after: .milliseconds(300), endpoint: endpoint)))
+        #expect(core.pendingCount == 0)
+
+        // A late reply to a timed-out command is dropped; the connection stays usable.
+        try inbound(channel, #"{"return": {}, "id": 2}"#)
+        #expect(core.phase == .ready)
+        _ = try channel.finish(acceptAlreadyClosed: true)
+    }
+
+    @Test func endOfFileFailsEverythingPendingAtOnce() throws {
+        let (channel, core) = try makeChannel()
+        try negotiate(channel, core)
+        var failures: [QMPClientError] = []
+        for name in ["a", "b", "c"] {
+            core.send(name, arguments: nil, timeout: nil) { if case .failure(let e) = $0 { failures.append(e) } }
+        }
+        channel.pipeline.fireChannelInactive()
+        #expect(failures.map(\.command) == ["a", "b", "c"])
+        #expect(failures.allSatisfy { if case .disconnected(_, .endOfFile, _) = $0 { true } else { false } })
+        #expect(try core.closePromise.futureResult.wait() == .endOfFile)
+        _ = try? channel.finish(acceptAlreadyClosed: true)
+    }
+
+    @Test func replyBeforeGreetingIsAProtocolError() throws {
+        let (channel, core) = try makeChannel()
+        try inbound(channel, #"{"return": {}, "id": 1}"#)
+        #expect(throws: QMPClientError.self) { try core.readyPromise.futureResult.wait() }
+        guard case .protocolError(.unexpectedMessage) = try core.closePromise.futureResult.wait() else {
+            Issue.record("expected a protocol error as the close reason")
+            return
+        }
+    }
+
+    @Test func greetingTimeoutInVirtualTime() throws {
+        let (channel, core) = try makeChannel()
+        channel.embeddedEventLoop.advanceTime(by: .seconds(3))
+        #expect(throws: QMPClientError.greetingTimeout(endpoint: endpoint, after: .seconds(3))) {
+            try core.readyPromise.futureResult.wait()
+        }
+        #expect(try core.closePromise.futureResult.wait() == .closedByClient)
+    }
+}
