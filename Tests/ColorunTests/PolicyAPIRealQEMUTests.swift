@@ -80,7 +80,7 @@ import Glibc
                 "record_failover": { FailoverClock.shared.done() },
             ], lab: lab)
         #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.report.checkpoints >= 3)
+        #expect(run.report.checkpoints >= 1)
         #expect(run.report.failovers == 1)
         let elapsed = try #require(FailoverClock.shared.elapsed)
         #expect(elapsed < .seconds(1), "standby running \(elapsed) after the kill")

@@ -235,35 +235,10 @@ for _, level in ipairs({ "debug", "info", "warn", "error" }) do
 end
 
 -- The declarative form: return colo.policy{ primary=, secondary=, interval=, ... }
-local policy_fields = {
-  primary = "domain", secondary = "domain", interval = "duration", mode = "string", keep = "number",
-  retry = "table", on_failover = "function", on_checkpoint = "function", on_checkpoint_error = "function",
-  heartbeat = "duration", heartbeat_timeout = "duration",
-}
-local function check_field(spec, k, v)
-  local want = policy_fields[k]
-  if want == nil then
-    local known = {}
-    for name in pairs(policy_fields) do known[#known + 1] = name end
-    table.sort(known)
-    error("colo.policy: unknown field '" .. tostring(k) .. "' (known: " .. table.concat(known, ", ") .. ")", 3)
-  end
-  local ok
-  if want == "domain" then ok = isdomain(v)
-  elseif want == "duration" then ok = type(v) == "number" or type(v) == "string"
-  else ok = type(v) == want end
-  if not ok then error("colo.policy: field '" .. k .. "' must be a " .. want .. ", got " .. type(v), 3) end
-end
-colo.policy = function(spec)
-  if type(spec) ~= "table" then error("bad argument #1 to 'colo.policy' (table expected, got " .. type(spec) .. ")", 2) end
-  for k, v in pairs(spec) do check_field(spec, k, v) end
-  for _, k in ipairs({ "primary", "secondary", "interval" }) do
-    if spec[k] == nil then error("colo.policy: field '" .. k .. "' is required", 2) end
-  end
+-- colo.policy itself is a host function (it checks every field and names the policy line,
+-- even from `return colo.policy{...}`, a tail call); it then runs this in a task of its own.
+raw.set_declarative(function(spec)
   local mode = spec.mode or "xen"
-  if mode ~= "xen" and mode ~= "remus" then error("colo.policy: mode must be \"xen\" or \"remus\", got \"" .. mode .. "\"", 2) end
-  if spec.retry ~= nil then check_retry(spec.retry, 3) end
-  raw.seconds(spec.interval)
   local p, s = spec.primary, spec.secondary
   local ticker, watch
   local function checkpoint()
@@ -291,6 +266,6 @@ colo.policy = function(spec)
     end
     policy.stop()
   end, { heartbeat = spec.heartbeat, timeout = spec.heartbeat_timeout })
-  return { ticker = ticker, watch = watch, primary = p, secondary = s, mode = mode }
-end
+end)
+colo.policy = raw.colo_policy
 """#

@@ -185,6 +185,14 @@ extension PolicySession {
                 let list = (try? stores[series]?.generations()) ?? []
                 call.push(json: .array(list.map { ["generation": .int(Int64($0.number)), "path": .string($0.path), "bytes": .int(Int64($0.bytes))] }))
             },
+            "set_declarative": .sync { [unowned self] call in declarative = try call.function(1) },
+            "colo_policy": .sync { [unowned self] call in
+                try DeclarativePolicy.validate(call)
+                guard let declarative else { throw LuaHostError.message("colo.policy is not available") }
+                let spec = call.ref(1)
+                try runtime.spawn(declarative, arguments: [.ref(spec)], name: "colo.policy \(call.callerPosition)")
+                call.push(.ref(spec))
+            },
             "count_failover": .sync { [unowned self] _ in report.failovers += 1 },
 
             // Timers and the run

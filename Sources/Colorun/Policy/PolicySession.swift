@@ -51,6 +51,8 @@ public final class PolicySession: @unchecked Sendable {
     var handles: [Int: any PolicyHandle] = [:]
     var nextHandleID = 1
     var tunedForRemus: Set<String> = []
+    /// The Lua half of `colo.policy` (set by the prelude).
+    var declarative: LuaRef?
     var stopping = false
     /// Extra Lua modules and shutdown work (the lab adds its own).
     var extensions: [any PolicyExtension] = []
