@@ -30,7 +30,9 @@ extension LuaRuntimeSuite {
         let elapsed = ContinuousClock.now - start
         #expect(r.finished, "\(r.outcome)")
         #expect(r.printed == ["1000"])
-        #expect(elapsed < .seconds(5), "took \(elapsed)")
+        // Serial sleeping would take 100 s; a loaded 2-core CI machine running the whole suite in a
+        // debug build needs several seconds for the 100,000 timers.
+        #expect(elapsed < .seconds(20), "took \(elapsed)")
     }
 
     @Test func busyTaskDoesNotDelayTimersAndIsKilled() async throws {
