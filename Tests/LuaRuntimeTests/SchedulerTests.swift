@@ -69,6 +69,34 @@ extension LuaRuntimeSuite {
         #expect(ContinuousClock.now - start < .seconds(2))
     }
 
+    @Test func hostileErrorObjectCannotHangTheRunner() async throws {
+        var options = LuaRuntimeOptions()
+        options.timeLimit = .milliseconds(200)
+        let start = ContinuousClock.now
+        let r = try await runPolicy("""
+            error(setmetatable({}, {__tostring = function() while true do end end}))
+            """, options: options)
+        let f = try #require(r.failure)
+        #expect(f.message == "(error object is a table value)", "\(f.message)")
+        #expect(ContinuousClock.now - start < .seconds(2))
+    }
+
+    @Test func memoryErrorCanBeCaughtAndTheTaskGoesOn() async throws {
+        var options = LuaRuntimeOptions()
+        options.memoryLimit = 16 << 20
+        let r = try await runPolicy("""
+            local ok, e = pcall(function()
+              local t = {}
+              for i = 1, 1e9 do t[i] = string.rep("y", 64) .. i end
+            end)
+            print(ok, e)
+            sleep(0)
+            print(#string.rep("z", 1000))
+            """, options: options)
+        #expect(r.finished, "\(r.outcome)")
+        #expect(r.printed == ["false\tnot enough memory", "1000"])
+    }
+
     @Test func memoryBombFailsOnlyItsTask() async throws {
         var options = LuaRuntimeOptions()
         options.memoryLimit = 16 << 20
@@ -119,12 +147,20 @@ extension LuaRuntimeSuite {
             print(coroutine.resume(co, 1))
             print(coroutine.resume(co, 10))
             print(coroutine.status(co))
+            -- a host call inside a coroutine resumed from a sort comparator: a clear error
+            local ok, e = pcall(table.sort, {2, 1}, function(a, b)
+              return coroutine.wrap(function() sleep(0) return a < b end)()
+            end)
+            print(ok, e)
+            sleep(0)
             -- a busy loop inside a user coroutine is still preempted
             local busy = coroutine.wrap(function() local n = 0 for i = 1, 200000 do n = n + i end return n end)
             print(busy())
             """)
         #expect(r.finished, "\(r.outcome)")
-        #expect(r.printed == ["1\t2\t3\tend", "true\t2", "true\t20", "dead", "20000100000"])
+        #expect(r.printed == ["1\t2\t3\tend", "true\t2", "true\t20", "dead",
+            "false\tpolicy.lua:19: a host call cannot wait here: its coroutine was resumed from code that cannot yield (a table.sort comparator, a string.gsub callback, a metamethod called from C)",
+            "20000100000"])
     }
 
     @Test func taskAllErrorSemantics() async throws {
