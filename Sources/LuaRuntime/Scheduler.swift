@@ -327,6 +327,7 @@ extension LuaRuntime {
     /// under pcall with the time limit armed, so it can neither raise through us nor hang.
     func describeError(at idx: Int32) -> String {
         let c = ctx
+        let savedDeadline = c.pointee.deadline_ns
         c.pointee.deadline_ns = clua_monotonic_ns() + options.timeLimit.nanoseconds
         var len = 0
         let p = clua_safe_tostring(L, idx, &len)
@@ -336,7 +337,7 @@ extension LuaRuntime {
             c.pointee.killed = 0
             clua_sethook(L)  // the hook switched the main thread to every instruction
         }
-        c.pointee.deadline_ns = 0
+        c.pointee.deadline_ns = savedDeadline
         return message
     }
 
