@@ -237,6 +237,33 @@ extension LuaRuntimeSuite {
         #expect(try await loop.submit { rt.liveTaskCount }.get() == 0)
     }
 
+    @Test func lateCompletionAfterStopIsIgnored() async throws {
+        let dir = try makePolicyDir(["policy.lua": "print('before')\nwait_forever()\nprint('after')\n"])
+        let loop = testGroup.next()
+        final class Saved: @unchecked Sendable { var completion: LuaCompletion?; var cancelled = false }
+        let saved = Saved()
+        let sink = LogSink()
+        let rt = try await loop.submit {
+            let rt = try LuaRuntime(eventLoop: loop, logger: sink.logger())
+            try rt.registerGlobal("wait_forever", .async { _, completion in
+                saved.completion = completion
+                completion.onCancel { saved.cancelled = true }
+            })
+            return rt
+        }.get()
+        let future = rt.start(policyAt: dir + "/policy.lua")
+        try await Task.sleep(for: .milliseconds(20))
+        rt.stop()
+        guard case .stopped = try await future.get() else { Issue.record("not stopped"); return }
+        try await loop.submit {
+            #expect(saved.cancelled)
+            #expect(saved.completion?.isCancelled == true)
+            saved.completion?.succeed([.integer(1)])  // ignored
+        }.get()
+        try await loop.submit {}.get()
+        #expect(sink.all == ["info: before"])
+    }
+
     @Test func swiftSpawnsCallbacksFromRefs() async throws {
         let dir = try makePolicyDir(["policy.lua": """
             callbacks = {}
