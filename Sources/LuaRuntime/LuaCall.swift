@@ -47,7 +47,8 @@ public struct LuaCall {
         .message("bad argument #\(i) to '\(function.name)' (\(message))")
     }
 
-    func typeError(_ i: Int, _ expected: String) -> LuaHostError {
+    /// A type error: "bad argument #i to 'name' (expected expected, got actual)".
+    public func typeError(_ i: Int, _ expected: String) -> LuaHostError {
         argumentError(i, "\(expected) expected, got \(type(i).name)")
     }
 
