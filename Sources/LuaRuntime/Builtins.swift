@@ -97,6 +97,18 @@ extension LuaRuntime {
                 completion.onCancel { scheduled.cancel() }
             }),
             ("yield", "task.yield", .async { _, completion in completion.succeed() }),
+            ("abandon", "coroutine.resume", .sync { call in
+                let rt = call.runtime
+                let c = rt.ctx
+                if c.pointee.killed != 0 {
+                    throw LuaHostError.message("time limit exceeded")
+                }
+                c.pointee.forced_yield = 0
+                if let task = rt.currentTask, task.waiting {
+                    rt.abandonRequest(task)
+                    throw LuaHostError.message("a host call cannot wait here: its coroutine was resumed from code that cannot yield (a table.sort comparator, a string.gsub callback, a metamethod called from C)")
+                }
+            }),
             ("current", "task.current", .sync { call in
                 if let t = call.runtime.currentTask { call.push(object: t) } else { call.push(.nil) }
             }),

@@ -47,7 +47,8 @@ public struct LuaCall {
         .message("bad argument #\(i) to '\(function.name)' (\(message))")
     }
 
-    func typeError(_ i: Int, _ expected: String) -> LuaHostError {
+    /// A type error: "bad argument #i to 'name' (expected expected, got actual)".
+    public func typeError(_ i: Int, _ expected: String) -> LuaHostError {
         argumentError(i, "\(expected) expected, got \(type(i).name)")
     }
 
@@ -139,21 +140,7 @@ public struct LuaCall {
     /// The value of argument `i` in Swift form: scalars as such, tables as `.json`, Swift
     /// objects as `.object`, functions and anything else as `.ref`.
     public func value(_ i: Int) throws -> LuaValue {
-        switch type(i) {
-        case .none, .nil: return .nil
-        case .boolean: return .bool(boolean(i))
-        case .number:
-            return lua_isinteger(state, Int32(i)) != 0 ? .integer(Int64(clua_tointeger(state, Int32(i)))) : .number(clua_tonumber(state, Int32(i)))
-        case .string: return .string(try string(i))
-        case .table:
-            if runtime.isNull(state, Int32(i)) { return .json(.null) }
-            return .json(try json(i))
-        case .userdata:
-            if let p = clua_toobject(state, Int32(i)) { return .object(Unmanaged<AnyObject>.fromOpaque(p).takeUnretainedValue()) }
-            return .ref(ref(i))
-        default:
-            return .ref(ref(i))
-        }
+        try runtime.readValue(state, Int32(i))
     }
 
     // MARK: results
@@ -222,19 +209,21 @@ final class HostFunctionBox {
 /// The single entry point from C into Swift host functions. It never raises: an error is
 /// pushed and reported with CLUA_RAISE, and the C trampoline raises it after we return.
 let luaDispatch: @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?) -> Int32 = { L, box in
-    let fn = Unmanaged<HostFunctionBox>.fromOpaque(box!).takeUnretainedValue()
-    let L = L!
-    var call = LuaCall(state: L, runtime: fn.runtime, function: fn, argumentCount: Int(lua_gettop(L)))
-    if let body = fn.sync {
-        do {
-            try body(&call)
-            return call.resultCount
-        } catch {
-            fn.runtime.pushError(LuaHostError(error), on: L, positionFrom: L)
-            return CLUA_RAISE
+    // The box is kept alive by the state owner: borrow it without retain/release.
+    Unmanaged<HostFunctionBox>.fromOpaque(box!)._withUnsafeGuaranteedRef { fn in
+        let L = L!
+        var call = LuaCall(state: L, runtime: fn.runtime, function: fn, argumentCount: Int(lua_gettop(L)))
+        if let body = fn.sync {
+            do {
+                try body(&call)
+                return call.resultCount
+            } catch {
+                fn.runtime.pushError(LuaHostError(error), on: L, positionFrom: L)
+                return CLUA_RAISE
+            }
         }
+        return fn.runtime.startAsync(&call, fn.async!)
     }
-    return fn.runtime.startAsync(&call, fn.async!)
 }
 
 let luaRelease: @convention(c) (UnsafeMutableRawPointer?) -> Void = { p in

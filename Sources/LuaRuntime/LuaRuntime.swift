@@ -259,6 +259,67 @@ public final class LuaRuntime: @unchecked Sendable {
         return LuaRef(owner: owner, ref: r, type: t)
     }
 
+    /// The value at `idx` in Swift form: scalars as such, tables as `.json`, Swift objects as
+    /// `.object`, functions and anything else as `.ref`.
+    func readValue(_ S: OpaquePointer, _ idx: Int32) throws -> LuaValue {
+        switch lua_type(S, idx) {
+        case LUA_TNONE, LUA_TNIL: return .nil
+        case LUA_TBOOLEAN: return .bool(lua_toboolean(S, idx) != 0)
+        case LUA_TNUMBER:
+            return lua_isinteger(S, idx) != 0 ? .integer(Int64(clua_tointeger(S, idx))) : .number(clua_tonumber(S, idx))
+        case LUA_TSTRING: return .string(String(lua: S, at: idx) ?? "")
+        case LUA_TTABLE: return .json(try toJSON(S, idx, depth: 0))
+        case LUA_TUSERDATA:
+            if let p = clua_toobject(S, idx) { return .object(Unmanaged<AnyObject>.fromOpaque(p).takeUnretainedValue()) }
+            return .ref(makeRef(S, idx))
+        default:
+            return .ref(makeRef(S, idx))
+        }
+    }
+
+    /// The policy global `name` (raw lookup), anchored; nil if unset.
+    public func global(_ name: String) -> LuaRef? {
+        assertOnLoop()
+        _ = clua_getregistryfield(L, "colorun.env")
+        defer { clua_pop(L, 2) }
+        guard clua_rawgetfield(L, -1, name) != LUA_TNIL else { return nil }
+        return makeRef(L, -1)
+    }
+
+    /// Calls a Lua function synchronously, outside any task, under `pcall`, with the memory
+    /// cap and the time limit: for short pure callbacks (filters, formatters). It cannot wait
+    /// on host operations (they raise); use `spawn` for anything that may. Lua errors are
+    /// thrown as `LuaTaskFailure` (task "call").
+    public func call(_ function: LuaRef, arguments: [LuaValue] = []) throws -> [LuaValue] {
+        assertOnLoop()
+        guard runState != .ended else { throw LuaHostError.message("the run has ended") }
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        _ = lua_checkstack(L, Int32(arguments.count) + 4)
+        function.push(L)
+        for a in arguments { push(a, on: L) }
+        let c = ctx
+        let savedDeadline = c.pointee.deadline_ns
+        c.pointee.deadline_ns = clua_monotonic_ns() + options.timeLimit.nanoseconds
+        let status = clua_pcall_enforced(L, Int32(arguments.count), LUA_MULTRET)
+        let killed = c.pointee.killed != 0
+        if killed {
+            c.pointee.killed = 0
+            clua_sethook(L)
+        }
+        c.pointee.deadline_ns = savedDeadline
+        guard status == LUA_OK else {
+            let message = killed ? "time limit exceeded" : describeError(at: -1)
+            throw LuaTaskFailure(task: "call", message: message, traceback: "")
+        }
+        var results: [LuaValue] = []
+        let n = lua_gettop(L)
+        if n > top {
+            for i in (top + 1)...n { results.append(try readValue(L, i)) }
+        }
+        return results
+    }
+
     func isNull(_ S: OpaquePointer, _ idx: Int32) -> Bool {
         lua_topointer(S, idx) == nullPointer
     }

@@ -53,6 +53,8 @@ public struct LuaHostError: Error, Sendable, CustomStringConvertible {
     init(_ error: any Error) {
         if let e = error as? LuaHostError {
             self = e
+        } else if let f = error as? LuaTaskFailure {
+            self.init(message: f.message, addsPosition: false)  // already positioned
         } else {
             self.init(message: String(describing: error))
         }

@@ -29,8 +29,15 @@ exports.make_async = make_async
 
 -- The coroutine library, wrapped so that a host call (or a forced yield) inside a user
 -- coroutine passes through the user's resume up to the scheduler.
+local co_isyieldable, abandon = coroutine.isyieldable, H.abandon
 local function pass(co, ok, ...)
   if ok and co_status(co) == "suspended" and forced() then
+    if not co_isyieldable() then
+      -- cannot pass the yield up: raises for a host call or a kill, else (a forced yield)
+      -- just continues the coroutine
+      abandon()
+      return pass(co, co_resume(co))
+    end
     return pass(co, co_resume(co, co_yield(...)))
   end
   return ok, ...

@@ -137,14 +137,22 @@ extension LuaRuntime {
         do {
             try body(&call, completion)
         } catch {
-            task.waiting = false
-            task.token &+= 1
-            task.cancelHandlers.removeAll()
-            ctx.pointee.pending = 0
+            abandonRequest(task)
             pushError(LuaHostError(error), on: S, positionFrom: S)
             return CLUA_RAISE
         }
         return 0
+    }
+
+    /// Drops the outstanding host request of a running task (its completion is ignored).
+    func abandonRequest(_ task: LuaTask) {
+        task.waiting = false
+        task.token &+= 1
+        task.pendingResult = nil
+        ctx.pointee.pending = 0
+        let handlers = task.cancelHandlers
+        task.cancelHandlers = []
+        for h in handlers { h() }
     }
 
     func deliver(_ result: Result<[LuaValue], LuaHostError>, to task: LuaTask, token: UInt64) {
@@ -308,14 +316,29 @@ extension LuaRuntime {
             finish(task, .success)
         default:
             lua_xmove(co, L, 1)
-            var len = 0
-            let p = clua_safe_tostring(L, -1, &len)
-            let message = p.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: len), as: UTF8.self) } ?? "?"
-            clua_pop(L, 1)
+            let message = describeError(at: -1)
             if task.keepResults { task.resultRef = makeRef(L, -1) }
             clua_pop(L, 1)
             fail(task, message: message, co: co, errorRefSet: true)
         }
+    }
+
+    /// tostring() of the error value at `idx` of the main thread; a user `__tostring` runs
+    /// under pcall with the time limit armed, so it can neither raise through us nor hang.
+    func describeError(at idx: Int32) -> String {
+        let c = ctx
+        let savedDeadline = c.pointee.deadline_ns
+        c.pointee.deadline_ns = clua_monotonic_ns() + options.timeLimit.nanoseconds
+        var len = 0
+        let p = clua_safe_tostring(L, idx, &len)
+        let message = p.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: len), as: UTF8.self) } ?? "?"
+        clua_pop(L, 1)
+        if c.pointee.killed != 0 {
+            c.pointee.killed = 0
+            clua_sethook(L)  // the hook switched the main thread to every instruction
+        }
+        c.pointee.deadline_ns = savedDeadline
+        return message
     }
 
     func traceback(of co: OpaquePointer) -> String {

@@ -156,6 +156,26 @@ extension LuaRuntimeSuite {
         #expect(f.message.hasSuffix("policy.lua:7: db: stop: GenericError: Cannot stop"), "\(f.message)")
     }
 
+    @Test func swiftCallsLuaFunctions() async throws {
+        let r = try await runPolicy("""
+            function double(x) return x * 2, "ok", {1, 2} end
+            print(apply(double, 21))
+            print(pcall(apply, function() error("inner") end, 1))
+            print(pcall(apply, function() sleep(0) end, 1))
+            """, setup: { rt in
+                try rt.registerGlobal("apply", .sync { call in
+                    let fn = try call.function(1)
+                    let results = try call.runtime.call(fn, arguments: [try call.value(2)])
+                    for v in results { call.push(v) }
+                })
+            })
+        #expect(r.finished, "\(r.outcome)")
+        try #require(r.printed.count == 3, "\(r.printed)")
+        #expect(r.printed[0].hasPrefix("42\tok\tjson.array: "))
+        #expect(r.printed[1] == "false\tpolicy.lua:3: inner")
+        #expect(r.printed[2].hasPrefix("false\tpolicy.lua:4: sleep cannot wait here"))
+    }
+
     @Test func sandbox() async throws {
         let r = try await runPolicy("""
             local function try(f) local ok, e = pcall(f) return e end
@@ -250,12 +270,17 @@ extension LuaRuntimeSuite {
         let r = try await runPolicy("""
             local N = 1000000
             local abs, nop = math.abs, nop
-            local t0 = now()
-            for i = 1, N do abs(i) end
-            local t1 = now()
-            for i = 1, N do nop(i) end
-            local t2 = now()
-            print(string.format("%.1f %.1f", (t1 - t0) / N * 1e9, (t2 - t1) / N * 1e9))
+            local bestC, bestSwift = math.huge, math.huge
+            for round = 1, 5 do
+              local t0 = now()
+              for i = 1, N do abs(i) end
+              local t1 = now()
+              for i = 1, N do nop(i) end
+              local t2 = now()
+              bestC = math.min(bestC, t1 - t0)
+              bestSwift = math.min(bestSwift, t2 - t1)
+            end
+            print(string.format("%.1f %.1f", bestC / N * 1e9, bestSwift / N * 1e9))
             """, setup: { rt in
                 try addClock(rt)
                 try rt.registerGlobal("nop", .sync { _ in })

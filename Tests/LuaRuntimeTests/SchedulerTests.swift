@@ -71,6 +71,34 @@ extension LuaRuntimeSuite {
         #expect(ContinuousClock.now - start < .seconds(2))
     }
 
+    @Test func hostileErrorObjectCannotHangTheRunner() async throws {
+        var options = LuaRuntimeOptions()
+        options.timeLimit = .milliseconds(200)
+        let start = ContinuousClock.now
+        let r = try await runPolicy("""
+            error(setmetatable({}, {__tostring = function() while true do end end}))
+            """, options: options)
+        let f = try #require(r.failure)
+        #expect(f.message == "(error object is a table value)", "\(f.message)")
+        #expect(ContinuousClock.now - start < .seconds(2))
+    }
+
+    @Test func memoryErrorCanBeCaughtAndTheTaskGoesOn() async throws {
+        var options = LuaRuntimeOptions()
+        options.memoryLimit = 16 << 20
+        let r = try await runPolicy("""
+            local ok, e = pcall(function()
+              local t = {}
+              for i = 1, 1e9 do t[i] = string.rep("y", 64) .. i end
+            end)
+            print(ok, e)
+            sleep(0)
+            print(#string.rep("z", 1000))
+            """, options: options)
+        #expect(r.finished, "\(r.outcome)")
+        #expect(r.printed == ["false\tnot enough memory", "1000"])
+    }
+
     @Test func memoryBombFailsOnlyItsTask() async throws {
         var options = LuaRuntimeOptions()
         options.memoryLimit = 16 << 20
@@ -121,12 +149,20 @@ extension LuaRuntimeSuite {
             print(coroutine.resume(co, 1))
             print(coroutine.resume(co, 10))
             print(coroutine.status(co))
+            -- a host call inside a coroutine resumed from a sort comparator: a clear error
+            local ok, e = pcall(table.sort, {2, 1}, function(a, b)
+              return coroutine.wrap(function() sleep(0) return a < b end)()
+            end)
+            print(ok, e)
+            sleep(0)
             -- a busy loop inside a user coroutine is still preempted
             local busy = coroutine.wrap(function() local n = 0 for i = 1, 200000 do n = n + i end return n end)
             print(busy())
             """)
         #expect(r.finished, "\(r.outcome)")
-        #expect(r.printed == ["1\t2\t3\tend", "true\t2", "true\t20", "dead", "20000100000"])
+        #expect(r.printed == ["1\t2\t3\tend", "true\t2", "true\t20", "dead",
+            "false\tpolicy.lua:19: a host call cannot wait here: its coroutine was resumed from code that cannot yield (a table.sort comparator, a string.gsub callback, a metamethod called from C)",
+            "20000100000"])
     }
 
     @Test func taskAllErrorSemantics() async throws {
@@ -201,6 +237,33 @@ extension LuaRuntimeSuite {
         guard case .stopped = outcome else { Issue.record("\(outcome)"); return }
         #expect(hookRan.withLock { $0 })
         #expect(try await loop.submit { rt.liveTaskCount }.get() == 0)
+    }
+
+    @Test func lateCompletionAfterStopIsIgnored() async throws {
+        let dir = try makePolicyDir(["policy.lua": "print('before')\nwait_forever()\nprint('after')\n"])
+        let loop = testGroup.next()
+        final class Saved: @unchecked Sendable { var completion: LuaCompletion?; var cancelled = false }
+        let saved = Saved()
+        let sink = LogSink()
+        let rt = try await loop.submit {
+            let rt = try LuaRuntime(eventLoop: loop, logger: sink.logger())
+            try rt.registerGlobal("wait_forever", .async { _, completion in
+                saved.completion = completion
+                completion.onCancel { saved.cancelled = true }
+            })
+            return rt
+        }.get()
+        let future = rt.start(policyAt: dir + "/policy.lua")
+        try await Task.sleep(for: .milliseconds(20))
+        rt.stop()
+        guard case .stopped = try await future.get() else { Issue.record("not stopped"); return }
+        try await loop.submit {
+            #expect(saved.cancelled)
+            #expect(saved.completion?.isCancelled == true)
+            saved.completion?.succeed([.integer(1)])  // ignored
+        }.get()
+        try await loop.submit {}.get()
+        #expect(sink.all == ["info: before"])
     }
 
     @Test func swiftSpawnsCallbacksFromRefs() async throws {
