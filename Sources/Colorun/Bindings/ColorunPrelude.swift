@@ -182,7 +182,7 @@ native.start = function(p, s, opts)
   local waited = 0
   while true do
     local st = raw.execute(pn, "query-colo-status")
-    if st.mode == "primary" then return st end
+    if st.mode == "primary" and raw.execute(sn, "query-colo-status").mode == "secondary" then return st end
     local m = raw.execute(pn, "query-migrate")
     if m.status == "failed" or m.status == "cancelled" then
       error("colo.native.start: migration to the secondary " .. m.status .. ": " .. tostring(m["error-desc"]), 2)
