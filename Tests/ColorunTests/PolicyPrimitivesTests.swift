@@ -81,6 +81,7 @@ import Testing
         defer { Task { await pair.shutdown() } }
         let run = try await runPolicy(#"""
             local p = domain.get("web-p")
+            assert(p:status().running)   -- connected before the freeze
             policy.on_lost(p, function(_, reason) log.warn("lost: " .. reason) end, {heartbeat = "50ms", timeout = "300ms"})
             sleep("40ms")
             test.freeze()
