@@ -1,0 +1,128 @@
+import NIOCore
+import QEMULab
+import QEMUSimulator
+import Testing
+@testable import Colorun
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The examples directory of this checkout.
+let examplesDirectory: String = {
+    var path = #filePath
+    for _ in 0..<3 { path = String(path[..<path.lastIndex(of: "/")!]) }
+    return path + "/examples"
+}()
+
+/// Runs an example file (not a copy) with the given domains, options and lab.
+func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = nil,
+                hooks: [String: @Sendable () throws -> Void] = [:],
+                configure: (inout PolicyOptions) -> Void = { _ in }) async throws -> PolicyRun {
+    let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/\(name)") ?? [], as: UTF8.self)
+    #expect(!source.isEmpty, "examples/\(name) exists")
+    return try await runPolicy(source, domains: domains, hooks: hooks, lab: lab, configure: configure)
+}
+
+@Suite struct ExamplesTests {
+    func simulatedPair() async throws -> SimulatedPair { try await SimulatedPair.start() }
+
+    func names(_ pair: SimulatedPair) -> [(String, String)] {
+        [("primary", pair.domains[0].1), ("secondary", pair.domains[1].1)]
+    }
+
+    @Test func checkpointExampleAgainstTheSimulator() async throws {
+        let pair = try await simulatedPair()
+        defer { Task { await pair.shutdown() } }
+        let run = try await runExample("checkpoint.lua", domains: names(pair)) { $0.duration = .milliseconds(900) }
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+        #expect(run.report.checkpoints >= 2)
+        #expect(pair.secondary.loadedStates.count == run.report.checkpoints)
+        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+    }
+
+    @Test func checkpointExampleFailsOverWhenThePrimaryDies() async throws {
+        let pair = try await simulatedPair()
+        defer { Task { await pair.shutdown() } }
+        let killer = try await runPolicy(
+            String(decoding: StopJournal.readFile("\(examplesDirectory)/checkpoint.lua")!, as: UTF8.self)
+                + "\npolicy.after('500ms', function() test.kill() end)\n",
+            domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }])
+        guard case .stopped = killer.report.outcome else {
+            Issue.record("\(killer.report.outcome)")
+            return
+        }
+        #expect(killer.logs.contains("the secondary takes over"))
+        #expect(pair.secondary.runState == .running)
+    }
+
+    @Test func declarativeExampleAgainstTheSimulator() async throws {
+        let pair = try await simulatedPair()
+        defer { Task { await pair.shutdown() } }
+        let run = try await runExample("declarative.lua", domains: names(pair)) { $0.duration = .milliseconds(700) }
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+        #expect(run.report.checkpoints >= 2)
+    }
+
+    @Test func siteHooksExampleFencesBeforeFailingOver() async throws {
+        let pair = try await simulatedPair()
+        defer { Task { await pair.shutdown() } }
+        let marker = makeTempDirectory("colorun-fence") + "/fenced"
+        let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/site-hooks.lua")!, as: UTF8.self)
+            + "\npolicy.after('400ms', function() test.kill() end)\n"
+        let run = try await runPolicy(source, domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }]) {
+            $0.lua.allowExec = true
+            $0.arguments = ["/usr/bin/touch", marker]
+        }
+        guard case .stopped = run.report.outcome else {
+            Issue.record("\(run.report.outcome)")
+            return
+        }
+        #expect(access(marker, F_OK) == 0, "the fencing command ran")
+        #expect(run.logs.contains("primary fenced"))
+        #expect(pair.secondary.runState == .running)
+    }
+
+    /// The README's main job: the lab, Remus checkpoints, the primary killed, the standby
+    /// restored from the last good checkpoint and counting on from it.
+    @Test func remusExampleInTheLab() async throws {
+        let lab = try Lab(names: ["primary"])
+        let run = try await runExample("remus.lua", lab: lab)
+        guard case .stopped = run.report.outcome else {
+            Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+            return
+        }
+        #expect(run.report.checkpoints >= 3)
+        #expect(run.report.failovers == 1)
+        let loaded = run.logs.lines.withLock { $0.first { $0.contains("standby loaded the checkpoint") } } ?? ""
+        let runsOn = run.logs.lines.withLock { $0.first { $0.contains("standby runs on from there") } } ?? ""
+        func counter(_ line: String) -> Int? {
+            guard let part = line.split(separator: " ").first(where: { $0.hasPrefix("guest_counter=") }) else { return nil }
+            return Int(part.dropFirst("guest_counter=".count))
+        }
+        let at = try #require(counter(loaded), "\(run.logs.text)")
+        let later = try #require(counter(runsOn))
+        #expect(at > 0 && later > at, "the standby starts from the checkpoint (\(at)) and counts on (\(later))")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
+    func qemuCOLOExampleWithKVM() async throws {
+        let migration = makeTempDirectory("colorun-colo") + "/colo.mig"
+        let primary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm"))
+        let secondary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm", incoming: "unix:\(migration)"))
+        defer {
+            primary.kill(SIGKILL)
+            secondary.kill(SIGKILL)
+        }
+        let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/qemu-colo.lua")!, as: UTF8.self)
+            + "\npolicy.after('500ms', function() test.kill() end)\n"
+        let run = try await runPolicy(
+            source, domains: [("primary", "unix:\(primary.qmpSocketPath)"), ("secondary", "unix:\(secondary.qmpSocketPath)")],
+            hooks: ["kill": { primary.kill(SIGKILL) }]) { $0.arguments = ["unix:\(migration)"] }
+        guard case .stopped = run.report.outcome else {
+            Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+            return
+        }
+        #expect(run.report.failovers == 1)
+    }
+}
