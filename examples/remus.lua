@@ -22,8 +22,14 @@ local STANDBY = {
 
 local last
 local ticker = policy.every("200ms", function()
-  last = remus.checkpoint(primary, {keep = 3})
-  log.debug("checkpoint", {generation = last.generation, pause_ms = last.pause_ms})
+  local ok, r = pcall(remus.checkpoint, primary, {keep = 3})
+  if ok then
+    last = r
+    log.debug("checkpoint", {generation = r.generation, pause_ms = r.pause_ms})
+  else
+    -- the primary resumed (or is gone); the last good checkpoint is intact
+    log.warn("checkpoint failed: " .. tostring(r))
+  end
 end)
 
 policy.on_lost(primary, function(_, reason)

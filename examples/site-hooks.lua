@@ -9,7 +9,10 @@ local fence = {...}                       -- the fencing command after --
 if #fence == 0 then fence = {"/usr/bin/true"} end
 local p, s = domain.get("primary"), domain.get("secondary")
 
-local ticker = policy.every("200ms", function() colo.checkpoint(p, s) end)
+local ticker = policy.every("200ms", function()
+  local ok, err = pcall(colo.checkpoint, p, s)
+  if not ok then log.warn("checkpoint failed: " .. tostring(err)) end
+end)
 
 policy.on_lost(p, function(_, reason)
   ticker.cancel()

@@ -217,7 +217,8 @@ private final class FakePeerHandler: ChannelInboundHandler {
         let endpoint = probe.endpoint
         await probe.stop()
         let error = await qmpError {
-            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .milliseconds(150), logger: LogCapture().logger)
+            // Long enough that several attempts fit even on a loaded machine.
+            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .seconds(1), logger: LogCapture().logger)
         }
         guard case .connectFailed(endpoint, let reason) = error else {
             Issue.record("expected connectFailed, got \(String(describing: error))")
