@@ -265,30 +265,5 @@ extension LuaRuntimeSuite {
         #expect(r.printed[4].contains("policy.lua:6: module 'missing' not found (tried "))
         #expect(r.printed[5].contains("broken.lua:2:"), "\(r.printed[5])")
     }
-
-    @Test func callBenchmark() async throws {
-        let r = try await runPolicy("""
-            local N = 1000000
-            local abs, nop = math.abs, nop
-            local bestC, bestSwift = math.huge, math.huge
-            for round = 1, 5 do
-              local t0 = now()
-              for i = 1, N do abs(i) end
-              local t1 = now()
-              for i = 1, N do nop(i) end
-              local t2 = now()
-              bestC = math.min(bestC, t1 - t0)
-              bestSwift = math.min(bestSwift, t2 - t1)
-            end
-            print(string.format("%.1f %.1f", bestC / N * 1e9, bestSwift / N * 1e9))
-            """, setup: { rt in
-                try addClock(rt)
-                try rt.registerGlobal("nop", .sync { _ in })
-            })
-        #expect(r.finished, "\(r.outcome)")
-        let parts = (r.printed.first ?? "").split(separator: " ").compactMap { Double($0) }
-        try #require(parts.count == 2)
-        print("Lua->C call: \(parts[0]) ns, Lua->Swift call: \(parts[1]) ns, overhead \(parts[1] - parts[0]) ns")
-    }
 }
 }
