@@ -179,7 +179,10 @@ extension PolicySession {
                 let list = (try? stores[series]?.generations()) ?? []
                 call.push(json: .array(list.map { ["generation": .int(Int64($0.number)), "path": .string($0.path), "bytes": .int(Int64($0.bytes))] }))
             },
-            "count_failover": .sync { [unowned self] _ in report.failovers += 1 },
+            "count_failover": .sync { [unowned self] _ in
+                report.failovers += 1
+                options.domainOptions.metrics.failover()
+            },
 
             // Timers and the run
             "every": .sync { [unowned self] call in
@@ -246,7 +249,9 @@ extension PolicySession {
     private func startCheckpoint(series: String, completion: LuaCompletion,
                                  _ operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
         guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
+        let started = NIODeadline.now()
         track(operation) { [self] result in
+            recordMetrics(series: series, started: started, result)
             switch result {
             case .success(let checkpoint):
                 report.checkpoints += 1
