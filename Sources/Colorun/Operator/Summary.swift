@@ -9,9 +9,12 @@ public enum PolicySummary {
         switch report.outcome {
         case .finished: outcome = "finished"
         case .stopped: outcome = "stopped"
-        case .failed(let failure): outcome = "FAILED: \(failure.message)"
+        case .failed: outcome = "FAILED"
         }
         lines.append("colorun: \(policy) \(outcome) after \(elapsed(elapsedSeconds))")
+        if case .failed(let failure) = report.outcome {
+            lines.append("  error:         \(failure.message)")
+        }
         lines.append("  checkpoints:   \(report.checkpoints) ok, \(report.failedCheckpoints) failed, \(report.skippedTicks) skipped tick(s)")
         let pauses = report.pauseMilliseconds.sorted()
         if pauses.isEmpty {
