@@ -120,7 +120,7 @@ import Testing
         #expect(metrics.hasPrefix("HTTP/1.1 200"))
         #expect(metrics.contains("colorun_checkpoint_pause_seconds_bucket"))
         #expect(metrics.contains("colorun_qmp_command_duration_seconds"))
-        #expect(metrics.contains(#"colorun_domain_up{domain="web-s"} 1"#))
+        #expect(metrics.contains(#"colorun_domain_up{domain="web-s"} 1.0"#))
         #expect(try httpGet(port: port, path: "/").hasPrefix("HTTP/1.1 404"))
 
         process.signal(SIGTERM)
