@@ -46,7 +46,7 @@ public enum QMPOneShot {
         let connection: QMPConnection
         do {
             connection = try await QMPConnection.connect(
-                to: endpoint, on: group, connectTimeout: timeout, commandTimeout: timeout, logger: logger)
+                to: endpoint, on: group, connectTimeout: timeout, greetingTimeout: timeout, commandTimeout: timeout, logger: logger)
         } catch {
             throw .command(errorClass: "ConnectFailed", desc: error.description)
         }
