@@ -18,6 +18,9 @@ struct PolicyRunner {
     var liveStatus: Bool
     /// After a second signal, the process exits this long later whatever the session does.
     var hardDeadline: DispatchTimeInterval = .seconds(5)
+    /// Extra Lua modules and shutdown work for the session (the place for `--lab`), made on
+    /// the session's event loop.
+    var makeExtensions: @Sendable () throws -> [any PolicyExtension] = { [] }
 
     /// Runs the policy and returns the exit code.
     func run() async -> Int32 {
@@ -25,8 +28,8 @@ struct PolicyRunner {
         let started = NIODeadline.now()
         let session: PolicySession
         do {
-            session = try await loop.submit { [options, logger] in
-                try PolicySession(options: options, eventLoop: loop, logger: logger)
+            session = try await loop.submit { [options, logger, makeExtensions] in
+                try PolicySession(options: options, eventLoop: loop, logger: logger, extensions: try makeExtensions())
             }.get()
         } catch {
             writeStandardError("colorun: \(error)")

@@ -15,7 +15,8 @@ struct QMPCommand: ColorunSubcommand {
 
             Examples:
               colorun qmp unix:/run/qemu/web.qmp query-status
-              colorun qmp tcp:127.0.0.1:4444 xen-save-devices-state '{"filename": "/tmp/s"}'
+              colorun qmp unix:/run/q.qmp migrate '{"uri": "exec:cat >/tmp/vm"}'
+              colorun qmp --compact tcp:127.0.0.1:4444 query-migrate
 
             Exit codes: 0 the command succeeded; 1 the monitor answered an error or could not \
             be reached (`CLASS: desc` on stderr); 2 bad usage.
