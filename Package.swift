@@ -18,6 +18,9 @@ let nio: [Target.Dependency] = [
     .product(name: "NIOPosix", package: "swift-nio"),
 ]
 let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
+let metrics: Target.Dependency = .product(name: "CoreMetrics", package: "swift-metrics")
+let prometheus: Target.Dependency = .product(name: "Prometheus", package: "swift-prometheus")
+let http: Target.Dependency = .product(name: "NIOHTTP1", package: "swift-nio")
 
 let package = Package(
     name: "colorun",
@@ -34,6 +37,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .systemLibrary(
@@ -56,15 +61,16 @@ let package = Package(
         .target(name: "QEMUSimulator", dependencies: ["QMP", logging] + nio),
         .target(
             name: "Colorun",
-            dependencies: ["LuaRuntime", "QMP", "QMPClient", "QEMULab", logging] + nio
+            dependencies: ["LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun", logging,
+                "Colorun", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ] + nio
         ),
         .executableTarget(
             name: "QEMUSimCLI",
@@ -78,6 +84,10 @@ let package = Package(
         ),
         .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP", "CLua", logging] + nio),
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
+        .testTarget(
+            name: "ColorunCLITests",
+            dependencies: ["Colorun", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus] + nio
+        ),
         .testTarget(
             name: "ColorunTests",
             dependencies: ["Colorun", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio

@@ -1,1 +1,20 @@
-print("colorun: not built yet")
+// The `colorun` command. Parsing happens here; the work lives in the Colorun library.
+// Exit codes: 0 clean end, 1 the policy failed, 2 usage or load error.
+import ArgumentParser
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+do {
+    var command = try ColorunCommand.parseAsRoot()
+    if let subcommand = command as? any ColorunSubcommand {
+        try await subcommand.execute()
+    } else {
+        try command.run()
+    }
+} catch {
+    ColorunCommand.exitAfter(error)
+}

@@ -193,7 +193,7 @@ extension PolicySession {
                 try runtime.spawn(declarative, arguments: [.ref(spec)], name: "colo.policy \(call.callerPosition)")
                 call.push(.ref(spec))
             },
-            "count_failover": .sync { [unowned self] _ in report.failovers += 1 },
+            "count_failover": .sync { [unowned self] _ in countFailover() },
 
             // Timers and the run
             "every": .sync { [unowned self] call in
@@ -225,6 +225,11 @@ extension PolicySession {
                 eventLoop.execute { [self] in stop() }
             },
         ]
+    }
+
+    func countFailover() {
+        report.failovers += 1
+        options.domainOptions.metrics.failover()
     }
 
     func info(_ domain: Domain) -> JSONValue {
@@ -318,7 +323,9 @@ extension PolicySession {
     private func startCheckpoint(series: String, completion: LuaCompletion,
                                  _ operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
         guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
+        let started = NIODeadline.now()
         track(operation) { [self] result in
+            recordMetrics(series: series, started: started, result)
             switch result {
             case .success(let checkpoint):
                 report.checkpoints += 1

@@ -9,6 +9,11 @@ public struct DomainOptions: Sendable {
     public var connectTimeout: TimeAmount = .seconds(5)
     /// How long a command may go unanswered.
     public var commandTimeout: TimeAmount = .seconds(5)
+    /// Where QMP latency and connection state are recorded.
+    public var metrics = ColorunMetrics()
+    /// When set, no connection is ever opened: every command fails with class `DryRun` and
+    /// this text (`colorun check` runs a policy's main chunk this way).
+    public var refuseConnections: String?
 
     public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
         self.connectTimeout = connectTimeout
@@ -74,6 +79,10 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Calls `body` with an open connection, opening one if needed. `body` runs on the loop.
     public func withConnection(_ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
+        if let refusal = options.refuseConnections {
+            body(.failure(DomainError(domain: name, command: "connect", errorClass: "DryRun", desc: refusal)))
+            return
+        }
         if let connection, connection.isActive {
             body(.success(connection))
             return
@@ -101,6 +110,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
             self.connection = connection
             greeting = connection.greeting
             stats.connects += 1
+            options.metrics.domain(name, up: true)
             if connection.greeting.package.lowercased().contains("simulated"), !warnedSimulated {
                 warnedSimulated = true
                 logger.warning("this monitor is a simulated QEMU, not a real VM", metadata: ["package": .string(connection.greeting.package)])
@@ -111,6 +121,8 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
             connection.closeFuture.assumeIsolated().whenSuccess { reason in
                 self.connectionClosed(connection, reason: reason)
             }
+        } else {
+            options.metrics.domain(name, up: false)
         }
         for waiter in waiters { waiter(result) }
     }
@@ -119,6 +131,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         guard connection === closed else { return }
         connection = nil
         stats.disconnects += 1
+        options.metrics.domain(name, up: false)
         guard reason != .closedByClient else { return }
         logger.warning("monitor connection lost", metadata: ["reason": .string(reason.description)])
         let text = reason.description
@@ -145,8 +158,10 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
             case .success(let connection):
                 connection.syncOperations.send(command, arguments: arguments, timeout: timeout) { reply in
                     self.stats.commands += 1
-                    self.stats.totalLatencySeconds += Double((NIODeadline.now() - started).nanoseconds) / 1e9
+                    let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+                    self.stats.totalLatencySeconds += seconds
                     if case .failure = reply { self.stats.failures += 1 }
+                    self.options.metrics.qmpCommand(command, seconds: seconds, failed: (try? reply.get()) == nil)
                     completion(reply.mapError { self.domainError($0, command: command) })
                 }
             }

@@ -1,0 +1,72 @@
+import ArgumentParser
+import Colorun
+import Logging
+import LuaRuntime
+import NIOCore
+
+/// What `run` and `check` share: the policy file, its domains and its module path.
+struct PolicyArguments: ParsableArguments {
+    @Argument(help: ArgumentHelp("The policy file (Lua 5.4 text).", valueName: "POLICY.lua"))
+    var policy: String
+
+    @Option(name: .customLong("domain"), help: ArgumentHelp(
+        "A domain the policy drives, by name: NAME=unix:PATH or NAME=tcp:HOST:PORT (repeatable).",
+        valueName: "NAME=ENDPOINT"))
+    var domains: [String] = []
+
+    @Option(name: .customLong("lua-path"), help: ArgumentHelp(
+        "Extra directories searched by require(), colon-separated, after the policy's own directory.",
+        valueName: "DIRS"))
+    var luaPath: String?
+
+    /// Options built from these arguments; errors name the flag.
+    func makeOptions(allowBareDomainNames: Bool = false) throws -> PolicyOptions {
+        var options = PolicyOptions(policyPath: policy)
+        for text in domains {
+            if allowBareDomainNames, !text.contains("="), DomainSpec.isValidName(text) {
+                // `check` never connects: a name alone is enough.
+                options.domains.append(DomainSpec(name: text, endpoint: .unix(path: "/nonexistent/colorun-check/\(text)")))
+                continue
+            }
+            do {
+                options.domains.append(try DomainSpec(parsing: text))
+            } catch {
+                throw ValidationError(error.description)
+            }
+        }
+        var seen: Set<String> = []
+        for spec in options.domains where !seen.insert(spec.name).inserted {
+            throw ValidationError("--domain: the name '\(spec.name)' is given twice")
+        }
+        if let luaPath {
+            options.lua.luaPath = luaPath.split(separator: ":").map(String.init)
+        }
+        return options
+    }
+
+    /// Exit 2 with a clear message when the file is missing or does not compile.
+    func validatePolicyLoads() throws {
+        if let error = LuaRuntime.syntaxError(inFileAt: policy) {
+            writeStandardError("colorun: cannot load the policy: \(error)")
+            throw ExitCode(2)
+        }
+    }
+}
+
+/// `--duration 30s`, `--time-limit 500ms`: seconds or a number with us/ms/s/m/h.
+struct DurationArgument: ExpressibleByArgument, Sendable {
+    var duration: LuaDuration
+    init?(argument: String) {
+        guard let d = try? LuaDuration(parsing: argument) else { return nil }
+        duration = d
+    }
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {
+    public static var allValueStrings: [String] { allCases.map(\.rawValue) }
+}
+
+enum LogFormat: String, ExpressibleByArgument, CaseIterable {
+    case text, json
+}

@@ -1,0 +1,127 @@
+import ArgumentParser
+import Colorun
+import Logging
+import LuaRuntime
+import NIOCore
+
+struct RunCommand: ColorunSubcommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a policy against the named domains until it ends or colorun is stopped.",
+        discussion: """
+            Domains are named with --domain NAME=unix:PATH (QEMU's -qmp unix socket) or \
+            NAME=tcp:HOST:PORT; the policy gets them with domain.get("NAME"). Arguments after \
+            `--` are passed to the policy's main chunk as `...`.
+
+            Before the policy starts, colorun resumes any domain a previous, killed run left \
+            paused (its stop journal is in STATE-DIR/journal). Checkpoint generations are kept \
+            in STATE-DIR/checkpoints/SERIES/.
+
+            On a terminal, a one-line status is refreshed on stdout; at the end a summary is \
+            printed on stdout (counts, pause p50/p99/max, failovers, last good generation per \
+            series, domains resumed or NOT resumed). Logs go to stderr.
+
+            Signals: SIGTERM or SIGINT stops the run cleanly: no new checkpoint starts, \
+            in-flight checkpoints finish or roll back, every domain this run stopped is \
+            resumed, the summary is printed, exit 0. A second signal stops waiting for \
+            in-flight checkpoints: colorun resumes the stopped domains at once and exits within \
+            5 s whatever happens (exit 1 if a domain may still be paused; the next run resumes \
+            it from the journal).
+
+            Exit codes: 0 clean end; 1 the policy failed (its error and traceback on stderr); \
+            2 usage or load error (bad option, missing file, syntax error).
+            """
+    )
+
+    @OptionGroup var policy: PolicyArguments
+
+    @Option(name: .customLong("state-dir"), help: ArgumentHelp(
+        "Where checkpoints and the stop journal live (default /var/lib/colorun as root, ~/.local/state/colorun otherwise).",
+        valueName: "DIR"))
+    var stateDirectory: String?
+
+    @Flag(name: .customLong("allow-exec"), help: "Let the policy run commands with exec.run.")
+    var allowExec = false
+
+    @Option(name: .customLong("log-format"), help: "Log lines on stderr: text, or json (one object per line).")
+    var logFormat: LogFormat = .text
+
+    @Option(name: .customLong("log-level"), help: ArgumentHelp(
+        "trace, debug, info, notice, warning, error or critical.", valueName: "LEVEL"))
+    var logLevel: Logger.Level = .info
+
+    @Option(name: .customLong("metrics-listen"), help: ArgumentHelp(
+        "Serve Prometheus metrics on http://HOST:PORT/metrics.", valueName: "HOST:PORT"))
+    var metricsListen: String?
+
+    @Option(name: .customLong("duration"), help: ArgumentHelp(
+        "Stop cleanly after this long (e.g. 90s, 10m, 2h).", valueName: "D"))
+    var duration: DurationArgument?
+
+    @Option(name: .customLong("keep"), help: ArgumentHelp(
+        "Checkpoint generations kept per series unless the policy says otherwise.", valueName: "N"))
+    var keep: Int = 3
+
+    @Option(name: .customLong("memory-limit"), help: ArgumentHelp("Memory cap of the Lua state.", valueName: "MiB"))
+    var memoryLimit: Int = 64
+
+    @Option(name: .customLong("time-limit"), help: ArgumentHelp(
+        "How long policy code may run between two host calls before it fails.", valueName: "D"))
+    var timeLimit: DurationArgument?
+
+    @Argument(parsing: .postTerminator, help: ArgumentHelp("Arguments for the policy (after --).", valueName: "ARGS"))
+    var policyArguments: [String] = []
+
+    func validate() throws {
+        _ = try policy.makeOptions()
+        guard keep >= 1 else { throw ValidationError("--keep '\(keep)': keep at least 1 generation") }
+        guard (1...1 << 20).contains(memoryLimit) else {
+            throw ValidationError("--memory-limit '\(memoryLimit)': give MiB from 1 to 1048576")
+        }
+        if let duration, duration.duration.seconds <= 0 {
+            throw ValidationError("--duration '\(duration.duration)': must be longer than 0")
+        }
+        if let timeLimit, timeLimit.duration.seconds <= 0 {
+            throw ValidationError("--time-limit '\(timeLimit.duration)': must be longer than 0")
+        }
+        if let metricsListen {
+            do { _ = try MetricsServer.parseListenAddress(metricsListen) } catch { throw ValidationError(error.description) }
+        }
+    }
+
+    func makeOptions() throws -> PolicyOptions {
+        var options = try policy.makeOptions()
+        options.arguments = policyArguments
+        if let stateDirectory { options.stateDirectory = stateDirectory }
+        options.keepGenerations = keep
+        options.lua.allowExec = allowExec
+        options.lua.memoryLimit = memoryLimit << 20
+        if let timeLimit { options.lua.timeLimit = timeLimit.duration.timeAmount }
+        options.duration = duration?.duration.timeAmount
+        return options
+    }
+
+    func run() async throws { try await execute() }
+
+    func execute() async throws {
+        let options = try makeOptions()
+        try policy.validatePolicyLoads()
+        Bootstrap.logging(format: logFormat, level: logLevel)
+        let logger = Logger(label: "colorun")
+        let metricsServer: MetricsServer?
+        if let metricsListen {
+            metricsServer = try await Bootstrap.metrics(listen: metricsListen, logger: logger)
+        } else {
+            metricsServer = nil
+        }
+        let code = await PolicyRunner(options: options, logger: logger, liveStatus: isatty(1) != 0).run()
+        await metricsServer?.close()
+        throw ExitCode(code)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

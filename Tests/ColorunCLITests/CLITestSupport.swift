@@ -1,0 +1,152 @@
+import Foundation
+import QEMUSimulator
+
+/// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
+func colorunBinary() -> String? {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("colorun").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    return nil
+}
+
+struct ProcessResult {
+    var code: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// A running `colorun` (stdout and stderr read in the background).
+final class ColorunProcess: @unchecked Sendable {
+    let process = Process()
+    private let out = Pipe(), err = Pipe()
+    private let lock = NSLock()
+    private var outData = Data(), errData = Data()
+
+    init(_ arguments: [String]) throws {
+        guard let binary = colorunBinary() else { throw CLITestError("the colorun binary is not built (swift build)") }
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        out.fileHandleForReading.readabilityHandler = { [unowned self] h in
+            let d = h.availableData
+            lock.lock(); outData.append(d); lock.unlock()
+        }
+        err.fileHandleForReading.readabilityHandler = { [unowned self] h in
+            let d = h.availableData
+            lock.lock(); errData.append(d); lock.unlock()
+        }
+        try process.run()
+    }
+
+    var stderrSoFar: String {
+        lock.lock(); defer { lock.unlock() }
+        return String(decoding: errData, as: UTF8.self)
+    }
+
+    func signal(_ signo: Int32) { kill(process.processIdentifier, signo) }
+
+    /// Waits for the exit (killing the process after `timeout` seconds).
+    func wait(timeout: Double = 20) async -> ProcessResult {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(10)) }
+        if process.isRunning { process.interrupt(); kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        // drain what is left in the pipes
+        out.fileHandleForReading.readabilityHandler = nil
+        err.fileHandleForReading.readabilityHandler = nil
+        let restOut = out.fileHandleForReading.readDataToEndOfFile()
+        let restErr = err.fileHandleForReading.readDataToEndOfFile()
+        return lock.withLock {
+            outData.append(restOut)
+            errData.append(restErr)
+            return ProcessResult(code: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                                 stderr: String(decoding: errData, as: UTF8.self))
+        }
+    }
+}
+
+func runColorun(_ arguments: [String], timeout: Double = 20) async throws -> ProcessResult {
+    try await ColorunProcess(arguments).wait(timeout: timeout)
+}
+
+struct CLITestError: Error, CustomStringConvertible {
+    var description: String
+    init(_ text: String) { description = text }
+}
+
+func temporaryDirectory(_ tag: String) -> String {
+    var template = Array("/tmp/\(tag)-XXXXXX".utf8CString)
+    let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+    return String(cString: path!)
+}
+
+func writePolicy(_ source: String, in dir: String, name: String = "policy.lua") -> String {
+    let path = dir + "/" + name
+    _ = FileManager.default.createFile(atPath: path, contents: Data(source.utf8))
+    return path
+}
+
+/// A pair of simulated domains, `web-p` and `web-s`, in a fresh directory.
+struct SimulatedPair {
+    let sim: QEMUSimulator
+    let primary: SimulatedDomain
+    let secondary: SimulatedDomain
+    let directory: String
+
+    static func start() async throws -> SimulatedPair {
+        let dir = temporaryDirectory("colorun-cli-sim")
+        let sim = QEMUSimulator()
+        let p = try await sim.start(socketPath: dir + "/p.sock", name: "web-p")
+        let s = try await sim.start(socketPath: dir + "/s.sock", name: "web-s")
+        return SimulatedPair(sim: sim, primary: p, secondary: s, directory: dir)
+    }
+
+    var domainArguments: [String] {
+        ["--domain", "web-p=unix:\(directory)/p.sock", "--domain", "web-s=unix:\(directory)/s.sock"]
+    }
+
+    func shutdown() async { await sim.shutdown() }
+}
+
+/// `GET path` over plain TCP, returns the whole response.
+func httpGet(port: Int, path: String) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw CLITestError("socket failed") }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = in_port_t(UInt16(port).bigEndian)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    guard rc == 0 else { throw CLITestError("connect to 127.0.0.1:\(port) failed") }
+    let request = "GET \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    _ = request.withCString { send(fd, $0, strlen($0), 0) }
+    var response = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n <= 0 { break }
+        response.append(contentsOf: buffer[0..<n])
+    }
+    return String(decoding: response, as: UTF8.self)
+}
+
+/// A TCP port that was free a moment ago.
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = 0
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}

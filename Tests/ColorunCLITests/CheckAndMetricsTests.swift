@@ -1,0 +1,145 @@
+import CoreMetrics
+import Logging
+import LuaRuntime
+import NIOCore
+import NIOPosix
+import Prometheus
+import Testing
+@testable import Colorun
+
+@Suite struct PolicyCheckTests {
+    func check(_ source: String, domains: [String] = []) async throws -> Result<PolicyCheck.Passed, PolicyCheck.Failure> {
+        let dir = temporaryDirectory("colorun-check-test")
+        var options = PolicyOptions(policyPath: writePolicy(source, in: dir))
+        options.domains = domains.map { DomainSpec(name: $0, endpoint: .unix(path: "/nonexistent/\($0)")) }
+        return await PolicyCheck.check(options, logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+    }
+
+    @Test func goodPolicyPasses() async throws {
+        let result = try await check("""
+            local p, s = domain.get("web-p"), domain.get("web-s")
+            policy.every("100ms", function() colo.checkpoint(p, s) end)
+            log.info("armed")
+            """, domains: ["web-p", "web-s"])
+        guard case .success(let passed) = result else { Issue.record("\(result)"); return }
+        #expect(passed.notes.isEmpty)
+    }
+
+    @Test func syntaxErrorNamesFileAndLine() async throws {
+        let result = try await check("local x = 1\nx = = 2\n")
+        guard case .failure(let failure) = result else { Issue.record("passed"); return }
+        #expect(failure.message.contains("policy.lua:2:"))
+    }
+
+    @Test func undefinedTopLevelGlobal() async throws {
+        let result = try await check("local a = 1\n\nprnt(a)\n")
+        guard case .failure(let failure) = result else { Issue.record("passed"); return }
+        #expect(failure.message.contains("policy.lua:3: undefined global 'prnt'"))
+    }
+
+    @Test func firstVMAccessEndsTheDryRun() async throws {
+        let result = try await check("local p = domain.get('web-p')\nlocal st = qmp.status(p)\nprnt(st)\n", domains: ["web-p"])
+        guard case .success(let passed) = result else { Issue.record("\(result)"); return }
+        #expect(passed.notes.joined().contains("first VM access"))
+    }
+
+    @Test func unknownDomainFails() async throws {
+        let result = try await check("local p = domain.get('web-p')\n")
+        guard case .failure(let failure) = result else { Issue.record("passed"); return }
+        #expect(failure.message.contains("unknown domain 'web-p'"))
+    }
+
+    @Test func missingFile() async {
+        let result = await PolicyCheck.check(PolicyOptions(policyPath: "/nonexistent/p.lua"), logger: Logger(label: "t"))
+        guard case .failure(let failure) = result else { Issue.record("passed"); return }
+        #expect(failure.message.contains("cannot open /nonexistent/p.lua"))
+    }
+
+    @Test func aLoopingMainChunkIsCutShort() async throws {
+        let clock = ContinuousClock()
+        let start = clock.now
+        let result = try await check("while true do sleep('10ms') end\n")
+        guard case .success(let passed) = result else { Issue.record("\(result)"); return }
+        #expect(passed.notes.joined().contains("still running"))
+        #expect(clock.now - start < .seconds(3))
+    }
+}
+
+@Suite struct MetricsTests {
+    @Test func aRunAgainstTheSimulatorFeedsEveryMetric() async throws {
+        let pair = try await SimulatedPair.start()
+        defer { Task { await pair.shutdown() } }
+        let dir = temporaryDirectory("colorun-metrics")
+        let path = writePolicy("""
+            local p, s = domain.get("web-p"), domain.get("web-s")
+            for i = 1, 3 do colo.checkpoint(p, s) end
+            pcall(qmp.execute, p, "no-such-command")
+            policy.count_failover_for_test()
+            """, in: dir)
+        let registry = PrometheusCollectorRegistry()
+        var options = PolicyOptions(policyPath: path)
+        options.stateDirectory = dir + "/state"
+        options.domains = [
+            DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+            DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+        ]
+        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let session = try await loop.submit { [options] in
+            try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },
+                              extensions: [FailoverHook()])
+        }.get()
+        let report = try await session.run().get()
+        #expect(report.checkpoints == 3)
+        let text = registry.emitToString()
+        // (failures by step: see failedCheckpointsCountByStep; this run has none)
+        for name in ColorunMetrics.Name.all where name != ColorunMetrics.Name.checkpointFailures {
+            #expect(text.contains(name), "missing \(name)")
+        }
+        #expect(text.contains(#"colorun_qmp_command_duration_seconds_count{command="xen-save-devices-state"} 3"#))
+        #expect(text.contains(#"colorun_qmp_command_failures_total{command="no-such-command"} 1"#))
+        #expect(text.contains(#"colorun_checkpoints_total{series="web-p+web-s"} 3"#))
+        #expect(text.contains(#"colorun_domain_up{domain="web-p"}"#))
+        #expect(text.contains("colorun_failovers_total 1"))
+    }
+
+    @Test func failedCheckpointsCountByStep() async throws {
+        let pair = try await SimulatedPair.start()
+        defer { Task { await pair.shutdown() } }
+        try pair.secondary.addFaults(parsing: "xen-load-devices-state:error=GenericError")
+        let dir = temporaryDirectory("colorun-metrics")
+        let path = writePolicy("""
+            local p, s = domain.get("web-p"), domain.get("web-s")
+            pcall(colo.checkpoint, p, s)
+            """, in: dir)
+        let registry = PrometheusCollectorRegistry()
+        var options = PolicyOptions(policyPath: path)
+        options.stateDirectory = dir + "/state"
+        options.domains = [
+            DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+            DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+        ]
+        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let session = try await loop.submit { [options] in
+            try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() })
+        }.get()
+        let report = try await session.run().get()
+        #expect(report.failedCheckpoints == 1)
+        #expect(registry.emitToString().contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
+    }
+}
+
+/// `policy.count_failover_for_test()`: counts a failover the way colo.policy does.
+final class FailoverHook: PolicyExtension {
+    func register(in session: PolicySession) throws {
+        try session.runtime.registerModule("policy", functions: [
+            "count_failover_for_test": .sync { _ in
+                session.report.failovers += 1
+                session.options.domainOptions.metrics.failover()
+            },
+        ])
+    }
+
+    func shutdown(session: PolicySession) -> EventLoopFuture<Void> { session.eventLoop.makeSucceededVoidFuture() }
+}
