@@ -69,6 +69,10 @@ struct RunCommand: ColorunSubcommand {
         "How long policy code may run between two host calls before it fails.", valueName: "D"))
     var timeLimit: DurationArgument?
 
+    @Flag(name: .customLong("lab"), help: ArgumentHelp(
+        "Run against lab domains 'primary' and 'secondary': real QEMU processes (TCG, a guest that counts in memory) started on first use and removed, with their files, at the end. The state directory is a temporary one unless --state-dir is given."))
+    var lab = false
+
     @Argument(parsing: .postTerminator, help: ArgumentHelp("Arguments for the policy (after --).", valueName: "ARGS"))
     var policyArguments: [String] = []
 
@@ -92,7 +96,11 @@ struct RunCommand: ColorunSubcommand {
     func makeOptions() throws -> PolicyOptions {
         var options = try policy.makeOptions()
         options.arguments = policyArguments
-        if let stateDirectory { options.stateDirectory = stateDirectory }
+        if let stateDirectory {
+            options.stateDirectory = stateDirectory
+        } else if lab {
+            options.stateDirectory = try temporaryDirectory("colorun-lab-state")
+        }
         options.keepGenerations = keep
         options.lua.allowExec = allowExec
         options.lua.memoryLimit = memoryLimit << 20
@@ -114,8 +122,20 @@ struct RunCommand: ColorunSubcommand {
         } else {
             metricsServer = nil
         }
-        let code = await PolicyRunner(options: options, logger: logger, liveStatus: isatty(1) != 0).run()
+        var runner = PolicyRunner(options: options, logger: logger, liveStatus: isatty(1) != 0)
+        if lab {
+            let lab: Lab
+            do {
+                lab = try Lab()
+            } catch {
+                writeStandardError("colorun: --lab: \(error)")
+                throw ExitCode(2)
+            }
+            runner.makeExtensions = { [lab] in [lab] }
+        }
+        let code = await runner.run()
         await metricsServer?.close()
+        if lab && stateDirectory == nil { Lab.removeDirectory(options.stateDirectory) }
         throw ExitCode(code)
     }
 }
@@ -125,3 +145,12 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+/// A new directory under /tmp.
+func temporaryDirectory(_ prefix: String) throws -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
+        throw ValidationError("cannot create a directory under /tmp: \(String(cString: strerror(errno)))")
+    }
+    return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}

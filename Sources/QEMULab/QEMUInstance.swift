@@ -277,7 +277,7 @@ func readFile(_ path: String) throws(QEMULabError) -> [UInt8] {
 }
 
 /// Removes a directory and everything under it (no symlinks followed).
-func removeTree(_ path: String) {
+public func removeTree(_ path: String) {
     if let dir = opendir(path) {
         var names: [String] = []
         while let entry = readdir(dir) {

@@ -11,6 +11,8 @@ public protocol CheckpointTarget: AnyObject, Sendable {
     /// Drops the monitor connection; the next command opens a new one (after a timeout, a
     /// command stuck ahead in the old connection cannot block the next one).
     func disconnect() async
+    /// Forgets a stop when the domain's QEMU is gone (nothing is left paused).
+    func forgetStop() async
 }
 
 /// A checkpoint that did not complete. Every domain the checkpoint stopped has been
@@ -243,7 +245,8 @@ public enum CheckpointEngine {
 
     /// Resumes every target at once. A `cont` that fails for a reason other than a
     /// refused connection is tried again on a fresh connection, up to `attempts` times.
-    /// Returns the failures that remain.
+    /// A domain whose monitor is gone (its QEMU is not running) has nothing paused to
+    /// resume: its stop is forgotten. Returns the failures that remain.
     public static func resumeAll(_ targets: [any CheckpointTarget], attempts: Int = 3) async -> [DomainError] {
         await withTaskGroup(of: DomainError?.self) { group in
             for target in targets {
@@ -254,6 +257,10 @@ public enum CheckpointEngine {
                             try await target.resume()
                             return nil
                         } catch {
+                            if error.monitorGone {
+                                await target.forgetStop()
+                                return nil
+                            }
                             last = error
                             if error.errorClass == DomainError.connectFailed || attempt == attempts { break }
                             if [DomainError.timeout, DomainError.protocolError].contains(error.errorClass) {

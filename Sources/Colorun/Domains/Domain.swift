@@ -55,6 +55,9 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     private var closeHandlers: [(id: Int, handler: (String) -> Void)] = []
     private var nextHandlerID = 1
     private var warnedSimulated = false
+    /// The last connection ended without colorun closing it (QEMU died or dropped us).
+    private var monitorLost = false
+    static let reconnectTimeout = TimeAmount.milliseconds(500)
     /// True from the moment this run sends `stop` until a `cont` succeeds.
     public private(set) var stoppedByUs = false
     public private(set) var stats = DomainStats()
@@ -92,8 +95,11 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
             return
         }
         connectWaiters = [body]
+        // After the monitor was lost, do not wait the full connect timeout for a QEMU that
+        // is gone: a monitor that comes back is there at once.
+        let connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
         let future = QMPConnection.connect(
-            to: endpoint, on: eventLoop, connectTimeout: options.connectTimeout,
+            to: endpoint, on: eventLoop, connectTimeout: connectTimeout,
             commandTimeout: options.commandTimeout, logger: logger)
         future.assumeIsolated().whenComplete { result in
             self.connectFinished(result.mapError { error in
@@ -108,6 +114,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         connectWaiters = nil
         if case .success(let connection) = result {
             self.connection = connection
+            monitorLost = false
             greeting = connection.greeting
             stats.connects += 1
             options.metrics.domain(name, up: true)
@@ -133,6 +140,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         stats.disconnects += 1
         options.metrics.domain(name, up: false)
         guard reason != .closedByClient else { return }
+        monitorLost = true
         logger.warning("monitor connection lost", metadata: ["reason": .string(reason.description)])
         let text = reason.description
         for (_, handler) in closeHandlers { handler(text) }
@@ -222,6 +230,13 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         stoppedByUs = true
     }
 
+    /// Forgets that this run stopped the domain, when its QEMU is gone (nothing is paused).
+    /// On the loop.
+    public func forgetStopOnLoop() {
+        stoppedByUs = false
+        journal?.didResume(domain: name)
+    }
+
     private func markResumed() {
         stoppedByUs = false
         journal?.didResume(domain: name)
@@ -245,6 +260,15 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
             onLoop { $0.sendResume { continuation.resume(returning: $0) } }
         }.get()
+    }
+
+    public func forgetStop() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            onLoop { domain in
+                domain.forgetStopOnLoop()
+                continuation.resume()
+            }
+        }
     }
 
     public func disconnect() async {

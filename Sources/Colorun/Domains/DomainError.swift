@@ -26,6 +26,13 @@ public struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
         ["domain": .string(domain), "command": .string(command), "class": .string(errorClass), "desc": .string(desc)]
     }
 
+    /// Nothing listens on the monitor any more (refused, or the socket file is gone): the
+    /// QEMU process is not running, so there is no paused VM to resume.
+    public var monitorGone: Bool {
+        errorClass == DomainError.connectFailed
+            && (desc.contains("Connection refused") || desc.contains("No such file or directory"))
+    }
+
     public static let timeout = "Timeout"
     public static let disconnected = "Disconnected"
     public static let connectFailed = "ConnectFailed"

@@ -12,26 +12,40 @@ import Glibc
 /// test, handed to the policy as domains `primary` and `secondary`, and removed with their
 /// sockets and files when the run ends. The `lab` Lua module lets a policy kill or freeze a
 /// domain, read the guest's counter, and name a lab-managed standby for `remus.restore`.
+///
+/// A lab domain's QEMU starts when the policy first asks for it (`domain.get("secondary")`),
+/// so a policy that protects one VM does not pay for a second one spinning under TCG.
 public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     public let spec: QEMUSpec
-    /// The lab's domains, by name, in start order.
-    public private(set) var instances: [(name: String, instance: QEMUInstance)]
-    private var standbys: [QEMUInstance] = []
+    /// The names the lab offers.
+    public let names: [String]
+    /// The lab's running domains, by name, in start order (standbys included).
+    public private(set) var instances: [(name: String, instance: QEMUInstance)] = []
 
-    /// Starts one QEMU per name.
-    public init(names: [String] = ["primary", "secondary"], memoryMiB: Int = 64) throws(QEMULabError) {
+    /// Offers one lab domain per name; `startNow` starts them all at once.
+    public init(names: [String] = ["primary", "secondary"], memoryMiB: Int = 64, startNow: Bool = false) throws(QEMULabError) {
         spec = QEMUSpec(memoryMiB: memoryMiB, countingGuest: true)
-        instances = []
-        do {
-            for name in names {
-                instances.append((name, try QEMUInstance.start(spec)))
+        self.names = names
+        if startNow {
+            do {
+                for name in names { _ = try start(name) }
+            } catch {
+                for (_, instance) in instances { instance.kill(SIGKILL) }
+                throw error
             }
-        } catch {
-            for (_, instance) in instances { instance.kill(SIGKILL) }
-            throw error
         }
     }
 
+    /// The lab's QEMU for `name`, started now if it is not running yet.
+    @discardableResult
+    public func start(_ name: String) throws(QEMULabError) -> QEMUInstance {
+        if let running = instance(for: name) { return running }
+        let instance = try QEMUInstance.start(spec)
+        instances.append((name, instance))
+        return instance
+    }
+
+    /// The domains started so far.
     public var domainSpecs: [DomainSpec] {
         instances.map { DomainSpec(name: $0.name, endpoint: $0.instance.qmpEndpoint) }
     }
@@ -51,7 +65,6 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         } catch {
             throw LuaHostError.message("lab: cannot start the standby: \(error)")
         }
-        standbys.append(instance)
         instances.append((name, instance))
         return LaunchedStandby(endpoint: instance.qmpEndpoint, pid: instance.pid, stderrPath: instance.stderrPath)
     }
@@ -60,7 +73,21 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
 
     public func register(in session: PolicySession) throws {
         session.labLauncher = self
+        for name in names where session.domains[name] != nil && instance(for: name) == nil {
+            throw PolicyError.usage("--lab provides domain '\(name)'; do not name it with --domain too")
+        }
         try session.runtime.registerModule("lab", functions: [
+            "ensure": .sync { [unowned self] call in
+                let name = try call.string(1)
+                guard names.contains(name), session.domains[name] == nil else { return }
+                do {
+                    let instance = try start(name)
+                    _ = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: session.options.domainOptions)
+                    session.logger.info("lab: started QEMU", metadata: ["domain": .string(name), "pid": .stringConvertible(instance.pid)])
+                } catch {
+                    throw LuaHostError.message("lab: cannot start '\(name)': \(error)")
+                }
+            },
             "kill": .sync { [unowned self] call in
                 let name = try call.string(1)
                 let signal = try Self.signal(call.isNil(2) ? "KILL" : try call.string(2))
@@ -86,6 +113,11 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         return promise.futureResult
     }
 
+    /// Removes a directory tree (the lab's temporary state directory).
+    public static func removeDirectory(_ path: String) {
+        removeTree(path)
+    }
+
     static func signal(_ name: String) throws -> Int32 {
         switch name.uppercased() {
         case "KILL", "SIGKILL": return SIGKILL
@@ -100,7 +132,14 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
 /// The Lua side of the `lab` module.
 let labPrelude = #"""
 local L = ...
-local raw_kill, raw_pid = L.kill, L.pid
+local raw_kill, raw_pid, ensure = L.kill, L.pid, L.ensure
+L.ensure = nil
+-- Lab domains start on first use.
+local get = domain.get
+domain.get = function(name)
+  if type(name) == "string" then ensure(name) end
+  return get(name)
+end
 local function name_of(d, fname)
   if domain.is(d) then return d.name end
   if type(d) == "string" then return d end

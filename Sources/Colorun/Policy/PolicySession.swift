@@ -261,6 +261,10 @@ public final class PolicySession: @unchecked Sendable {
                 case .success:
                     logger.warning("resumed a domain the policy left stopped", metadata: ["domain": .string(name)])
                     report.resumedAtExit.append(name)
+                case .failure(let error) where error.monitorGone:
+                    domain.forgetStopOnLoop()
+                    logger.warning("a domain this run stopped is gone (its monitor refuses connections): nothing left paused",
+                                   metadata: ["domain": .string(name)])
                 case .failure(let error):
                     logger.error("could not resume a domain this run stopped", metadata: ["domain": .string(name), "error": .string(error.description)])
                     report.unresumed.append("\(name): \(error)")
