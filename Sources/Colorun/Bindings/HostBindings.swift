@@ -335,7 +335,9 @@ extension PolicySession {
             case .failure(let error):
                 report.failedCheckpoints += 1
                 logger.error("checkpoint failed", metadata: ["series": .string(series), "error": .string(error.description)])
-                if !error.unresumed.isEmpty { report.unresumed.append(contentsOf: error.unresumed.map(\.description)) }
+                for failure in error.unresumed {
+                    if let domain = domains[failure.domain] { keepResuming(domain) }
+                }
                 completion.fail(LuaHostError(error))
             }
         }

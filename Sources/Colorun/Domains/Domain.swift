@@ -99,7 +99,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         // is gone: a monitor that comes back is there at once.
         let connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
         let future = QMPConnection.connect(
-            to: endpoint, on: eventLoop, connectTimeout: connectTimeout,
+            to: endpoint, on: eventLoop, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
             commandTimeout: options.commandTimeout, logger: logger)
         future.assumeIsolated().whenComplete { result in
             self.connectFinished(result.mapError { error in

@@ -51,6 +51,8 @@ public final class PolicySession: @unchecked Sendable {
     var handles: [Int: any PolicyHandle] = [:]
     var nextHandleID = 1
     var tunedForRemus: Set<String> = []
+    /// Domains a resume keeper is retrying `cont` on.
+    var keepers: Set<String> = []
     /// The Lua half of `colo.policy` (set by the prelude).
     var declarative: LuaRef?
     var stopping = false
@@ -232,6 +234,45 @@ public final class PolicySession: @unchecked Sendable {
         let promise = eventLoop.makePromise(of: Void.self)
         idleWaiters.append(promise)
         return promise.futureResult
+    }
+
+    // MARK: - Resume keepers
+
+    /// Keeps sending `cont` (every `interval`) to a domain this run stopped and could not
+    /// resume (a frozen QEMU, a monitor that hangs) until it runs again, its QEMU is gone, or
+    /// the run ends (whose end tries once more).
+    func keepResuming(_ domain: Domain, interval: TimeAmount = .milliseconds(500), attempt: Int = 1) {
+        guard !stopping, domain.stoppedByUs else {
+            keepers.remove(domain.name)
+            return
+        }
+        if attempt == 1 {
+            guard keepers.insert(domain.name).inserted else { return }
+            logger.warning("a domain this run stopped could not be resumed; retrying until it runs", metadata: ["domain": .string(domain.name)])
+        }
+        eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
+            guard !stopping, domain.stoppedByUs else {
+                keepers.remove(domain.name)
+                return
+            }
+            domain.sendResume { [self] result in
+                switch result {
+                case .success:
+                    keepers.remove(domain.name)
+                    logger.warning("resumed a domain after \(attempt) retries", metadata: ["domain": .string(domain.name)])
+                case .failure(let error) where error.monitorGone:
+                    keepers.remove(domain.name)
+                    domain.forgetStopOnLoop()
+                    logger.warning("a domain this run stopped is gone (its monitor refuses connections): nothing left paused",
+                                   metadata: ["domain": .string(domain.name)])
+                case .failure(let error):
+                    if error.errorClass == DomainError.timeout || error.errorClass == DomainError.protocolError {
+                        domain.dropConnection()
+                    }
+                    keepResuming(domain, interval: interval, attempt: attempt + 1)
+                }
+            }
+        }
     }
 
     // MARK: - The end of a run
