@@ -128,7 +128,8 @@ struct SimulatedPair {
             """#, domains: pair.domains,
             hooks: ["fault": { try (target == "web-p" ? pair.primary : pair.secondary).addFaults(parsing: fault) }]
         ) { options in
-            options.domainOptions.commandTimeout = .milliseconds(300)
+            // Long enough for a loaded machine running the whole suite; the hang row waits it out.
+            options.domainOptions.commandTimeout = .seconds(2)
         }
         #expect(run.failure == nil, "\(run.failure ?? "")")
         #expect(run.report.failedCheckpoints == 1)
