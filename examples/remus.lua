@@ -49,6 +49,10 @@ end, {heartbeat = "100ms", timeout = "500ms"})
 
 if lab then
   policy.after("3s", function()
+    -- The guest boots first (longer on a busy machine), then two checkpoints of it counting.
+    while lab.counter(primary) == 0 do sleep("100ms") end
+    local seen = last and last.generation or 0
+    while not last or last.generation < seen + 2 do sleep("100ms") end
     log.warn("lab: killing the primary with SIGKILL", {guest_counter = lab.counter(primary)})
     lab.kill(primary)
   end)

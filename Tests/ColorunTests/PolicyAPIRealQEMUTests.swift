@@ -71,7 +71,7 @@ import Glibc
               test.record_failover(ms)
               policy.stop()
             end, {heartbeat = "100ms", timeout = "500ms"})
-            sleep("600ms")
+            repeat sleep("50ms") until #remus.generations(p) >= 2   -- checkpoints exist before the kill
             killed_at = os.clock()
             test.mark_kill()
             lab.kill(p)
