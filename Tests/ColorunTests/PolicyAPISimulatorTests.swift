@@ -100,6 +100,22 @@ struct SimulatedPair {
         #expect(pair.secondary.loadedStates.allSatisfy { $0.file.domain == "web-p" })
     }
 
+    @Test func checkpointsOfOneDomainNeverOverlap() async throws {
+        let pair = try await SimulatedPair.start()
+        defer { Task { await pair.shutdown() } }
+        try pair.primary.addFaults(parsing: "xen-save-devices-state:delay=200ms,count=1")
+        let run = try await runPolicy(#"""
+            local p, s = domain.get("web-p"), domain.get("web-s")
+            local first = task.spawn(function() return colo.checkpoint(p, s) end)
+            sleep("20ms")
+            local ok, err = pcall(remus.checkpoint, p)
+            assert(not ok and err.class == "Busy" and err.domain == "web-p", tostring(err))
+            assert(first:wait().generation == 1)
+            """#, domains: pair.domains)
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+    }
+
     /// Each failure of the cycle ends with both domains running, the failed step named and
     /// the last good generation intact.
     @Test(arguments: [

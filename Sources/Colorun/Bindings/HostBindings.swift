@@ -155,9 +155,10 @@ extension PolicySession {
                 let keep = try keepOption(call, 3)
                 let series = "\(primary.name)+\(secondary.name)"
                 let store = try store(series: series, fileExtension: "devstate", keep: keep)
-                try startCheckpoint(series: series, completion: completion) {
+                let io = blockingIO
+                try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) {
                     await CheckpointEngine.capture { () async throws(CheckpointError) in
-                        try await CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store)
+                        try await CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, io: io)
                     }
                 }
             },
@@ -167,13 +168,14 @@ extension PolicySession {
                 let store = try store(series: domain.name, fileExtension: "vmstate", keep: keep)
                 let tune = !tunedForRemus.contains(domain.name)
                 tunedForRemus.insert(domain.name)
-                try startCheckpoint(series: domain.name, completion: completion) {
+                let io = blockingIO
+                try startCheckpoint(series: domain.name, domains: [domain], completion: completion) {
                     if tune {
                         // QEMU's default migration bandwidth (128 MiB/s) stretches every pause.
                         _ = try? await domain.execute("migrate-set-parameters", ["max-bandwidth": .int(107_374_182_400)])
                     }
                     return await CheckpointEngine.capture { () async throws(CheckpointError) in
-                        try await CheckpointEngine.remusCheckpoint(domain, store: store)
+                        try await CheckpointEngine.remusCheckpoint(domain, store: store, io: io)
                     }
                 }
             },
@@ -320,11 +322,18 @@ extension PolicySession {
         }
     }
 
-    private func startCheckpoint(series: String, completion: LuaCompletion,
+    private func startCheckpoint(series: String, domains involved: [Domain], completion: LuaCompletion,
                                  _ operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
         guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
+        if let busy = involved.first(where: { busyDomains.contains($0.name) }) {
+            throw LuaHostError.structured(
+                ["class": "Busy", "domain": .string(busy.name), "desc": "a checkpoint of this domain is in progress", "step": "start"],
+                message: "\(busy.name): a checkpoint of this domain is in progress; checkpoints of one domain never overlap")
+        }
+        for domain in involved { busyDomains.insert(domain.name) }
         let started = NIODeadline.now()
         track(operation) { [self] result in
+            for domain in involved { busyDomains.remove(domain.name) }
             recordMetrics(series: series, started: started, result)
             switch result {
             case .success(let checkpoint):

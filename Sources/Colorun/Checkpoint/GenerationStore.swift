@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -27,19 +29,33 @@ public struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
 /// directory fsynced. So a listed generation is never torn, whatever dies when. Partial
 /// files left by a killed run are removed when the store is opened. The newest `keep`
 /// generations are kept; older ones are removed after each commit.
-public final class GenerationStore: @unchecked Sendable {
+public final class GenerationStore: Sendable {
     public let directory: String
     public let fileExtension: String
-    public var keep: Int
-    private var highest: Int
+
+    private struct State {
+        var highest = 0
+        var keep: Int
+        var lastGood: Int?
+    }
+
+    private let state: Mutex<State>
+
+    /// How many complete generations to keep.
+    public var keep: Int {
+        get { state.withLock { $0.keep } }
+        set { state.withLock { $0.keep = newValue } }
+    }
+
+    /// The number of the newest complete generation (kept in memory: no directory scan).
+    public var lastGood: Int? { state.withLock { $0.lastGood } }
 
     /// Opens (creating if needed) the store. Returns the names of removed partial files in `removedPartials`.
     public init(directory: String, fileExtension: String, keep: Int = 3) throws(GenerationStoreError) {
         precondition(keep >= 1, "keep at least one generation")
         self.directory = directory
         self.fileExtension = fileExtension
-        self.keep = keep
-        self.highest = 0
+        self.state = Mutex(State(keep: keep))
         try Self.makeDirectories(directory)
         var removed: [String] = []
         for name in try Self.list(directory) where name.hasPrefix(".gen-") && name.hasSuffix(".partial") {
@@ -47,11 +63,15 @@ public final class GenerationStore: @unchecked Sendable {
             removed.append(name)
         }
         removedPartials = removed
-        highest = try generations().last?.number ?? 0
+        let newest = try generations().last?.number
+        state.withLock {
+            $0.highest = newest ?? 0
+            $0.lastGood = newest
+        }
     }
 
     /// Partial files found (torn by definition) and removed when the store was opened.
-    public private(set) var removedPartials: [String]
+    public let removedPartials: [String]
 
     /// Complete generations, oldest first.
     public func generations() throws(GenerationStoreError) -> [Generation] {
@@ -75,8 +95,11 @@ public final class GenerationStore: @unchecked Sendable {
 
     /// Reserves the next generation number and returns it with the partial path to write.
     public func begin() -> (number: Int, partialPath: String) {
-        highest += 1
-        return (highest, partialPath(highest))
+        let number = state.withLock { state in
+            state.highest += 1
+            return state.highest
+        }
+        return (number, partialPath(number))
     }
 
     public func partialPath(_ number: Int) -> String {
@@ -130,6 +153,7 @@ public final class GenerationStore: @unchecked Sendable {
             throw GenerationStoreError(path: final, reason: "rename failed: \(Self.errnoText())")
         }
         Self.syncDirectory(directory)
+        state.withLock { $0.lastGood = max($0.lastGood ?? 0, number) }
         prune()
         return Generation(number: number, path: final, bytes: Int(info.st_size))
     }
@@ -140,6 +164,7 @@ public final class GenerationStore: @unchecked Sendable {
     }
 
     private func prune() {
+        let keep = self.keep
         guard let all = try? generations(), all.count > keep else { return }
         for generation in all.dropLast(keep) {
             unlink(generation.path)

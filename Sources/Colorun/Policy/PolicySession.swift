@@ -1,6 +1,7 @@
 import Logging
 import LuaRuntime
 import NIOCore
+import NIOPosix
 import QMP
 import QMPClient
 
@@ -51,6 +52,10 @@ public final class PolicySession: @unchecked Sendable {
     var handles: [Int: any PolicyHandle] = [:]
     var nextHandleID = 1
     var tunedForRemus: Set<String> = []
+    /// Threads for blocking file work (checkpoint commits: fsync, rename).
+    let blockingIO = NIOThreadPool(numberOfThreads: 16)
+    /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
+    var busyDomains: Set<String> = []
     /// Domains a resume keeper is retrying `cont` on.
     var keepers: Set<String> = []
     /// The Lua half of `colo.policy` (set by the prelude).
@@ -91,6 +96,7 @@ public final class PolicySession: @unchecked Sendable {
         } catch {
             throw .setup("cannot bind colorun's Lua modules: \(error)")
         }
+        blockingIO.start()
         runtime.addShutdownHook { [self] outcome in self.shutdown(outcome) }
     }
 
@@ -288,6 +294,7 @@ public final class PolicySession: @unchecked Sendable {
             resumeStoppedDomains()
         }.flatMap { [self] in
             for domain in domains.values { domain.dropConnection() }
+            blockingIO.shutdownGracefully { _ in }
             return EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
         }
     }
