@@ -4,6 +4,7 @@ import LuaRuntime
 import NIOCore
 import QEMULab
 import QMP
+import Synchronization
 
 /// Where the helpers are and how long to run.
 struct BenchConfig: Sendable {
@@ -19,6 +20,14 @@ struct BenchConfig: Sendable {
     func wants(_ name: String) -> Bool { only.isEmpty || only.contains(name) }
 }
 
+/// QEMUs to stop; main awaits `stopAllQEMUs()` before it exits.
+let pendingStops = Mutex<[QEMUInstance]>([])
+func stopLater(_ instances: QEMUInstance...) { pendingStops.withLock { $0 += instances } }
+func stopAllQEMUs() async {
+    let all = pendingStops.withLock { list in defer { list = [] }; return list }
+    for q in all { _ = await q.stop(grace: .milliseconds(500)) }
+}
+
 func ratioText(_ a: Double, _ b: Double) -> String { b > 0 && a.isFinite && b.isFinite ? "\(fmt(a / b))×" : "n/a" }
 
 // MARK: - QMP round trip
@@ -26,24 +35,37 @@ func ratioText(_ a: Double, _ b: Double) -> String { b > 0 && a.isFinite && b.is
 func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     let n = config.n(2000, 500)
     let qemu = try QEMUInstance.start(QEMUSpec())
-    defer { Task { await qemu.stop() } }
-    let raw = pythonBaseline(config.python, config.baselineScript, ["raw-status", qemu.qmpSocketPath, String(n)])
-    let lib = pythonBaseline(config.python, config.baselineScript, ["lib-status", qemu.qmpSocketPath, String(n)])
-    let bench = BenchModule(arguments: ["n": String(n)])
-    _ = try await runPolicy(
-        """
-        local d = domain.get("d")
-        local n = tonumber(bench.arg("n"))
-        local now = bench.now
-        for i = 1, 50 do qmp.status(d) end
-        local s = {}
-        for i = 1, n do
-          local t = now()
-          qmp.status(d)
-          s[i] = now() - t
-        end
-        bench.put("rt", s)
-        """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
+    defer { stopLater(qemu) }
+    // Two rounds, baselines and colorun alternating, so that load from other work on the
+    // machine falls on all of them alike.
+    let bench = BenchModule(arguments: ["n": String(n / 2)])
+    var rawSamples: [Int64]? = []
+    var libSamples: [Int64]? = []
+    var rawWhy = "", libWhy = ""
+    for _ in 0..<2 {
+        let raw = pythonBaseline(config.python, config.baselineScript, ["raw-status", qemu.qmpSocketPath, String(n / 2)])
+        let lib = pythonBaseline(config.python, config.baselineScript, ["lib-status", qemu.qmpSocketPath, String(n / 2)])
+        rawSamples = raw.samples.flatMap { s in rawSamples.map { $0 + s } }
+        libSamples = lib.samples.flatMap { s in libSamples.map { $0 + s } }
+        rawWhy = raw.why
+        libWhy = lib.why
+        _ = try await runPolicy(
+            """
+            local d = domain.get("d")
+            local n = tonumber(bench.arg("n"))
+            local now = bench.now
+            for i = 1, 50 do qmp.status(d) end
+            local s = {}
+            for i = 1, n do
+              local t = now()
+              qmp.status(d)
+              s[i] = now() - t
+            end
+            bench.put("rt", s)
+            """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
+    }
+    let raw = (samples: rawSamples, why: rawWhy)
+    let lib = (samples: libSamples, why: libWhy)
     let colorun = Stats(bench.samples("rt"))
     let rawStats = raw.samples.map(Stats.init)
     let libStats = lib.samples.map(Stats.init)
@@ -83,34 +105,43 @@ func benchXenCycleRealQEMU(_ config: BenchConfig, _ results: Results) async thro
     let n = config.n(300, 100)
     let primary = try QEMUInstance.start(QEMUSpec())
     let secondary = try QEMUInstance.start(QEMUSpec())
-    defer { Task { await primary.stop(); await secondary.stop() } }
+    defer { stopLater(primary, secondary) }
     let pyFile = primary.path("py.devstate")
-    let args = [primary.qmpSocketPath, secondary.qmpSocketPath, pyFile, String(n)]
-    let serial = pythonBaseline(config.python, config.baselineScript, ["raw-cycle-serial"] + args)
-    let overlap = pythonBaseline(config.python, config.baselineScript, ["raw-cycle-overlap"] + args)
-    let gather = pythonBaseline(config.python, config.baselineScript, ["lib-cycle-gather"] + args)
-    let bench = BenchModule(arguments: ["n": String(n), "file": primary.path("colorun.devstate")])
-    _ = try await runPolicy(
-        """
-        local p, s = domain.get("p"), domain.get("s")
-        local n, file = tonumber(bench.arg("n")), bench.arg("file")
-        local now = bench.now
-        local function cycle()
-          task.all(function() qmp.stop(p) end, function() qmp.stop(s) end)
-          qmp.save(p, file, { live = false })
-          task.all(function() qmp.resume(p) end, function() qmp.resume(s) end)
-        end
-        for i = 1, 20 do cycle() end
-        local out = {}
-        for i = 1, n do
-          local t = now()
-          cycle()
-          out[i] = now() - t
-        end
-        bench.put("cycle", out)
-        """,
-        domains: [DomainSpec(name: "p", endpoint: primary.qmpEndpoint), DomainSpec(name: "s", endpoint: secondary.qmpEndpoint)],
-        bench: bench)
+    let args = [primary.qmpSocketPath, secondary.qmpSocketPath, pyFile, String(n / 2)]
+    let bench = BenchModule(arguments: ["n": String(n / 2), "file": primary.path("colorun.devstate")])
+    var collected: [String: [Int64]?] = ["raw-cycle-serial": [], "raw-cycle-overlap": [], "lib-cycle-gather": []]
+    var why: [String: String] = [:]
+    for _ in 0..<2 {
+        for mode in ["raw-cycle-serial", "raw-cycle-overlap", "lib-cycle-gather"] {
+            let r = pythonBaseline(config.python, config.baselineScript, [mode] + args)
+            collected[mode] = r.samples.flatMap { s in collected[mode]!.map { $0 + s } }
+            why[mode] = r.why
+        }
+        _ = try await runPolicy(
+            """
+            local p, s = domain.get("p"), domain.get("s")
+            local n, file = tonumber(bench.arg("n")), bench.arg("file")
+            local now = bench.now
+            local function cycle()
+              task.all(function() qmp.stop(p) end, function() qmp.stop(s) end)
+              qmp.save(p, file, { live = false })
+              task.all(function() qmp.resume(p) end, function() qmp.resume(s) end)
+            end
+            for i = 1, 20 do cycle() end
+            local out = {}
+            for i = 1, n do
+              local t = now()
+              cycle()
+              out[i] = now() - t
+            end
+            bench.put("cycle", out)
+            """,
+            domains: [DomainSpec(name: "p", endpoint: primary.qmpEndpoint), DomainSpec(name: "s", endpoint: secondary.qmpEndpoint)],
+            bench: bench)
+    }
+    let serial = (samples: collected["raw-cycle-serial"]!, why: why["raw-cycle-serial"] ?? "")
+    let overlap = (samples: collected["raw-cycle-overlap"]!, why: why["raw-cycle-overlap"] ?? "")
+    let gather = (samples: collected["lib-cycle-gather"]!, why: why["lib-cycle-gather"] ?? "")
     let c = Stats(bench.samples("cycle"))
     let o = overlap.samples.map(Stats.init)
     let s = serial.samples.map(Stats.init)
@@ -173,7 +204,7 @@ func benchColoCheckpointSim(_ config: BenchConfig, _ results: Results) async thr
 func benchRemusCheckpoint(_ config: BenchConfig, _ results: Results) async throws {
     let n = config.n(30, 10)
     let qemu = try QEMUInstance.start(QEMUSpec(memoryMiB: 64, countingGuest: true))
-    defer { Task { await qemu.stop() } }
+    defer { stopLater(qemu) }
     let raw = pythonBaseline(config.python, config.baselineScript, ["raw-remus", qemu.qmpSocketPath, qemu.path("py.vmstate"), String(n)])
     let bench = BenchModule(arguments: ["n": String(n)])
     _ = try await runPolicy(
@@ -232,7 +263,7 @@ func benchFailover(_ config: BenchConfig, _ results: Results) async throws {
             lab.kill(p)
             sleep("10s")
             error("no failover within 10 s")
-            """, domains: [], bench: bench, extensions: [lab])
+            """, domains: lab.domainSpecs, bench: bench, extensions: [lab])
         detect += bench.samples("detect")
         total += bench.samples("total")
     }

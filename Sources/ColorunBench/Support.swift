@@ -16,7 +16,9 @@ struct Stats: Sendable {
     var count: Int { sorted.count }
     func percentile(_ p: Double) -> Double {
         guard !sorted.isEmpty else { return .nan }
-        return Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p / 100))])
+        // Nearest rank.
+        let rank = Int((Double(sorted.count) * p / 100).rounded(.up))
+        return Double(sorted[max(0, min(sorted.count - 1, rank - 1))])
     }
     var p50: Double { percentile(50) }
     var p99: Double { percentile(99) }
@@ -138,8 +140,10 @@ let quietLogger: Logger = {
     return logger
 }()
 
-func makeTempDirectory(_ prefix: String) -> String {
-    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+func makeTempDirectory(_ prefix: String) -> String { makeTempDirectoryIn("/tmp", prefix) }
+
+func makeTempDirectoryIn(_ parent: String, _ prefix: String) -> String {
+    var template = Array("\(parent)/\(prefix)-XXXXXX".utf8CString)
     return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
 }
 

@@ -39,15 +39,18 @@ let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
 ]
 
 say("| benchmark | colorun | baseline | ratio | target | status |")
-let started = Date()
+var started: Int64 = 0
+started = monotonicNanos()
 for (name, body) in benchmarks where config.wants(name) {
     do {
         try await body(config, results)
+        await stopAllQEMUs()
     } catch {
+        await stopAllQEMUs()
         results.add(Row(name: name, colorun: "error", baseline: "", ratio: "", target: "", status: "error: \(error)", what: ""))
     }
 }
-let elapsed = Date().timeIntervalSince(started)
+let elapsed = Double(monotonicNanos() - started) / 1e9
 say("done in \(Int(elapsed)) s")
 
 if let out = option("--out") {
