@@ -109,13 +109,12 @@ func benchXenCycleRealQEMU(_ config: BenchConfig, _ results: Results) async thro
     let pyFile = primary.path("py.devstate")
     let args = [primary.qmpSocketPath, secondary.qmpSocketPath, pyFile, String(n / 2)]
     let bench = BenchModule(arguments: ["n": String(n / 2), "file": primary.path("colorun.devstate")])
-    var collected: [String: [Int64]?] = ["raw-cycle-serial": [], "raw-cycle-overlap": [], "lib-cycle-gather": []]
+    var collected: [String: [Int64]] = [:]
     var why: [String: String] = [:]
     for _ in 0..<2 {
         for mode in ["raw-cycle-serial", "raw-cycle-overlap", "lib-cycle-gather"] {
             let r = pythonBaseline(config.python, config.baselineScript, [mode] + args)
-            collected[mode] = r.samples.flatMap { s in collected[mode]!.map { $0 + s } }
-            why[mode] = r.why
+            if let samples = r.samples { collected[mode, default: []] += samples } else { why[mode] = r.why }
         }
         _ = try await runPolicy(
             """
@@ -139,9 +138,9 @@ func benchXenCycleRealQEMU(_ config: BenchConfig, _ results: Results) async thro
             domains: [DomainSpec(name: "p", endpoint: primary.qmpEndpoint), DomainSpec(name: "s", endpoint: secondary.qmpEndpoint)],
             bench: bench)
     }
-    let serial = (samples: collected["raw-cycle-serial"]!, why: why["raw-cycle-serial"] ?? "")
-    let overlap = (samples: collected["raw-cycle-overlap"]!, why: why["raw-cycle-overlap"] ?? "")
-    let gather = (samples: collected["lib-cycle-gather"]!, why: why["lib-cycle-gather"] ?? "")
+    let serial = (samples: why["raw-cycle-serial"] == nil ? collected["raw-cycle-serial"] : nil, why: why["raw-cycle-serial"] ?? "")
+    let overlap = (samples: why["raw-cycle-overlap"] == nil ? collected["raw-cycle-overlap"] : nil, why: why["raw-cycle-overlap"] ?? "")
+    let gather = (samples: why["lib-cycle-gather"] == nil ? collected["lib-cycle-gather"] : nil, why: why["lib-cycle-gather"] ?? "")
     let c = Stats(bench.samples("cycle"))
     let o = overlap.samples.map(Stats.init)
     let s = serial.samples.map(Stats.init)
