@@ -7,28 +7,33 @@ import LuaRuntime
 import NIOCore
 import NIOPosix
 
-let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-let loop = group.next()
-let directory: String = {
-    var template = Array("/dev/shm/colorun-fuzz-XXXXXX".utf8CString)
-    return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
-}()
-let path = directory + "/policy.lua"
-var logger: Logger = {
-    var l = Logger(label: "fuzz") { _ in SwiftLogNoOpLogHandler() }
-    l.logLevel = .critical
-    return l
-}()
+enum Fuzz {
+    static let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    static let loop = group.next()
+    static let directory: String = {
+        var template = Array("/dev/shm/colorun-fuzz-XXXXXX".utf8CString)
+        return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+    }()
+    static let path = directory + "/policy.lua"
+    static let logger: Logger = {
+        var l = Logger(label: "fuzz") { _ in SwiftLogNoOpLogHandler() }
+        l.logLevel = .critical
+        return l
+    }()
+}
 
 func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     let bytes = data.map { Array(UnsafeBufferPointer(start: $0, count: size)) } ?? []
+    let loop = Fuzz.loop
+    let path = Fuzz.path
     guard FileManager.default.createFile(atPath: path, contents: Data(bytes)) else { return 0 }
     var options = LuaRuntimeOptions()
     options.memoryLimit = 4 << 20
     options.timeLimit = .milliseconds(30)
-    let log = logger
+    let log = Fuzz.logger
+    let opts = options
     do {
-        let runtime = try loop.submit { try LuaRuntime(eventLoop: loop, options: options, logger: log) }.wait()
+        let runtime = try loop.submit { try LuaRuntime(eventLoop: loop, options: opts, logger: log) }.wait()
         let stop = loop.scheduleTask(in: .milliseconds(100)) { runtime.stop() }
         _ = try runtime.start(policyAt: path).wait()
         stop.cancel()
