@@ -27,8 +27,18 @@ class Raw:
     """A blocking QMP client: one JSON object per line; events are skipped."""
 
     def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+        # QEMU may not listen yet right after it started: retry for up to 5 s.
+        deadline = time.monotonic() + 5
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.file = self.sock.makefile("rb")
         json.loads(self.file.readline())  # greeting
         self.send("qmp_capabilities")
@@ -134,6 +144,12 @@ def lib_mode(mode, args):
 
     async def connect(path):
         c = QMPClient("bench")
+        for _ in range(500):
+            try:
+                await c.connect(path)
+                return c
+            except Exception:
+                await asyncio.sleep(0.01)
         await c.connect(path)
         return c
 

@@ -47,8 +47,8 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
         let lib = pythonBaseline(config.python, config.baselineScript, ["lib-status", qemu.qmpSocketPath, String(n / 2)])
         rawSamples = raw.samples.flatMap { s in rawSamples.map { $0 + s } }
         libSamples = lib.samples.flatMap { s in libSamples.map { $0 + s } }
-        rawWhy = raw.why
-        libWhy = lib.why
+        if rawWhy.isEmpty { rawWhy = raw.why }
+        if libWhy.isEmpty { libWhy = lib.why }
         _ = try await runPolicy(
             """
             local d = domain.get("d")
