@@ -16,7 +16,8 @@ import Testing
     /// The line decoder gives the same values whatever the reads look like.
     @Test(arguments: [1, 2, 3, 7, 64])
     func lineDecoderIgnoresHowInputIsSplit(_ chunk: Int) throws {
-        let input = Array(#"{"return": {}, "id": 1}"#.utf8 + "\r\n\n".utf8 + #"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#.utf8 + "\r\n".utf8)
+        let text = #"{"return": {}, "id": 1}"# + "\r\n\n" + #"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"# + "\r\n"
+        let input = Array(text.utf8)
         var decoder = QMPJSONLineDecoder(maxLineLength: 4096)
         var buffer = ByteBufferAllocator().buffer(capacity: input.count)
         var values: [JSONValue] = []
