@@ -13,6 +13,8 @@ import PackageDescription
 //   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
 //   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
 //   QMPBench       the `qmp-bench` command: query-status latency through both QMPClient APIs
+//   ColorunBench   the `colorun-bench` command: colorun vs its baselines (scripts/bench)
+//   Fuzz*          libFuzzer targets, declared only when COLORUN_FUZZ is set (scripts/fuzz)
 let nio: [Target.Dependency] = [
     .product(name: "NIOCore", package: "swift-nio"),
     .product(name: "NIOPosix", package: "swift-nio"),
@@ -29,6 +31,7 @@ let package = Package(
         .executable(name: "colorun", targets: ["ColorunCLI"]),
         .executable(name: "qemu-sim", targets: ["QEMUSimCLI"]),
         .executable(name: "qmp-bench", targets: ["QMPBench"]),
+        .executable(name: "colorun-bench", targets: ["ColorunBench"]),
         .library(name: "QMPClient", targets: ["QMPClient"]),
     ],
     dependencies: [
@@ -77,6 +80,10 @@ let package = Package(
             dependencies: ["QEMUSimulator", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(name: "QMPBench", dependencies: ["QMPClient", "QEMULab", logging] + nio),
+        .executableTarget(
+            name: "ColorunBench",
+            dependencies: ["Colorun", "LuaRuntime", "QMP", "QEMULab", logging] + nio
+        ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
         .testTarget(
             name: "QMPClientTests",
@@ -95,3 +102,16 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// The fuzz targets exist only for scripts/fuzz (which sets COLORUN_FUZZ=1 and builds them
+// with -sanitize=fuzzer in its own scratch path): `swift build` and `swift test` never see them.
+if Context.environment["COLORUN_FUZZ"] != nil {
+    package.products += [
+        .executable(name: "fuzz-qmp", targets: ["FuzzQMP"]),
+        .executable(name: "fuzz-policy", targets: ["FuzzPolicy"]),
+    ]
+    package.targets += [
+        .executableTarget(name: "FuzzQMP", dependencies: ["QMP", .product(name: "NIOCore", package: "swift-nio")], path: "Fuzz/FuzzQMP"),
+        .executableTarget(name: "FuzzPolicy", dependencies: ["LuaRuntime", logging] + nio, path: "Fuzz/FuzzPolicy"),
+    ]
+}

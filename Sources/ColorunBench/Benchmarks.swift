@@ -1,0 +1,360 @@
+import Colorun
+import Foundation
+import LuaRuntime
+import NIOCore
+import QEMULab
+import QMP
+import Synchronization
+
+/// Where the helpers are and how long to run.
+struct BenchConfig: Sendable {
+    var quick = false
+    var python: String?
+    var baselineScript: String
+    var qemuSim: String
+    var qmpBench: String?
+    /// Only these benchmarks (empty: all).
+    var only: Set<String> = []
+
+    func n(_ full: Int, _ quick: Int) -> Int { self.quick ? quick : full }
+    func wants(_ name: String) -> Bool { only.isEmpty || only.contains(name) }
+}
+
+/// QEMUs to stop; main awaits `stopAllQEMUs()` before it exits.
+let pendingStops = Mutex<[QEMUInstance]>([])
+func stopLater(_ instances: QEMUInstance...) { pendingStops.withLock { $0 += instances } }
+func stopAllQEMUs() async {
+    let all = pendingStops.withLock { list in defer { list = [] }; return list }
+    for q in all { _ = await q.stop(grace: .milliseconds(500)) }
+}
+
+func ratioText(_ a: Double, _ b: Double) -> String { b > 0 && a.isFinite && b.isFinite ? "\(fmt(a / b))×" : "n/a" }
+
+// MARK: - QMP round trip
+
+func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
+    let n = config.n(2000, 500)
+    let qemu = try QEMUInstance.start(QEMUSpec())
+    defer { stopLater(qemu) }
+    // Two rounds, baselines and colorun alternating, so that load from other work on the
+    // machine falls on all of them alike.
+    let bench = BenchModule(arguments: ["n": String(n / 2)])
+    var rawSamples: [Int64]? = []
+    var libSamples: [Int64]? = []
+    var rawWhy = "", libWhy = ""
+    for _ in 0..<2 {
+        let raw = pythonBaseline(config.python, config.baselineScript, ["raw-status", qemu.qmpSocketPath, String(n / 2)])
+        let lib = pythonBaseline(config.python, config.baselineScript, ["lib-status", qemu.qmpSocketPath, String(n / 2)])
+        rawSamples = raw.samples.flatMap { s in rawSamples.map { $0 + s } }
+        libSamples = lib.samples.flatMap { s in libSamples.map { $0 + s } }
+        if rawWhy.isEmpty { rawWhy = raw.why }
+        if libWhy.isEmpty { libWhy = lib.why }
+        _ = try await runPolicy(
+            """
+            local d = domain.get("d")
+            local n = tonumber(bench.arg("n"))
+            local now = bench.now
+            for i = 1, 50 do qmp.status(d) end
+            local s = {}
+            for i = 1, n do
+              local t = now()
+              qmp.status(d)
+              s[i] = now() - t
+            end
+            bench.put("rt", s)
+            """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
+    }
+    let raw = (samples: rawSamples, why: rawWhy)
+    let lib = (samples: libSamples, why: libWhy)
+    let colorun = Stats(bench.samples("rt"))
+    let rawStats = raw.samples.map(Stats.init)
+    let libStats = lib.samples.map(Stats.init)
+    var baseline = rawStats.map { "raw py \(ms($0))" } ?? "raw py skipped (\(raw.why))"
+    baseline += libStats.map { "; qemu.qmp \(ms($0))" } ?? "; qemu.qmp skipped (\(lib.why))"
+    let ratio = rawStats.map { colorun.p50 / $0.p50 }
+    results.add(Row(
+        name: "QMP round trip (query-status), p50 / p99", colorun: ms(colorun), baseline: baseline,
+        ratio: rawStats.map { "\(ratioText(colorun.p50, $0.p50)) raw p50" } ?? "n/a",
+        target: "≤ 1.10× raw py p50", status: ratio.map { verdict($0 <= 1.10) } ?? "skipped: \(raw.why)",
+        what: "one `qmp.status(d)` from a Lua policy loop, \(n) calls after 50 warm-up, real QEMU 7.2 TCG; baselines: blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU"))
+    if let qmpBench = config.qmpBench {
+        // The same QEMU build through QMPClient alone (no Lua): the existing qmp-bench tool.
+        let out = runTool(qmpBench, [String(n)])
+        if let line = out.split(separator: "\n").last(where: { $0.contains("pass 2 callback") }) {
+            results.note("QMPClient alone (qmp-bench, callback API, no Lua): \(line.replacingOccurrences(of: "pass 2 callback: ", with: ""))")
+        }
+    }
+}
+
+func runTool(_ path: String, _ arguments: [String]) -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle.nullDevice
+    guard (try? process.run()) != nil else { return "" }
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return String(decoding: data, as: UTF8.self)
+}
+
+// MARK: - Xen-flavour cycle without the restore, real QEMU
+
+func benchXenCycleRealQEMU(_ config: BenchConfig, _ results: Results) async throws {
+    let n = config.n(300, 100)
+    let primary = try QEMUInstance.start(QEMUSpec())
+    let secondary = try QEMUInstance.start(QEMUSpec())
+    defer { stopLater(primary, secondary) }
+    let pyFile = primary.path("py.devstate")
+    let args = [primary.qmpSocketPath, secondary.qmpSocketPath, pyFile, String(n / 2)]
+    let bench = BenchModule(arguments: ["n": String(n / 2), "file": primary.path("colorun.devstate")])
+    var collected: [String: [Int64]] = [:]
+    var why: [String: String] = [:]
+    for _ in 0..<2 {
+        for mode in ["raw-cycle-serial", "raw-cycle-overlap", "lib-cycle-gather"] {
+            let r = pythonBaseline(config.python, config.baselineScript, [mode] + args)
+            if let samples = r.samples { collected[mode, default: []] += samples } else { why[mode] = r.why }
+        }
+        _ = try await runPolicy(
+            """
+            local p, s = domain.get("p"), domain.get("s")
+            local n, file = tonumber(bench.arg("n")), bench.arg("file")
+            local now = bench.now
+            local function cycle()
+              task.all(function() qmp.stop(p) end, function() qmp.stop(s) end)
+              qmp.save(p, file, { live = false })
+              task.all(function() qmp.resume(p) end, function() qmp.resume(s) end)
+            end
+            for i = 1, 20 do cycle() end
+            local out = {}
+            for i = 1, n do
+              local t = now()
+              cycle()
+              out[i] = now() - t
+            end
+            bench.put("cycle", out)
+            -- Diagnostic: the same cycle with qmp.execute("stop"/"cont"), which skips the
+            -- stop journal (a file written before each stop, removed after each cont).
+            local function cycle_nj()
+              task.all(function() qmp.execute(p, "stop") end, function() qmp.execute(s, "stop") end)
+              qmp.save(p, file, { live = false })
+              task.all(function() qmp.execute(p, "cont") end, function() qmp.execute(s, "cont") end)
+            end
+            local nj = {}
+            for i = 1, n do
+              local t = now()
+              cycle_nj()
+              nj[i] = now() - t
+            end
+            bench.put("cycle_nj", nj)
+            """,
+            domains: [DomainSpec(name: "p", endpoint: primary.qmpEndpoint), DomainSpec(name: "s", endpoint: secondary.qmpEndpoint)],
+            bench: bench)
+    }
+    let serial = (samples: why["raw-cycle-serial"] == nil ? collected["raw-cycle-serial"] : nil, why: why["raw-cycle-serial"] ?? "")
+    let overlap = (samples: why["raw-cycle-overlap"] == nil ? collected["raw-cycle-overlap"] : nil, why: why["raw-cycle-overlap"] ?? "")
+    let gather = (samples: why["lib-cycle-gather"] == nil ? collected["lib-cycle-gather"] : nil, why: why["lib-cycle-gather"] ?? "")
+    let c = Stats(bench.samples("cycle"))
+    let o = overlap.samples.map(Stats.init)
+    let s = serial.samples.map(Stats.init)
+    let g = gather.samples.map(Stats.init)
+    var baseline = "raw serial " + (s.map { ms($0) } ?? "skipped")
+    baseline += "; raw overlapped " + (o.map { ms($0) } ?? "skipped")
+    baseline += "; qemu.qmp gather " + (g.map { ms($0) } ?? "skipped (\(gather.why))")
+    var status = "skipped: \(overlap.why)"
+    var ratio = "n/a"
+    if let o, let s {
+        let r = c.p50 / o.p50
+        ratio = "\(fmt(r))× overlapped p50 (overhead \(fmt((c.p50 - o.p50) / 1e6, 3)) ms); \(ratioText(c.p50, s.p50)) serial"
+        status = verdict(r <= 1.05 && c.p50 < s.p50)
+    }
+    results.note("Xen cycle without the stop journal (qmp.execute \"stop\"/\"cont\" instead of qmp.stop/qmp.resume), same run: \(ms(Stats(bench.samples("cycle_nj")))) vs \(ms(c)) with it")
+    results.add(Row(
+        name: "Xen cycle w/o restore (stop both, save, cont both), p50 / p99", colorun: ms(c), baseline: baseline, ratio: ratio,
+        target: "< raw serial; ≤ 1.05× raw overlapped", status: status,
+        what: "a Lua policy: `task.all` of two `qmp.stop`, `qmp.save(p, f, {live=false})`, `task.all` of two `qmp.resume`; \(n) cycles on two real QEMUs; the raw overlapped client sends both stops (conts) before reading either reply"))
+}
+
+// MARK: - colo.checkpoint against the simulator
+
+let coloPolicy = """
+        local p, s = domain.get("p"), domain.get("s")
+        local n = tonumber(bench.arg("n"))
+        local now = bench.now
+        for i = 1, 20 do colo.checkpoint(p, s, { keep = 2 }) end
+        local wall, pause = {}, {}
+        for i = 1, n do
+          local t = now()
+          local r = colo.checkpoint(p, s, { keep = 2 })
+          wall[i] = now() - t
+          pause[i] = math.floor(r.pause_ms * 1e6)
+        end
+        bench.put("wall", wall)
+        bench.put("pause", pause)
+        """
+
+func coloDomains(_ sim: SimProcess) -> [DomainSpec] {
+    [DomainSpec(name: "p", endpoint: .unix(path: sim.socket(0))), DomainSpec(name: "s", endpoint: .unix(path: sim.socket(1)))]
+}
+
+func benchColoCheckpointSim(_ config: BenchConfig, _ results: Results) async throws {
+    let n = config.n(500, 150)
+    let sim = try SimProcess(executable: config.qemuSim, count: 2)
+    defer { sim.stop() }
+    let raw = pythonBaseline(config.python, config.baselineScript,
+                             ["raw-colo-overlap", sim.socket(0), sim.socket(1), sim.directory + "/py.devstate", String(n)])
+    let bench = BenchModule(arguments: ["n": String(n)])
+    _ = try await runPolicy(coloPolicy, domains: coloDomains(sim), bench: bench)
+    let wall = Stats(bench.samples("wall"))
+    let pause = Stats(bench.samples("pause"))
+    // The same with the state directory on tmpfs, where the commit's two fsyncs cost nothing.
+    let shm = makeTempDirectoryIn("/dev/shm", "colorun-bench")
+    defer { try? FileManager.default.removeItem(atPath: shm) }
+    let tmpfsBench = BenchModule(arguments: ["n": String(n)])
+    _ = try await runPolicy(coloPolicy, domains: coloDomains(sim), bench: tmpfsBench) { $0.stateDirectory = shm + "/state" }
+    let tmpfsWall = Stats(tmpfsBench.samples("wall"))
+    results.note("colo.checkpoint with the state directory on tmpfs (no fsync cost), same simulator: call \(ms(tmpfsWall)), pause \(ms(Stats(tmpfsBench.samples("pause")))); on disk: call \(ms(wall))")
+    let r = raw.samples.map(Stats.init)
+    results.add(Row(
+        name: "colo.checkpoint (full Xen cycle), simulator, p50 / p99", colorun: "call \(ms(wall)); pause \(ms(pause))",
+        baseline: r.map { "raw py overlapped \(ms($0))" } ?? "skipped (\(raw.why))",
+        ratio: r.map { "\(ratioText(wall.p50, $0.p50)) raw p50 (\(ratioText(tmpfsWall.p50, $0.p50)) with the state dir on tmpfs)" } ?? "n/a", target: "(none)", status: "n/a",
+        what: "`colo.checkpoint(p, s)` (stop both, save to a partial file, verify, load on s, cont both, commit the generation: fsync file, rename, fsync dir, prune) against a qemu-sim process; raw: the same QMP steps without the file checks or fsyncs"))
+}
+
+// MARK: - Remus checkpoint, real QEMU 64 MiB
+
+func benchRemusCheckpoint(_ config: BenchConfig, _ results: Results) async throws {
+    let n = config.n(30, 10)
+    let qemu = try QEMUInstance.start(QEMUSpec(memoryMiB: 64, countingGuest: true))
+    defer { stopLater(qemu) }
+    let raw = pythonBaseline(config.python, config.baselineScript, ["raw-remus", qemu.qmpSocketPath, qemu.path("py.vmstate"), String(n)])
+    let bench = BenchModule(arguments: ["n": String(n)])
+    _ = try await runPolicy(
+        """
+        local d = domain.get("d")
+        local n = tonumber(bench.arg("n"))
+        local now = bench.now
+        for i = 1, 2 do remus.checkpoint(d, { keep = 2 }) end
+        local wall, pause = {}, {}
+        for i = 1, n do
+          local t = now()
+          local r = remus.checkpoint(d, { keep = 2 })
+          wall[i] = now() - t
+          pause[i] = math.floor(r.pause_ms * 1e6)
+        end
+        bench.put("wall", wall)
+        bench.put("pause", pause)
+        """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
+    let wall = Stats(bench.samples("wall"))
+    let pause = Stats(bench.samples("pause"))
+    let r = raw.samples.map(Stats.init)
+    results.add(Row(
+        name: "remus.checkpoint, real QEMU 64 MiB, pause p50 / p99", colorun: "pause \(ms(pause, digits: 1)); call \(ms(wall, digits: 1))",
+        baseline: r.map { "raw py \(ms($0, digits: 1))" } ?? "skipped (\(raw.why))",
+        ratio: r.map { "\(ratioText(pause.p50, $0.p50)) raw p50" } ?? "n/a", target: "(none)", status: "n/a",
+        what: "stop, `migrate exec:cat > FILE`, poll `query-migrate`, cont (pause = stop sent → cont answered), idle counting guest, max-bandwidth raised; \(n) checkpoints; raw: the same steps polling every 0.5 ms"))
+}
+
+// MARK: - Failover
+
+func benchFailover(_ config: BenchConfig, _ results: Results) async throws {
+    let rounds = config.n(5, 2)
+    var detect: [Int64] = []
+    var total: [Int64] = []
+    for _ in 0..<rounds {
+        let lab = try Lab(names: ["primary"], memoryMiB: 64)
+        let bench = BenchModule()
+        _ = try await runPolicy(
+            """
+            local p = domain.get("primary")
+            local now = bench.now
+            remus.checkpoint(p)
+            local t0
+            policy.on_lost(p, function()
+              local t1 = now()
+              local sb = remus.restore{ name = "standby", from = "primary", lab = true }
+              local st = qmp.status(sb)
+              local t2 = now()
+              assert(st.status == "running", "standby is " .. tostring(st.status))
+              bench.put("detect", { t1 - t0 })
+              bench.put("total", { t2 - t0 })
+              policy.stop()
+            end, { heartbeat = "50ms", timeout = "100ms" })
+            sleep("100ms")
+            t0 = now()
+            lab.kill(p)
+            sleep("10s")
+            error("no failover within 10 s")
+            """, domains: lab.domainSpecs, bench: bench, extensions: [lab])
+        detect += bench.samples("detect")
+        total += bench.samples("total")
+    }
+    let t = Stats(total)
+    let d = Stats(detect)
+    results.add(Row(
+        name: "Failover: SIGKILL → Remus standby `running`, p50 / max", colorun: "\(fmt(t.p50 / 1e6, 1)) / \(fmt(Double(t.sorted.last ?? 0) / 1e6, 1)) ms (detect \(fmt(d.p50 / 1e6, 1)) ms)",
+        baseline: "(none)", ratio: "n/a", target: "< 200 ms", status: verdict(Double(t.sorted.last ?? .max) < 200e6),
+        what: "lab: `lab.kill(primary)` → `policy.on_lost` fires (monitor EOF) → `remus.restore{lab=true}` starts QEMU with `-incoming exec:cat GEN`, cont → `qmp.status` says running; \(rounds) rounds, 64 MiB idle guest"))
+}
+
+// MARK: - Lua → Swift binding cost
+
+func benchBinding(_ config: BenchConfig, _ results: Results) async throws {
+    let n = config.n(5_000_000, 1_000_000)
+    let dir = makeTempDirectory("colorun-bench-lua")
+    let path = dir + "/policy.lua"
+    try """
+    local n = tonumber(bench.arg("n"))
+    local now = bench.now
+    local nop, nop2 = nop, nop
+    local function lf() end
+    local best = { math.huge, math.huge, math.huge, math.huge }
+    for round = 1, 5 do
+      sleep(0)  -- a completed host operation resets the 5 s time limit of a task
+      local t = now(); for i = 1, n do end; local e = now() - t
+      t = now(); for i = 1, n do lf() end; local l = now() - t
+      t = now(); for i = 1, n do nop() end; local h = now() - t
+      t = now(); for i = 1, n do nop2(i, "x") end; local h2 = now() - t
+      local r = { e, l, h, h2 }
+      for k = 1, 4 do if r[k] < best[k] then best[k] = r[k] end end
+    end
+    bench.put("b", best)
+    """.write(toFile: path, atomically: true, encoding: .utf8)
+    let bench = BenchModule(arguments: ["n": String(n)])
+    let loop = benchGroup.next()
+    let runtime = try await loop.submit {
+        let runtime = try LuaRuntime(eventLoop: loop, options: LuaRuntimeOptions(), logger: quietLogger)
+        try runtime.registerGlobal("nop", .sync { _ in })
+        try bench.register(in: runtime)
+        return runtime
+    }.get()
+    let outcome = await runtime.run(policyAt: path)
+    if case .failed(let failure) = outcome { throw BenchError("binding policy failed: \(failure)") }
+    let b = bench.samples("b").map { Double($0) / Double(n) }
+    guard b.count == 4 else { throw BenchError("binding: no samples") }
+    let host = b[2] - b[0]
+    let lua = b[1] - b[0]
+    results.add(Row(
+        name: "Lua → Swift call (sync host function), ns/call", colorun: "\(fmt(host, 1)) ns (with 2 args: \(fmt(b[3] - b[0], 1)) ns)",
+        baseline: "Lua → Lua \(fmt(lua, 1)) ns", ratio: ratioText(host, lua), target: "< 50 ns", status: verdict(host < 50),
+        what: "best of 5 loops of \(n) calls of a no-op `LuaHostFunction.sync` registered with `registerGlobal`, minus the empty loop (\(fmt(b[0], 1)) ns/iter); includes the 10,000-instruction budget hook"))
+}
+
+// MARK: - Start-up
+
+func benchStartup(_ config: BenchConfig, _ results: Results) async throws {
+    let rounds = config.n(30, 10)
+    var samples: [Int64] = []
+    for _ in 0..<rounds {
+        let bench = BenchModule()
+        let t = monotonicNanos()
+        _ = try await runPolicy("-- nothing", domains: [], bench: bench)
+        samples.append(monotonicNanos() - t)
+    }
+    let s = Stats(samples)
+    results.add(Row(
+        name: "Start-up: PolicySession + empty policy, in-process", colorun: ms(s), baseline: "(none)", ratio: "n/a", target: "(none)", status: "n/a",
+        what: "the `colorun` CLI is not built in this tree (a stub), so: write policy.lua, create a PolicySession (Lua state, sandbox, colorun's modules, state dir, journal) on its loop, run it to the end; \(rounds) rounds, p50 / p99"))
+}
