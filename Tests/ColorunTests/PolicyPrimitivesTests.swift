@@ -179,7 +179,7 @@ import Testing
         do {
             let journal = try StopJournal(stateDirectory: state)
             try journal.willStop(domain: "web-s", endpoint: pair.domains[1].1)
-            writeFile(state + "/journal/web-s.paused", Array(#"{"domain":"web-s","endpoint":"\#(pair.domains[1].1)","pid":999999,"since":1}"#.utf8))
+            writeFile(state + "/journal/web-s.journal", Array(#"{"domain":"web-s","endpoint":"\#(pair.domains[1].1)","pid":999999,"since":1,"state":"stopped"}"#.utf8))
         }
         let run = try await runPolicy("assert(domain.get('web-s'):status().running)\n", domains: pair.domains, stateDirectory: state)
         #expect(run.failure == nil, "\(run.failure ?? "")")

@@ -4,14 +4,17 @@ import Glibc
 import Darwin
 #endif
 import QMP
+import Synchronization
 
 /// The domains this colorun has stopped and not yet resumed, on disk.
 ///
-/// Before colorun sends `stop` to a domain it writes `<state-dir>/journal/<domain>.paused`
-/// (the domain's name, QMP endpoint and colorun's pid); after `cont` succeeds it removes
-/// it. If colorun is killed in between (SIGKILL, OOM), a later run finds the entry and
-/// resumes the domain. Entries are written with write(2), not fsynced: they must survive
-/// the death of the colorun process, not of the host (which takes its VMs with it).
+/// Each domain has a small record `<state-dir>/journal/<domain>.journal` (its name, QMP
+/// endpoint, colorun's pid and whether colorun has it stopped). Before colorun sends `stop`
+/// it writes "stopped"; after `cont` succeeds it writes "running". If colorun is killed in
+/// between (SIGKILL, OOM), a later run finds the record and resumes the domain. Each
+/// update is one `pwrite` of a fixed-size record into a file kept open, not fsynced: it
+/// must survive the death of the colorun process (one write call is all or nothing then),
+/// not of the host, which takes its VMs with it.
 public final class StopJournal: @unchecked Sendable {
     public struct Entry: Sendable, Hashable {
         public var domain: String
@@ -21,10 +24,17 @@ public final class StopJournal: @unchecked Sendable {
     }
 
     public let directory: String
+    /// Open journal files and their domains' endpoints, by domain.
+    private let files = Mutex<[String: (fd: Int32, endpoint: String)]>([:])
+    static let recordSize = 1024
 
     public init(stateDirectory: String) throws(GenerationStoreError) {
         directory = stateDirectory + "/journal"
         try GenerationStore.makeDirectories(directory)
+    }
+
+    deinit {
+        files.withLock { for file in $0.values { close(file.fd) } }
     }
 
     private func path(for domain: String) -> String {
@@ -34,43 +44,67 @@ public final class StopJournal: @unchecked Sendable {
             return (c.isLetter || c.isNumber || c == "-" || c == "_" || c == ".") && scalar.isASCII
                 ? String(c) : "%" + String(scalar.value, radix: 16)
         }.joined()
-        return directory + "/" + safe + ".paused"
+        return directory + "/" + safe + ".journal"
     }
 
-    /// Records that `domain` is about to be stopped by this process.
-    public func willStop(domain: String, endpoint: String) throws(GenerationStoreError) {
+    private func write(domain: String, endpoint: String, stopped: Bool) throws(GenerationStoreError) {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
-        let entry: JSONValue = [
+        let record: JSONValue = [
             "domain": .string(domain),
             "endpoint": .string(endpoint),
             "pid": .int(Int64(getpid())),
             "since": .double(Double(now.tv_sec) + Double(now.tv_nsec) / 1e9),
+            "state": .string(stopped ? "stopped" : "running"),
         ]
-        let target = path(for: domain)
-        let bytes = JSONEncoding.encode(entry) + [0x0A]
-        let fd = open(target, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            throw GenerationStoreError(path: target, reason: "cannot write stop journal: \(GenerationStore.errnoText())")
+        var bytes = JSONEncoding.encode(record)
+        guard bytes.count < Self.recordSize else {
+            throw GenerationStoreError(path: path(for: domain), reason: "journal record too long")
         }
-        defer { close(fd) }
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        bytes += [UInt8](repeating: 0x20, count: Self.recordSize - 1 - bytes.count) + [0x0A]
+        let target = path(for: domain)
+        let fd: Int32 = try files.withLock { (open: inout [String: (fd: Int32, endpoint: String)]) throws(GenerationStoreError) -> Int32 in
+            if let file = open[domain] { return file.fd }
+            let fd = Glibc.open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else {
+                throw GenerationStoreError(path: target, reason: "cannot write stop journal: \(GenerationStore.errnoText())")
+            }
+            open[domain] = (fd, endpoint)
+            return fd
+        }
+        let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
         guard written == bytes.count else {
             throw GenerationStoreError(path: target, reason: "cannot write stop journal: \(GenerationStore.errnoText())")
         }
     }
 
-    /// Records that `domain` is running again.
-    public func didResume(domain: String) {
-        unlink(path(for: domain))
+    /// Records that `domain` is about to be stopped by this process.
+    public func willStop(domain: String, endpoint: String) throws(GenerationStoreError) {
+        try write(domain: domain, endpoint: endpoint, stopped: true)
     }
 
-    /// Entries left behind, by this or an earlier process.
+    /// Records that `domain` is running again.
+    public func didResume(domain: String) {
+        let known = files.withLock { $0[domain]?.endpoint }
+        guard let endpoint = known ?? entries(matching: domain).first?.endpoint else { return }
+        try? write(domain: domain, endpoint: endpoint, stopped: false)
+    }
+
+    /// Domains recorded as stopped, by this or an earlier process.
     public func entries() -> [Entry] {
-        guard let names = try? GenerationStore.list(directory) else { return [] }
-        return names.filter { $0.hasSuffix(".paused") }.compactMap { name in
-            let full = directory + "/" + name
-            guard let bytes = Self.readFile(full), let json = try? JSONParser.parse(bytes),
+        entries(matching: nil)
+    }
+
+    private func entries(matching name: String?) -> [Entry] {
+        let names: [String]
+        if let name {
+            names = [String(path(for: name).dropFirst(directory.count + 1))]
+        } else {
+            names = ((try? GenerationStore.list(directory)) ?? []).filter { $0.hasSuffix(".journal") }
+        }
+        return names.compactMap { file in
+            guard let bytes = Self.readFile(directory + "/" + file), let json = try? JSONParser.parse(bytes),
+                json["state"]?.stringValue == "stopped",
                 let domain = json["domain"]?.stringValue, let endpoint = json["endpoint"]?.stringValue
             else { return nil }
             return Entry(
