@@ -108,18 +108,13 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
 
     @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
     func qemuCOLOExampleWithKVM() async throws {
-        let migration = makeTempDirectory("colorun-colo") + "/colo.mig"
-        let primary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm"))
-        let secondary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm", incoming: "unix:\(migration)"))
-        defer {
-            primary.kill(SIGKILL)
-            secondary.kill(SIGKILL)
-        }
+        let pair = try KVMCOLOPair()
+        defer { pair.kill() }
         let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/qemu-colo.lua")!, as: UTF8.self)
             + "\npolicy.after('500ms', function() test.kill() end)\n"
         let run = try await runPolicy(
-            source, domains: [("primary", "unix:\(primary.qmpSocketPath)"), ("secondary", "unix:\(secondary.qmpSocketPath)")],
-            hooks: ["kill": { primary.kill(SIGKILL) }]) { $0.arguments = ["unix:\(migration)"] }
+            source, domains: pair.domains,
+            hooks: ["kill": { pair.primary.kill(SIGKILL) }]) { $0.arguments = [pair.migrationURI] }
         guard case .stopped = run.report.outcome else {
             Issue.record("\(run.report.outcome)\n\(run.logs.text)")
             return

@@ -15,6 +15,29 @@ let kvmUsable: Bool = {
     return fd >= 0
 }()
 
+/// A primary and a secondary waiting for COLO (`-incoming unix:...`), both with KVM.
+struct KVMCOLOPair {
+    let primary: QEMUInstance
+    let secondary: QEMUInstance
+    let migrationURI: String
+
+    init() throws {
+        let migration = makeTempDirectory("colorun-colo") + "/colo.mig"
+        migrationURI = "unix:\(migration)"
+        primary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm"))
+        secondary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm", incoming: migrationURI))
+    }
+
+    var domains: [(String, String)] {
+        [("primary", "unix:\(primary.qmpSocketPath)"), ("secondary", "unix:\(secondary.qmpSocketPath)")]
+    }
+
+    func kill() {
+        primary.kill(SIGKILL)
+        secondary.kill(SIGKILL)
+    }
+}
+
 @Suite(.serialized) struct NativeCOLOTests {
     /// The helpers' errors and the failover against the simulator (which has COLO modes).
     @Test func failoverOnASimulatedSecondary() async throws {
@@ -46,16 +69,11 @@ let kvmUsable: Bool = {
     /// Real QEMU with KVM: replication starts, the primary is killed, the secondary takes over.
     @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
     func nativeCOLOFailoverOnRealQEMU() async throws {
-        let migration = makeTempDirectory("colorun-colo") + "/colo.mig"
-        let primary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm"))
-        let secondary = try QEMUInstance.start(QEMUSpec(accelerator: "kvm", incoming: "unix:\(migration)"))
-        defer {
-            primary.kill(SIGKILL)
-            secondary.kill(SIGKILL)
-        }
+        let pair = try KVMCOLOPair()
+        defer { pair.kill() }
         let run = try await runPolicy(#"""
             local p, s = domain.get("primary"), domain.get("secondary")
-            local st = colo.native.start(p, s, {uri = "unix:\#(migration)", delay = "100ms"})
+            local st = colo.native.start(p, s, {uri = "\#(pair.migrationURI)", delay = "100ms"})
             assert(st.mode == "primary")
             assert(colo.native.status(s).mode == "secondary")
             sleep("400ms")   -- a few COLO checkpoints
@@ -71,8 +89,8 @@ let kvmUsable: Bool = {
               policy.stop()
             end, {heartbeat = "50ms", timeout = "200ms"})
             test.kill()
-            """#, domains: [("primary", "unix:\(primary.qmpSocketPath)"), ("secondary", "unix:\(secondary.qmpSocketPath)")],
-            hooks: ["kill": { FailoverClock.shared.mark(); primary.kill(SIGKILL) }, "done": { FailoverClock.shared.done() }])
+            """#, domains: pair.domains,
+            hooks: ["kill": { FailoverClock.shared.mark(); pair.primary.kill(SIGKILL) }, "done": { FailoverClock.shared.done() }])
         guard case .stopped = run.report.outcome else {
             Issue.record("\(run.report.outcome)\n\(run.logs.text)")
             return

@@ -57,6 +57,15 @@ public struct CheckpointError: Error, Sendable, CustomStringConvertible {
     }
 }
 
+extension CheckpointError {
+    /// A step that failed on a domain.
+    init(step: String, _ error: DomainError, generation: Int, lastGood: Int?, unresumed: [DomainError]) {
+        self.init(
+            step: step, domain: error.domain, cause: error.desc, errorClass: error.errorClass, command: error.command,
+            generation: generation, lastGood: lastGood, unresumed: unresumed)
+    }
+}
+
 /// The outcome of a good checkpoint.
 public struct CheckpointResult: Sendable, Hashable {
     public var generation: Int
@@ -100,10 +109,7 @@ public enum CheckpointEngine {
 
         func fail(_ step: String, _ error: DomainError, resuming targets: [any CheckpointTarget]) async -> CheckpointError {
             store.discard(generation)
-            let unresumed = await resumeAll(targets)
-            return CheckpointError(
-                step: step, domain: error.domain, cause: error.desc, errorClass: error.errorClass, command: error.command,
-                generation: generation, lastGood: lastGood, unresumed: unresumed)
+            return CheckpointError(step: step, error, generation: generation, lastGood: lastGood, unresumed: await resumeAll(targets))
         }
 
         // 1. Stop both at once.
@@ -149,9 +155,7 @@ public enum CheckpointEngine {
         let pauseEnd = clock.now
         if let first = unresumed.first {
             store.discard(generation)
-            throw CheckpointError(
-                step: "resume", domain: first.domain, cause: first.desc, errorClass: first.errorClass, command: first.command,
-                generation: generation, lastGood: lastGood, unresumed: unresumed)
+            throw CheckpointError(step: "resume", first, generation: generation, lastGood: lastGood, unresumed: unresumed)
         }
 
         // 6. Make it the last good generation (after the resume: the fsync is not pause time).
@@ -186,10 +190,7 @@ public enum CheckpointEngine {
             // A migration still writing would keep the file open; cancel it first.
             if step == "migrate" { _ = try? await domain.execute("migrate_cancel", nil) }
             store.discard(generation)
-            let unresumed = await resumeAll([domain])
-            return CheckpointError(
-                step: step, domain: error.domain, cause: error.desc, errorClass: error.errorClass, command: error.command,
-                generation: generation, lastGood: lastGood, unresumed: unresumed)
+            return CheckpointError(step: step, error, generation: generation, lastGood: lastGood, unresumed: await resumeAll([domain]))
         }
 
         guard !partial.contains("'") else {
@@ -227,9 +228,7 @@ public enum CheckpointEngine {
         let pauseEnd = clock.now
         if let first = unresumed.first {
             store.discard(generation)
-            throw CheckpointError(
-                step: "resume", domain: first.domain, cause: first.desc, errorClass: first.errorClass, command: first.command,
-                generation: generation, lastGood: lastGood, unresumed: unresumed)
+            throw CheckpointError(step: "resume", first, generation: generation, lastGood: lastGood, unresumed: unresumed)
         }
         let bytes: Int
         let committed: Generation
