@@ -78,6 +78,40 @@ struct SimulatedPair {
         #expect(failure.contains("policy.lua:1: unknown domain 'web-x' (known: web-p, web-s"))
     }
 
+    @Test func connectionsReopenAfterThePeerDropsThem() async throws {
+        let pair = try await SimulatedPair.start()
+        defer { Task { await pair.shutdown() } }
+        let run = try await runPolicy(#"""
+            local d = domain.get("web-p")
+            assert(d:status().running)
+            test.drop()
+            sleep("50ms")
+            assert(d:status().running, "the next command opens a new connection")
+            local st = d:stats()
+            assert(st.connects == 2 and st.disconnects == 1, json.encode(st))
+            """#, domains: pair.domains, hooks: ["drop": { pair.primary.dropConnections() }])
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+        #expect(run.logs.contains("monitor connection lost"))
+    }
+
+    @Test func xenDomainsResolveLibxlSockets() async throws {
+        let dir = makeTempDirectory("colorun-xen")
+        let sim = QEMUSimulator()
+        defer { Task { await sim.shutdown() } }
+        _ = try await sim.start(socketPath: dir + "/qmp-libxl-7", name: "dom7")
+        let run = try await runPolicy(#"""
+            local d = domain.xen(7, {run_dir = "\#(dir)"})
+            assert(d.name == "xen-7" and d.endpoint == "unix:\#(dir)/qmp-libxl-7", d.endpoint)
+            assert(d:status().running)
+            assert(#domain.list() == 1 and domain.list()[1] == d)
+            local ok, err = pcall(domain.xen, "7")
+            assert(not ok and tostring(err):find("domain id expected"), tostring(err))
+            local ok2, err2 = pcall(domain.open, {name = "x", qmp = "udp:1.2.3.4"})
+            assert(not ok2 and tostring(err2):find("udp:1.2.3.4"), tostring(err2))
+            """#)
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+    }
+
     @Test func xenCheckpointCycle() async throws {
         let pair = try await SimulatedPair.start()
         defer { Task { await pair.shutdown() } }
