@@ -6,14 +6,12 @@ public protocol CheckpointTarget: AnyObject, Sendable {
     var name: String { get }
     /// `stop`, journaled first, so a killed colorun's successor resumes the domain.
     func stop() async throws(DomainError)
-    /// `cont`, then the journal entry is cleared.
+    /// `cont`, then the journal entry is cleared (also when the monitor is gone).
     func resume() async throws(DomainError)
     func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue
     /// Drops the monitor connection; the next command opens a new one (after a timeout, a
     /// command stuck ahead in the old connection cannot block the next one).
     func disconnect() async
-    /// Forgets a stop when the domain's QEMU is gone (nothing is left paused).
-    func forgetStop() async
 }
 
 /// A checkpoint that did not complete. Every domain the checkpoint stopped has been
@@ -261,10 +259,8 @@ public enum CheckpointEngine {
                             try await target.resume()
                             return nil
                         } catch {
-                            if error.monitorGone {
-                                await target.forgetStop()
-                                return nil
-                            }
+                            // Its QEMU is not running: nothing is paused (the domain forgot the stop).
+                            if error.monitorGone { return nil }
                             last = error
                             if error.errorClass == DomainError.connectFailed || attempt == attempts { break }
                             if [DomainError.timeout, DomainError.protocolError].contains(error.errorClass) {

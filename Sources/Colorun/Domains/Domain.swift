@@ -207,11 +207,19 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         send("stop", nil, timeout: timeout) { completion($0.map { _ in () }) }
     }
 
-    /// `cont`; on success the domain no longer counts as stopped by us.
+    /// `cont`; on success the domain no longer counts as stopped by us. When the monitor is
+    /// gone (its QEMU is not running, so nothing is paused) the stop is forgotten too, and
+    /// the error still reaches the caller.
     public func sendResume(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
         send("cont", nil, timeout: timeout) { result in
-            if case .success = result {
+            switch result {
+            case .success:
                 self.markResumed()
+            case .failure(let error) where error.monitorGone && self.stoppedByUs:
+                self.markResumed()
+                self.logger.warning("a domain this run stopped is gone (its monitor refuses connections): nothing left paused")
+            case .failure:
+                break
             }
             completion(result.map { _ in () })
         }
@@ -228,13 +236,6 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
             }
         }
         stoppedByUs = true
-    }
-
-    /// Forgets that this run stopped the domain, when its QEMU is gone (nothing is paused).
-    /// On the loop.
-    public func forgetStopOnLoop() {
-        stoppedByUs = false
-        journal?.didResume(domain: name)
     }
 
     private func markResumed() {
@@ -260,15 +261,6 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
             onLoop { $0.sendResume { continuation.resume(returning: $0) } }
         }.get()
-    }
-
-    public func forgetStop() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            onLoop { domain in
-                domain.forgetStopOnLoop()
-                continuation.resume()
-            }
-        }
     }
 
     public func disconnect() async {

@@ -267,10 +267,7 @@ public final class PolicySession: @unchecked Sendable {
                     keepers.remove(domain.name)
                     logger.warning("resumed a domain after \(attempt) retries", metadata: ["domain": .string(domain.name)])
                 case .failure(let error) where error.monitorGone:
-                    keepers.remove(domain.name)
-                    domain.forgetStopOnLoop()
-                    logger.warning("a domain this run stopped is gone (its monitor refuses connections): nothing left paused",
-                                   metadata: ["domain": .string(domain.name)])
+                    keepers.remove(domain.name)   // sendResume forgot the stop and logged it
                 case .failure(let error):
                     if error.errorClass == DomainError.timeout || error.errorClass == DomainError.protocolError {
                         domain.dropConnection()
@@ -310,9 +307,7 @@ public final class PolicySession: @unchecked Sendable {
                     logger.warning("resumed a domain the policy left stopped", metadata: ["domain": .string(name)])
                     report.resumedAtExit.append(name)
                 case .failure(let error) where error.monitorGone:
-                    domain.forgetStopOnLoop()
-                    logger.warning("a domain this run stopped is gone (its monitor refuses connections): nothing left paused",
-                                   metadata: ["domain": .string(name)])
+                    break   // sendResume forgot the stop and logged it: nothing is paused
                 case .failure(let error):
                     logger.error("could not resume a domain this run stopped", metadata: ["domain": .string(name), "error": .string(error.description)])
                     report.unresumed.append("\(name): \(error)")
