@@ -15,11 +15,16 @@ let examplesDirectory: String = {
     return path + "/examples"
 }()
 
+/// The text of `examples/NAME` (empty if it is missing: the runs then fail).
+func exampleSource(_ name: String) -> String {
+    String(decoding: StopJournal.readFile("\(examplesDirectory)/\(name)") ?? [], as: UTF8.self)
+}
+
 /// Runs an example file (not a copy) with the given domains, options and lab.
 func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = nil,
                 hooks: [String: @Sendable () throws -> Void] = [:],
                 configure: (inout PolicyOptions) -> Void = { _ in }) async throws -> PolicyRun {
-    let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/\(name)") ?? [], as: UTF8.self)
+    let source = exampleSource(name)
     #expect(!source.isEmpty, "examples/\(name) exists")
     return try await runPolicy(source, domains: domains, hooks: hooks, lab: lab, configure: configure)
 }
@@ -45,7 +50,7 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
         let pair = try await simulatedPair()
         defer { Task { await pair.shutdown() } }
         let killer = try await runPolicy(
-            String(decoding: StopJournal.readFile("\(examplesDirectory)/checkpoint.lua")!, as: UTF8.self)
+            exampleSource("checkpoint.lua")
                 + "\npolicy.after('500ms', function() test.kill() end)\n",
             domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }])
         guard case .stopped = killer.report.outcome else {
@@ -69,7 +74,7 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
         let pair = try await simulatedPair()
         defer { Task { await pair.shutdown() } }
         let marker = makeTempDirectory("colorun-fence") + "/fenced"
-        let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/site-hooks.lua")!, as: UTF8.self)
+        let source = exampleSource("site-hooks.lua")
             + "\npolicy.after('400ms', function() test.kill() end)\n"
         let run = try await runPolicy(source, domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }]) {
             $0.lua.allowExec = true
@@ -110,7 +115,7 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
     func qemuCOLOExampleWithKVM() async throws {
         let pair = try KVMCOLOPair()
         defer { pair.kill() }
-        let source = String(decoding: StopJournal.readFile("\(examplesDirectory)/qemu-colo.lua")!, as: UTF8.self)
+        let source = exampleSource("qemu-colo.lua")
             + "\npolicy.after('500ms', function() test.kill() end)\n"
         let run = try await runPolicy(
             source, domains: pair.domains,
