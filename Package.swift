@@ -6,6 +6,8 @@ import PackageDescription
 //   CLuaShims      the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
 //   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
 //   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   ColorunSystem  POSIX plumbing: child processes that die with colorun (or outlive it), files,
+//                  directories, errno text; CColorunSystem is its fork/exec in C
 //   QEMULab        real QEMU processes for tests and lab runs (run directory, counting guest)
 //   LuaRuntime     a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator  a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
@@ -52,7 +54,12 @@ let package = Package(
         .target(name: "CLuaShims", dependencies: ["CLua"]),
         .target(name: "QMP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(name: "QMPClient", dependencies: ["QMP", logging] + nio),
-        .target(name: "QEMULab", dependencies: ["QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]),
+        .target(name: "CColorunSystem"),
+        .target(name: "ColorunSystem", dependencies: ["CColorunSystem"]),
+        .target(
+            name: "QEMULab",
+            dependencies: ["ColorunSystem", "QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]
+        ),
         .target(
             name: "LuaRuntime",
             dependencies: [
@@ -64,12 +71,12 @@ let package = Package(
         .target(name: "QEMUSimulator", dependencies: ["QMP", logging] + nio),
         .target(
             name: "Colorun",
-            dependencies: ["LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
+            dependencies: ["ColorunSystem", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
+                "Colorun", "ColorunSystem", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -82,7 +89,7 @@ let package = Package(
         .executableTarget(name: "QMPBench", dependencies: ["QMPClient", "QEMULab", logging] + nio),
         .executableTarget(
             name: "ColorunBench",
-            dependencies: ["Colorun", "LuaRuntime", "QMP", "QEMULab", logging] + nio
+            dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QMP", "QEMULab", logging] + nio
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
         .testTarget(
@@ -97,7 +104,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ColorunTests",
-            dependencies: ["Colorun", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
+            dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
         ),
     ],
     swiftLanguageModes: [.v6]

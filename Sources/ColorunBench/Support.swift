@@ -1,4 +1,5 @@
 import Colorun
+import ColorunSystem
 import Foundation
 import Logging
 import LuaRuntime
@@ -143,8 +144,11 @@ let quietLogger: Logger = {
 func makeTempDirectory(_ prefix: String) -> String { makeTempDirectoryIn("/tmp", prefix) }
 
 func makeTempDirectoryIn(_ parent: String, _ prefix: String) -> String {
-    var template = Array("\(parent)/\(prefix)-XXXXXX".utf8CString)
-    return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+    do {
+        return try makeTemporaryDirectory(in: parent, prefix: prefix)
+    } catch {
+        fatalError("colorun-bench: \(error)")
+    }
 }
 
 /// Runs `source` as a policy in a fresh PolicySession on its own event loop (one thread).

@@ -1,8 +1,10 @@
 import ArgumentParser
 import Colorun
+import ColorunSystem
 import Logging
 import LuaRuntime
 import NIOCore
+import QEMULab
 
 struct RunCommand: ColorunSubcommand {
     static let configuration = CommandConfiguration(
@@ -100,6 +102,8 @@ struct RunCommand: ColorunSubcommand {
             options.stateDirectory = stateDirectory
         } else if lab {
             options.stateDirectory = try temporaryDirectory("colorun-lab-state")
+            // Owned by this process: swept by a later run if this one is killed.
+            do { try RunDirectoryOwner.current().write(to: options.stateDirectory) } catch { throw ValidationError(error.description) }
         }
         options.keepGenerations = keep
         options.lua.allowExec = allowExec
@@ -124,6 +128,9 @@ struct RunCommand: ColorunSubcommand {
         }
         var runner = PolicyRunner(options: options, logger: logger, liveStatus: isatty(1) != 0)
         if lab {
+            // Lab QEMUs and state directories of lab runs that were killed (QEMU itself dies
+            // with its colorun; the directories stay).
+            RunDirectorySweep.sweepOnce(Lab.runDirectoryParent, logger: logger)
             let lab: Lab
             do {
                 lab = try Lab()
@@ -146,11 +153,11 @@ import Glibc
 import Darwin
 #endif
 
-/// A new directory under /tmp.
+/// A new directory under the lab's parent directory (/tmp).
 func temporaryDirectory(_ prefix: String) throws -> String {
-    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
-    guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
-        throw ValidationError("cannot create a directory under /tmp: \(String(cString: strerror(errno)))")
+    do {
+        return try makeTemporaryDirectory(in: Lab.runDirectoryParent, prefix: prefix)
+    } catch {
+        throw ValidationError(error.description)
     }
-    return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

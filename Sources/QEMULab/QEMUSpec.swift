@@ -1,5 +1,5 @@
-/// What to start: the fixed machine that answers QMP under TCG (see
-/// shared/notes/qemu-facts.md), plus the knobs tests and `colorun --lab` need.
+/// What to start: the fixed machine that answers QMP under TCG (the QEMU facts it relies on
+/// are in docs/qemu-notes.md), plus the knobs tests and `colorun --lab` need.
 public struct QEMUSpec: Sendable, Hashable {
     public var executable: String
     /// `-M`; `suppress-vmdesc=on` keeps migration streams free of the JSON description.

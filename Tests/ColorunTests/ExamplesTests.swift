@@ -1,3 +1,4 @@
+import ColorunSystem
 import NIOCore
 import QEMULab
 import QEMUSimulator
@@ -17,7 +18,7 @@ let examplesDirectory: String = {
 
 /// The text of `examples/NAME` (empty if it is missing: the runs then fail).
 func exampleSource(_ name: String) -> String {
-    String(decoding: StopJournal.readFile("\(examplesDirectory)/\(name)") ?? [], as: UTF8.self)
+    String(decoding: (try? readFile("\(examplesDirectory)/\(name)")) ?? [], as: UTF8.self)
 }
 
 /// Runs an example file (not a copy) with the given domains, options and lab.

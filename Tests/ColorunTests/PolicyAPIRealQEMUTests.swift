@@ -1,3 +1,4 @@
+import ColorunSystem
 import QEMULab
 import Testing
 @testable import Colorun
@@ -22,7 +23,7 @@ import Glibc
             assert(not ok and err.class == "GenericError" and err.desc == "Cannot update device state while vm is running", tostring(err))
             """#, lab: lab)
         #expect(run.failure == nil, "\(run.failure ?? "")")
-        let bytes = try #require(StopJournal.readFile(statePath))
+        let bytes = try readFile(statePath)
         #expect(Array(bytes.prefix(4)) == Array("QEVM".utf8))
     }
 

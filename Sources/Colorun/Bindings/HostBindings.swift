@@ -1,3 +1,4 @@
+import ColorunSystem
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -312,7 +313,7 @@ extension PolicySession {
                 ])])
             case .failure(let error):
                 kill(launched.pid, SIGKILL)
-                let stderr = String(decoding: StopJournal.readFile(launched.stderrPath) ?? [], as: UTF8.self)
+                let stderr = String(decoding: (try? readFile(launched.stderrPath)) ?? [], as: UTF8.self)
                 let detail = stderr.split(separator: "\n").suffix(3).joined(separator: " | ")
                 var fields = error.fields
                 fields["step"] = "restore"

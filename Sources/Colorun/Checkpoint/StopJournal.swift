@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import ColorunSystem
 import QMP
 import Synchronization
 
@@ -103,7 +104,7 @@ public final class StopJournal: @unchecked Sendable {
             names = ((try? GenerationStore.list(directory)) ?? []).filter { $0.hasSuffix(".journal") }
         }
         return names.compactMap { file in
-            guard let bytes = Self.readFile(directory + "/" + file), let json = try? JSONParser.parse(bytes),
+            guard let bytes = try? readFile(directory + "/" + file), let json = try? JSONParser.parse(bytes),
                 json["state"]?.stringValue == "stopped",
                 let domain = json["domain"]?.stringValue, let endpoint = json["endpoint"]?.stringValue
             else { return nil }
@@ -118,19 +119,5 @@ public final class StopJournal: @unchecked Sendable {
     public static func writerIsAlive(_ entry: Entry) -> Bool {
         guard entry.pid > 0, entry.pid != getpid() else { return false }
         return kill(entry.pid, 0) == 0 || errno == EPERM
-    }
-
-    static func readFile(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var result: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            result.append(contentsOf: chunk[0..<n])
-        }
-        return result
     }
 }

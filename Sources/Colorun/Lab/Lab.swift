@@ -1,3 +1,4 @@
+import ColorunSystem
 import LuaRuntime
 import NIOCore
 import QEMULab
@@ -17,6 +18,8 @@ import Glibc
 /// so a policy that protects one VM does not pay for a second one spinning under TCG.
 public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     public let spec: QEMUSpec
+    /// Where the lab's QEMU run directories (and `colorun --lab`'s state directory) are made.
+    public static let runDirectoryParent = QEMUSpec().runDirectoryParent
     /// The names the lab offers.
     public let names: [String]
     /// The lab's running domains, by name, in start order (standbys included).

@@ -1,0 +1,25 @@
+#ifndef COLORUN_SYSTEM_H
+#define COLORUN_SYSTEM_H
+
+#include <sys/types.h>
+
+/// How a child started by `colorun_spawn` relates to colorun.
+enum {
+    /// Dies with colorun: PR_SET_PDEATHSIG(SIGKILL), set in the child, fires when the thread
+    /// that forked it ends, so owned children are forked by one thread that never ends.
+    COLORUN_SPAWN_OWNED = 0,
+    /// Outlives colorun: a session of its own (setsid), no death signal.
+    COLORUN_SPAWN_DETACHED = 1,
+};
+
+/// Starts `path` (an executable path, no PATH search) with `argv` and `envp` (both
+/// NULL-terminated), descriptors `stdin_fd`, `stdout_fd` and `stderr_fd` of the caller as
+/// its 0, 1 and 2, every other descriptor closed, the signal mask empty and every signal's
+/// disposition the default. `mode` is COLORUN_SPAWN_OWNED or COLORUN_SPAWN_DETACHED.
+///
+/// Returns 0 and the child's pid in `*pid`, or an errno value: the child's own, if it could
+/// not exec (the child then exits with status 127 and must still be reaped).
+int colorun_spawn(const char *path, char *const argv[], char *const envp[],
+                  int stdin_fd, int stdout_fd, int stderr_fd, int mode, pid_t *pid);
+
+#endif
