@@ -86,12 +86,15 @@ let package = Package(
             name: "QEMUSimCLI",
             dependencies: ["QEMUSimulator", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+        // QEMULabTests' process to kill: starts lab QEMUs, or a child that must (not) outlive it.
+        .executableTarget(name: "QEMULabProbe", dependencies: ["QEMULab", "ColorunSystem"]),
         .executableTarget(name: "QMPBench", dependencies: ["QMPClient", "QEMULab", logging] + nio),
         .executableTarget(
             name: "ColorunBench",
             dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QMP", "QEMULab", logging] + nio
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
+        .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", logging]),
         .testTarget(
             name: "QMPClientTests",
             dependencies: ["QMPClient", "QMP", "QEMULab", logging, .product(name: "NIOEmbedded", package: "swift-nio")] + nio

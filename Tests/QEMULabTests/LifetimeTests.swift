@@ -1,0 +1,277 @@
+import ColorunSystem
+import Foundation
+import Logging
+import Testing
+
+@testable import QEMULab
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Nothing a test or colorun starts in owned mode outlives its owner, however the owner
+/// ends; a production standby (detached) does; and run directories left by dead owners are
+/// swept. Serialized: the kill tests time how fast QEMUs go, which a dozen others booting
+/// alongside would blur.
+@Suite(.serialized, .timeLimit(.minutes(2))) struct LifetimeTests {
+    /// SIGKILL `colorun --lab examples/remus.lua` in the middle of its run (a checkpoint
+    /// generation is on disk): within 5 s every QEMU it started is gone.
+    @Test func sigkilledColorunLeavesNoQEMU() async throws {
+        let colorun = try #require(builtBinary("colorun"), "the colorun binary is not built (swift build)")
+        let scratch = try Scratch()
+        let pid = try spawnChild(
+            [colorun, "--lab", "\(repositoryRoot)/examples/remus.lua"], lifetime: .owned,
+            standardOutput: .appendingTo(scratch.path("stdout")), standardError: .appendingTo(scratch.path("stderr")))
+        defer { _ = kill(pid, SIGKILL); _ = reapChild(pid, blocking: true); removeDirectories(ownedBy: pid) }
+
+        // Mid-run: QEMU is up and the policy has written a checkpoint generation.
+        let running = try await waitUntil("colorun checkpoints its lab primary", seconds: 60, scratch: scratch) {
+            let children = qemuChildren(of: pid)
+            return !children.isEmpty && hasCheckpoint(ownedBy: pid) ? children : nil
+        }
+        let started = ContinuousClock.now
+        #expect(kill(pid, SIGKILL) == 0)
+        #expect(reapChild(pid, blocking: true) == .signaled(signal: SIGKILL))
+        let all = Set(running + recordedChildren(ownedBy: pid))
+        let gone = await waitUntilGone(all, seconds: 5)
+        print("colorun SIGKILLed with QEMU(s) \(all.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
+        #expect(gone, "QEMU still running 5 s after its colorun was killed: \(all.filter(isRunning))")
+    }
+
+    /// A process that started lab QEMUs from several tasks (pool threads that may come and
+    /// go) is SIGKILLed: within 5 s all its QEMUs are gone.
+    @Test func sigkilledOwnerOfQEMUInstancesLeavesNone() async throws {
+        let probe = try #require(builtBinary("QEMULabProbe"), "QEMULabProbe is not built (swift build)")
+        let scratch = try Scratch()
+        let pid = try spawnChild([probe, "qemus", "3"], lifetime: .owned, standardOutput: .appendingTo(scratch.path("stdout")),
+                                 standardError: .appendingTo(scratch.path("stderr")))
+        defer { _ = kill(pid, SIGKILL); _ = reapChild(pid, blocking: true); removeDirectories(ownedBy: pid) }
+        let running = try await waitUntil("the probe starts 3 QEMUs", seconds: 60, scratch: scratch) {
+            let children = qemuChildren(of: pid)
+            return children.count == 3 ? children : nil
+        }
+        let started = ContinuousClock.now
+        #expect(kill(pid, SIGKILL) == 0)
+        let gone = await waitUntilGone(Set(running), seconds: 5)
+        print("probe SIGKILLed with QEMUs \(running.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
+        #expect(gone, "QEMU still running 5 s after its owner was killed: \(running.filter(isRunning))")
+        #expect(reapChild(pid, blocking: true) == .signaled(signal: SIGKILL))
+    }
+
+    /// The kernel's death signal is tied to the thread that forks: an owned child started from
+    /// a thread that then ends must keep running while its process does.
+    @Test func ownedChildOutlivesTheThreadThatAskedForIt() async throws {
+        let (child, tid) = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<(pid_t, pid_t), any Error>) in
+            let thread = Thread {
+                do {
+                    continuation.resume(returning: (try spawnChild(["sleep", "60"], lifetime: .owned), currentThreadID()))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+            thread.start()
+        }
+        defer { _ = kill(child, SIGKILL); _ = reapChild(child, blocking: true) }
+        // The thread has ended once its task is gone from /proc (after the kernel's exit
+        // notifications, which is when a death signal would be sent).
+        _ = try await waitUntil("the spawning thread ends", seconds: 10) {
+            access("/proc/self/task/\(tid)", F_OK) != 0 ? true : nil
+        }
+        #expect(reapChild(child, blocking: false) == nil)
+        #expect(isRunning(child))
+        #expect(kill(child, SIGKILL) == 0)
+        #expect(reapChild(child, blocking: true) == .signaled(signal: SIGKILL))
+    }
+
+    /// A detached child (the production standby's way) keeps running when the process that
+    /// started it exits, in a session of its own; an owned one does not.
+    @Test func detachedChildOutlivesItsSpawnerAndOwnedDoesNot() async throws {
+        let probe = try #require(builtBinary("QEMULabProbe"), "QEMULabProbe is not built (swift build)")
+        let scratch = try Scratch()
+        var pids: [ChildLifetime: pid_t] = [:]
+        defer { for pid in pids.values { _ = kill(pid, SIGKILL) } }
+        for (lifetime, name) in [(ChildLifetime.detached, "detached"), (.owned, "owned")] {
+            let pidFile = scratch.path("\(name).pid")
+            let spawner = try spawnChild([probe, "spawn", name, pidFile, "sleep", "60"], lifetime: .owned,
+                                         standardError: .appendingTo(scratch.path("stderr")))
+            #expect(reapChild(spawner, blocking: true) == .exited(code: 0), "\(scratch.text("stderr"))")
+            let text = String(decoding: try readFile(pidFile), as: UTF8.self)
+            let pid = try #require(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
+            pids[lifetime] = pid
+        }
+        let detached = try #require(pids[.detached]), owned = try #require(pids[.owned])
+        #expect(isRunning(detached), "the detached child died with its spawner")
+        #expect(getsid(detached) == detached, "not in a session of its own")
+        #expect(RunDirectorySweep.commandLine(of: detached).hasPrefix("sleep 60"))
+        #expect(await waitUntilGone([owned], seconds: 5), "the owned child outlived its spawner")
+        #expect(kill(detached, SIGKILL) == 0)
+        #expect(await waitUntilGone([detached], seconds: 5))
+    }
+
+    /// A run directory whose owner is dead is swept: its QEMU (still running, found by its
+    /// command line) killed, the directory removed. Directories of a live owner, without a
+    /// record, or whose recorded pid is now another program are left alone.
+    @Test func sweepRemovesStaleRunDirectoriesAndKillsTheirQEMU() async throws {
+        let parent = try makeTemporaryDirectory(prefix: "colorun-sweeptest")
+        try RunDirectoryOwner.current().write(to: parent)  // a later sweep of /tmp removes it if this test dies
+        defer { removeTree(parent) }
+
+        let deadOwner = try spawnChild(["true"], lifetime: .owned)
+        #expect(reapChild(deadOwner, blocking: true) == .exited(code: 0))
+        // An unrelated process whose pid the stale record also names.
+        let bystander = try spawnChild(["sleep", "60"], lifetime: .owned)
+        defer { _ = kill(bystander, SIGKILL); _ = reapChild(bystander, blocking: true) }
+
+        let stale = try makeTemporaryDirectory(in: parent, prefix: "colorun-qemu")
+        let spec = QEMUSpec()
+        let qemu = try spawnChild([spec.executable] + spec.arguments(qmpSocket: "\(stale)/qmp.sock", guestImage: nil),
+                                  lifetime: .owned, standardError: .appendingTo("\(stale)/qemu.stderr"))
+        defer { _ = kill(qemu, SIGKILL); _ = reapChild(qemu, blocking: true) }
+        try RunDirectoryOwner(pid: deadOwner, startTime: 0, children: [qemu, bystander]).write(to: stale)
+        let staleEmpty = try makeTemporaryDirectory(in: parent, prefix: "colorun-lab-state")
+        try RunDirectoryOwner(pid: deadOwner, startTime: 0).write(to: staleEmpty)
+        // A record whose pid is alive but started at another time: the owner is gone.
+        let reused = try makeTemporaryDirectory(in: parent, prefix: "colorun-qemu")
+        try RunDirectoryOwner(pid: bystander, startTime: 1).write(to: reused)
+        let live = try makeTemporaryDirectory(in: parent, prefix: "colorun-qemu")
+        try RunDirectoryOwner.current().write(to: live)
+        let unrecorded = try makeTemporaryDirectory(in: parent, prefix: "colorun-qemu")
+        let notOurs = try makeTemporaryDirectory(in: parent, prefix: "other")
+        try RunDirectoryOwner(pid: deadOwner, startTime: 0).write(to: notOurs)
+
+        _ = try await waitUntil("QEMU runs", seconds: 10) { access("\(stale)/qmp.sock", F_OK) == 0 ? true : nil }
+        let swept = RunDirectorySweep.sweep(parent, logger: Logger(label: "test.sweep"))
+
+        #expect(Set(swept.map(\.path)) == [stale, staleEmpty, reused])
+        #expect(swept.first { $0.path == stale }?.killed == [qemu])
+        #expect(swept.allSatisfy { $0.path == stale || $0.killed.isEmpty })
+        #expect(reapChild(qemu, blocking: true) == .signaled(signal: SIGKILL))
+        #expect(isRunning(bystander))
+        for path in [stale, staleEmpty, reused] { #expect(access(path, F_OK) != 0, "\(path) left") }
+        for path in [live, unrecorded, notOurs] { #expect(access(path, F_OK) == 0, "\(path) swept") }
+    }
+
+    /// `QEMUInstance` records its owner and QEMU in the run directory.
+    @Test func runDirectoryRecordsOwnerAndQEMU() async throws {
+        let instance = try QEMUInstance.start()
+        let owner = try #require(RunDirectoryOwner.read(from: instance.runDirectory))
+        #expect(owner == RunDirectoryOwner.current(children: [instance.pid]))
+        #expect(owner.isAlive)
+        #expect(RunDirectorySweep.commandLine(of: instance.pid).contains(instance.runDirectory + "/"))
+        await instance.stop()
+        #expect(access(instance.runDirectory, F_OK) != 0)
+    }
+}
+
+// MARK: - Support
+
+/// The repository (three levels above this file).
+let repositoryRoot: String = {
+    var path = #filePath
+    for _ in 0..<3 { path = String(path[..<path.lastIndex(of: "/")!]) }
+    return path
+}()
+
+/// A binary of this package: next to the test bundle in `.build/<triple>/debug/`.
+func builtBinary(_ name: String) -> String? {
+    var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent(name).path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    return nil
+}
+
+/// A private directory for a test's files, removed with the value.
+final class Scratch {
+    let directory: String
+    init() throws { directory = try makeTemporaryDirectory(prefix: "colorun-lifetimetest") }
+    deinit { removeTree(directory) }
+    func path(_ name: String) -> String { "\(directory)/\(name)" }
+    func text(_ name: String) -> String { String(decoding: (try? readFile(path(name))) ?? [], as: UTF8.self) }
+}
+
+/// The kernel's id of the calling thread (from the /proc/thread-self link, "PID/task/TID").
+func currentThreadID() -> pid_t {
+    var buffer = [UInt8](repeating: 0, count: 64)
+    let n = buffer.withUnsafeMutableBufferPointer { readlink("/proc/thread-self", $0.baseAddress!, $0.count) }
+    guard n > 0 else { return -1 }
+    return pid_t(String(decoding: buffer[0..<n], as: UTF8.self).split(separator: "/").last ?? "") ?? -1
+}
+
+/// `duration` in milliseconds, to 0.1 ms.
+func milliseconds(_ duration: Duration) -> Double {
+    let (seconds, attoseconds) = duration.components
+    return ((Double(seconds) * 1000 + Double(attoseconds) / 1e15) * 10).rounded() / 10
+}
+
+struct Timeout: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// Polls `condition` every 5 ms until it returns a value; throws after `seconds`.
+func waitUntil<T>(_ what: String, seconds: Double, scratch: Scratch? = nil, _ condition: () -> T?) async throws -> T {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if let value = condition() { return value }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+    let output = scratch.map { "; stderr: \($0.text("stderr").suffix(2000))" } ?? ""
+    throw Timeout(description: "timed out after \(seconds) s waiting until \(what)\(output)")
+}
+
+/// Whether `pid` is a process that runs (exists and is not a zombie).
+func isRunning(_ pid: pid_t) -> Bool {
+    guard let stat = ProcessInfoFile.stat(pid) else { return false }
+    return stat.state != "Z"
+}
+
+/// Waits (polling every millisecond) until none of `pids` runs; false if one still does
+/// after `seconds`.
+func waitUntilGone(_ pids: Set<pid_t>, seconds: Double) async -> Bool {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while pids.contains(where: isRunning) {
+        if ContinuousClock.now >= deadline { return false }
+        try? await Task.sleep(for: .milliseconds(1))
+    }
+    return true
+}
+
+/// The running QEMU children of `parent`.
+func qemuChildren(of parent: pid_t) -> [pid_t] {
+    ((try? listDirectory("/proc")) ?? []).compactMap { name in
+        guard let pid = pid_t(name), let stat = ProcessInfoFile.stat(pid), stat.parent == parent, stat.state != "Z",
+            RunDirectorySweep.commandLine(of: pid).contains("qemu-system")
+        else { return nil }
+        return pid
+    }
+}
+
+/// The directories under /tmp whose owner record names `owner`.
+func directories(ownedBy owner: pid_t) -> [String] {
+    ((try? listDirectory("/tmp")) ?? []).filter { $0.hasPrefix(RunDirectorySweep.namePrefix) }.compactMap { name in
+        let path = "/tmp/\(name)"
+        return RunDirectoryOwner.read(from: path)?.pid == owner ? path : nil
+    }
+}
+
+/// The QEMUs recorded in `owner`'s run directories.
+func recordedChildren(ownedBy owner: pid_t) -> [pid_t] {
+    directories(ownedBy: owner).flatMap { RunDirectoryOwner.read(from: $0)?.children ?? [] }
+}
+
+/// Whether one of `owner`'s directories holds a checkpoint generation (a file under
+/// `checkpoints/SERIES/`).
+func hasCheckpoint(ownedBy owner: pid_t) -> Bool {
+    directories(ownedBy: owner).contains { directory in
+        ((try? listDirectory("\(directory)/checkpoints")) ?? []).contains { series in
+            ((try? listDirectory("\(directory)/checkpoints/\(series)")) ?? []).contains { !$0.hasPrefix(".") }
+        }
+    }
+}
+
+/// Removes what a killed owner left under /tmp (its QEMUs are dead by then).
+func removeDirectories(ownedBy owner: pid_t) {
+    for directory in directories(ownedBy: owner) { removeTree(directory) }
+}
