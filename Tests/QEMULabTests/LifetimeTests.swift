@@ -22,7 +22,8 @@ import Glibc
         let pid = try spawnChild(
             [colorun, "--lab", "\(repositoryRoot)/examples/remus.lua"], lifetime: .owned,
             standardOutput: .appendingTo(scratch.path("stdout")), standardError: .appendingTo(scratch.path("stderr")))
-        defer { _ = kill(pid, SIGKILL); _ = reapChild(pid, blocking: true); removeDirectories(ownedBy: pid) }
+        var watched: Set<pid_t> = []
+        defer { cleanUp(owner: pid, qemus: watched) }
 
         // Mid-run: QEMU is up and the policy has written a checkpoint generation.
         let running = try await waitUntil("colorun checkpoints its lab primary", seconds: 60, scratch: scratch) {
@@ -32,7 +33,8 @@ import Glibc
         let started = ContinuousClock.now
         #expect(kill(pid, SIGKILL) == 0)
         #expect(reapChild(pid, blocking: true) == .signaled(signal: SIGKILL))
-        let all = Set(running + recordedChildren(ownedBy: pid))
+        watched = Set(running + recordedChildren(ownedBy: pid))
+        let all = watched
         let gone = await waitUntilGone(all, seconds: 5)
         print("colorun SIGKILLed with QEMU(s) \(all.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
         #expect(gone, "QEMU still running 5 s after its colorun was killed: \(all.filter(isRunning))")
@@ -45,11 +47,13 @@ import Glibc
         let scratch = try Scratch()
         let pid = try spawnChild([probe, "qemus", "3"], lifetime: .owned, standardOutput: .appendingTo(scratch.path("stdout")),
                                  standardError: .appendingTo(scratch.path("stderr")))
-        defer { _ = kill(pid, SIGKILL); _ = reapChild(pid, blocking: true); removeDirectories(ownedBy: pid) }
+        var watched: Set<pid_t> = []
+        defer { cleanUp(owner: pid, qemus: watched) }
         let running = try await waitUntil("the probe starts 3 QEMUs", seconds: 60, scratch: scratch) {
             let children = qemuChildren(of: pid)
             return children.count == 3 ? children : nil
         }
+        watched = Set(running)
         let started = ContinuousClock.now
         #expect(kill(pid, SIGKILL) == 0)
         let gone = await waitUntilGone(Set(running), seconds: 5)
@@ -271,7 +275,14 @@ func hasCheckpoint(ownedBy owner: pid_t) -> Bool {
     }
 }
 
-/// Removes what a killed owner left under /tmp (its QEMUs are dead by then).
-func removeDirectories(ownedBy owner: pid_t) {
+/// Kills `owner` (an owned child of this process) and reaps it, kills whichever of `qemus`
+/// still runs (they should not: then the test has failed), and removes what the owner left
+/// under /tmp.
+func cleanUp(owner: pid_t, qemus: Set<pid_t>) {
+    _ = kill(owner, SIGKILL)
+    _ = reapChild(owner, blocking: true)
+    for pid in qemus where isRunning(pid) && RunDirectorySweep.commandLine(of: pid).contains("qemu-system") {
+        _ = kill(pid, SIGKILL)
+    }
     for directory in directories(ownedBy: owner) { removeTree(directory) }
 }
