@@ -214,36 +214,52 @@ func pythonBaseline(_ python: String?, _ script: String, _ arguments: [String]) 
     return (samples, "")
 }
 
-/// A `qemu-sim` process serving `count` domains in a fresh directory.
-final class SimProcess: @unchecked Sendable {
-    let process = Process()
+/// A `qemu-sim` process serving `count` domains in a fresh directory; it dies with the
+/// benchmark (an owned child), however the benchmark ends.
+final class SimProcess: Sendable {
+    let pid: Int32
     let directory: String
+    /// The read end of qemu-sim's stdout, open until `stop` so that it never writes to a
+    /// closed pipe.
+    private let output: Int32
 
     init(executable: String, count: Int, prefix: String = "dom") throws {
         directory = makeTempDirectory("colorun-bench-sim")
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["--dir", directory, "--count", String(count), "--prefix", prefix, "--quiet"]
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw BenchError("cannot make a pipe: \(errnoText())") }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        output = fds[0]
+        do {
+            pid = try spawnChild(
+                [executable, "--dir", directory, "--count", String(count), "--prefix", prefix, "--quiet"],
+                lifetime: .owned, standardOutput: .descriptor(fds[1]))
+        } catch {
+            close(fds[0])
+            close(fds[1])
+            throw error
+        }
+        close(fds[1])
         // Wait for "ready N".
-        var buffer = Data()
-        let handle = out.fileHandleForReading
+        var buffer: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 256)
         while !String(decoding: buffer, as: UTF8.self).contains("ready") {
-            let chunk = handle.availableData
-            if chunk.isEmpty { throw BenchError("qemu-sim exited before it was ready") }
-            buffer.append(chunk)
+            let n = chunk.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 {
+                _ = reapChild(pid, blocking: true)
+                close(fds[0])
+                throw BenchError("qemu-sim exited before it was ready")
+            }
+            buffer += chunk[0..<n]
         }
     }
 
     func socket(_ index: Int, prefix: String = "dom") -> String { "\(directory)/\(prefix)\(index).sock" }
 
-    var pid: Int32 { process.processIdentifier }
-
     func stop() {
-        process.terminate()
-        process.waitUntilExit()
-        try? FileManager.default.removeItem(atPath: directory)
+        kill(pid, SIGTERM)
+        _ = reapChild(pid, blocking: true)
+        close(output)
+        removeTree(directory)
     }
 }
