@@ -94,6 +94,7 @@ let package = Package(
             dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QMP", "QEMULab", logging] + nio
         ),
         .testTarget(name: "QMPTests", dependencies: ["QMP"]),
+        .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", logging]),
         .testTarget(
             name: "QMPClientTests",

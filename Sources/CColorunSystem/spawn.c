@@ -1,8 +1,8 @@
 // Child processes that die with colorun, or outlive it.
 //
 // Between fork and exec the child calls only async-signal-safe functions (prctl, getppid,
-// setsid, fcntl, dup2, syscall, sigaction, sigprocmask, execve, write, _exit): everything
-// it needs is prepared by the parent before the fork.
+// setsid, fcntl, dup2, syscall, sigprocmask, execve, write, _exit): everything it needs is
+// prepared by the parent before the fork.
 #define _GNU_SOURCE
 #include "colorun_system.h"
 
@@ -16,6 +16,9 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+// The kernel's sigset_t: 64 signals on the architectures colorun runs on.
+#define KERNEL_SIGSET_SIZE 8
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -33,13 +36,13 @@ struct request {
 };
 
 /// In the child: reports `code` to the parent through the error pipe and exits.
-static void child_fail(int error_fd, int code) {
+__attribute__((noreturn)) static void child_fail(int error_fd, int code) {
     ssize_t ignored = write(error_fd, &code, sizeof code);
     (void)ignored;
     _exit(127);
 }
 
-static void child(const struct request *r, pid_t parent, int error_fd, int max_fd) {
+__attribute__((noreturn)) static void child(const struct request *r, pid_t parent, int error_fd, int max_fd) {
     if (r->mode == COLORUN_SPAWN_OWNED) {
         if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(error_fd, errno);
         // The parent may have died before the death signal was armed: then nobody will send
@@ -72,12 +75,13 @@ static void child(const struct request *r, pid_t parent, int error_fd, int max_f
         }
     }
 
-    struct sigaction defaults;
-    memset(&defaults, 0, sizeof defaults);
-    defaults.sa_handler = SIG_DFL;
-    sigemptyset(&defaults.sa_mask);
+    // Every disposition back to the default, through the system call: glibc's sigaction
+    // refuses the signals it reserves (32 and 33), and an ignored one survives exec.
+    // All zeros is SIG_DFL, no flags, an empty mask, in the kernel's struct sigaction.
+    unsigned long defaults[8];
+    memset(defaults, 0, sizeof defaults);
     for (int signo = 1; signo < NSIG; signo++) {
-        if (signo != SIGKILL && signo != SIGSTOP) (void)sigaction(signo, &defaults, NULL);
+        if (signo != SIGKILL && signo != SIGSTOP) (void)syscall(SYS_rt_sigaction, signo, defaults, NULL, KERNEL_SIGSET_SIZE);
     }
     sigset_t none;
     sigemptyset(&none);

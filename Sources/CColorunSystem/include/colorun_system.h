@@ -17,8 +17,8 @@ enum {
 /// its 0, 1 and 2, every other descriptor closed, the signal mask empty and every signal's
 /// disposition the default. `mode` is COLORUN_SPAWN_OWNED or COLORUN_SPAWN_DETACHED.
 ///
-/// Returns 0 and the child's pid in `*pid`, or an errno value: the child's own, if it could
-/// not exec (the child then exits with status 127 and must still be reaped).
+/// Returns 0 and the child's pid in `*pid` once the child has exec'd, or an errno value:
+/// the child's own if it could not exec (it has exited and been reaped then).
 int colorun_spawn(const char *path, char *const argv[], char *const envp[],
                   int stdin_fd, int stdout_fd, int stderr_fd, int mode, pid_t *pid);
 
