@@ -14,21 +14,37 @@ import Glibc
 /// swept. Serialized: the kill tests time how fast QEMUs go, which a dozen others booting
 /// alongside would blur.
 @Suite(.serialized, .timeLimit(.minutes(2))) struct LifetimeTests {
-    /// SIGKILL `colorun --lab examples/remus.lua` in the middle of its run (a checkpoint
-    /// generation is on disk): within 5 s every QEMU it started is gone.
-    @Test func sigkilledColorunLeavesNoQEMU() async throws {
+    /// SIGKILL `colorun --lab` in the middle of a run (its QEMUs up, a checkpoint generation
+    /// on disk): within 5 s every QEMU it started is gone. `examples/remus.lua` runs one
+    /// QEMU at a time; the second policy checkpoints both lab domains.
+    @Test(arguments: [
+        ("examples/remus.lua", 1),
+        ("both domains", 2),
+    ])
+    func sigkilledColorunLeavesNoQEMU(policy: String, qemus: Int) async throws {
         let colorun = try #require(builtBinary("colorun"), "the colorun binary is not built (swift build)")
         let scratch = try Scratch()
+        var path = "\(repositoryRoot)/\(policy)"
+        if !policy.hasSuffix(".lua") {
+            path = scratch.path("both.lua")
+            try writeFile(path, Array("""
+                local p, s = domain.get("primary"), domain.get("secondary")
+                policy.every("200ms", function()
+                  remus.checkpoint(p, {keep = 2})
+                  remus.checkpoint(s, {keep = 2})
+                end)
+                """.utf8))
+        }
         let pid = try spawnChild(
-            [colorun, "--lab", "\(repositoryRoot)/examples/remus.lua"], lifetime: .owned,
+            [colorun, "--lab", path], lifetime: .owned,
             standardOutput: .appendingTo(scratch.path("stdout")), standardError: .appendingTo(scratch.path("stderr")))
         var watched: Set<pid_t> = []
         defer { cleanUp(owner: pid, qemus: watched) }
 
-        // Mid-run: QEMU is up and the policy has written a checkpoint generation.
-        let running = try await waitUntil("colorun checkpoints its lab primary", seconds: 60, scratch: scratch) {
+        // Mid-run: its QEMUs are up and the policy has written a checkpoint generation.
+        let running = try await waitUntil("colorun checkpoints its lab domains", seconds: 60, scratch: scratch) {
             let children = qemuChildren(of: pid)
-            return !children.isEmpty && hasCheckpoint(ownedBy: pid) ? children : nil
+            return children.count == qemus && hasCheckpoint(ownedBy: pid) ? children : nil
         }
         let started = ContinuousClock.now
         #expect(kill(pid, SIGKILL) == 0)
@@ -36,8 +52,9 @@ import Glibc
         watched = Set(running + recordedChildren(ownedBy: pid))
         let all = watched
         let gone = await waitUntilGone(all, seconds: 5)
-        print("colorun SIGKILLed with QEMU(s) \(all.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
+        print("colorun --lab \(policy) SIGKILLed with QEMU(s) \(all.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
         #expect(gone, "QEMU still running 5 s after its colorun was killed: \(all.filter(isRunning))")
+        #expect(all.count >= qemus)
     }
 
     /// A process that started lab QEMUs from several tasks (pool threads that may come and
