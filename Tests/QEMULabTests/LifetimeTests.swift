@@ -1,6 +1,7 @@
 import ColorunSystem
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 @testable import QEMULab
@@ -35,11 +36,10 @@ import Glibc
                 end)
                 """.utf8))
         }
-        let pid = try spawnChild(
-            [colorun, "--lab", path], lifetime: .owned,
-            standardOutput: .appendingTo(scratch.path("stdout")), standardError: .appendingTo(scratch.path("stderr")))
+        let owner = try Child([colorun, "--lab", path], scratch: scratch)
+        let pid = owner.pid
         var watched: Set<pid_t> = []
-        defer { cleanUp(owner: pid, qemus: watched) }
+        defer { cleanUp(owner: owner, qemus: watched) }
 
         // Mid-run: its QEMUs are up and the policy has written a checkpoint generation.
         let running = try await waitUntil("colorun checkpoints its lab domains", seconds: 60, scratch: scratch) {
@@ -47,8 +47,8 @@ import Glibc
             return children.count == qemus && hasCheckpoint(ownedBy: pid) ? children : nil
         }
         let started = ContinuousClock.now
-        #expect(kill(pid, SIGKILL) == 0)
-        #expect(reapChild(pid, blocking: true) == .signaled(signal: SIGKILL))
+        owner.kill()
+        #expect(owner.wait() == .signaled(signal: SIGKILL))
         watched = Set(running + recordedChildren(ownedBy: pid))
         let all = watched
         let gone = await waitUntilGone(all, seconds: 5)
@@ -62,46 +62,45 @@ import Glibc
     @Test func sigkilledOwnerOfQEMUInstancesLeavesNone() async throws {
         let probe = try #require(builtBinary("QEMULabProbe"), "QEMULabProbe is not built (swift build)")
         let scratch = try Scratch()
-        let pid = try spawnChild([probe, "qemus", "3"], lifetime: .owned, standardOutput: .appendingTo(scratch.path("stdout")),
-                                 standardError: .appendingTo(scratch.path("stderr")))
+        let owner = try Child([probe, "qemus", "3"], scratch: scratch)
         var watched: Set<pid_t> = []
-        defer { cleanUp(owner: pid, qemus: watched) }
+        defer { cleanUp(owner: owner, qemus: watched) }
         let running = try await waitUntil("the probe starts 3 QEMUs", seconds: 60, scratch: scratch) {
-            let children = qemuChildren(of: pid)
+            let children = qemuChildren(of: owner.pid)
             return children.count == 3 ? children : nil
         }
         watched = Set(running)
         let started = ContinuousClock.now
-        #expect(kill(pid, SIGKILL) == 0)
+        owner.kill()
         let gone = await waitUntilGone(Set(running), seconds: 5)
         print("probe SIGKILLed with QEMUs \(running.sorted()): all gone after \(milliseconds(ContinuousClock.now - started)) ms")
         #expect(gone, "QEMU still running 5 s after its owner was killed: \(running.filter(isRunning))")
-        #expect(reapChild(pid, blocking: true) == .signaled(signal: SIGKILL))
+        #expect(owner.wait() == .signaled(signal: SIGKILL))
     }
 
     /// The kernel's death signal is tied to the thread that forks: an owned child started from
     /// a thread that then ends must keep running while its process does.
     @Test func ownedChildOutlivesTheThreadThatAskedForIt() async throws {
-        let (child, tid) = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<(pid_t, pid_t), any Error>) in
+        let (child, tid) = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<(Child, pid_t), any Error>) in
             let thread = Thread {
                 do {
-                    continuation.resume(returning: (try spawnChild(["sleep", "60"], lifetime: .owned), currentThreadID()))
+                    continuation.resume(returning: (try Child(["sleep", "60"]), currentThreadID()))
                 } catch {
                     continuation.resume(throwing: error)
                 }
             }
             thread.start()
         }
-        defer { _ = kill(child, SIGKILL); _ = reapChild(child, blocking: true) }
+        defer { child.end() }
         // The thread has ended once its task is gone from /proc (after the kernel's exit
         // notifications, which is when a death signal would be sent).
         _ = try await waitUntil("the spawning thread ends", seconds: 10) {
             access("/proc/self/task/\(tid)", F_OK) != 0 ? true : nil
         }
-        #expect(reapChild(child, blocking: false) == nil)
-        #expect(isRunning(child))
-        #expect(kill(child, SIGKILL) == 0)
-        #expect(reapChild(child, blocking: true) == .signaled(signal: SIGKILL))
+        #expect(child.poll() == nil)
+        #expect(isRunning(child.pid))
+        child.kill()
+        #expect(child.wait() == .signaled(signal: SIGKILL))
     }
 
     /// A detached child (the production standby's way) keeps running when the process that
@@ -110,12 +109,11 @@ import Glibc
         let probe = try #require(builtBinary("QEMULabProbe"), "QEMULabProbe is not built (swift build)")
         let scratch = try Scratch()
         var pids: [ChildLifetime: pid_t] = [:]
-        defer { for pid in pids.values { _ = kill(pid, SIGKILL) } }
+        defer { killIfRunning(Set(pids.values), commandLine: "sleep 60") }
         for (lifetime, name) in [(ChildLifetime.detached, "detached"), (.owned, "owned")] {
             let pidFile = scratch.path("\(name).pid")
-            let spawner = try spawnChild([probe, "spawn", name, pidFile, "sleep", "60"], lifetime: .owned,
-                                         standardError: .appendingTo(scratch.path("stderr")))
-            #expect(reapChild(spawner, blocking: true) == .exited(code: 0), "\(scratch.text("stderr"))")
+            let spawner = try Child([probe, "spawn", name, pidFile, "sleep", "60"], scratch: scratch)
+            #expect(await spawner.exit(within: 10) == .exited(code: 0), "\(scratch.text("stderr"))")
             let text = String(decoding: try readFile(pidFile), as: UTF8.self)
             let pid = try #require(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
             pids[lifetime] = pid
@@ -129,6 +127,38 @@ import Glibc
         #expect(await waitUntilGone([detached], seconds: 5))
     }
 
+    /// The production standby: `remus.restore` with `qemu = {...}` under `colorun --lab`
+    /// starts a QEMU that keeps running after colorun has ended, in a session of its own.
+    @Test func restoredProductionStandbyOutlivesColorun() async throws {
+        let colorun = try #require(builtBinary("colorun"), "the colorun binary is not built (swift build)")
+        let scratch = try Scratch()
+        let image = scratch.path("guest.img")
+        try writeFile(image, CountingGuest.bootSector)
+        let socket = scratch.path("standby.sock")
+        let argv = [QEMUSpec().executable] + QEMUSpec(countingGuest: true).arguments(qmpSocket: socket, guestImage: image)
+        let policy = scratch.path("standby.lua")
+        try writeFile(policy, Array("""
+            local p = domain.get("primary")
+            local r = remus.checkpoint(p, {keep = 2})
+            local standby, info = remus.restore({name = "prod", from = p, qmp = "unix:\(socket)",
+              qemu = {\(argv.map { "\"\($0)\"" }.joined(separator: ", "))}}, r.generation)
+            assert(standby:status().running)
+            policy.stop()
+            """.utf8))
+        let owner = try Child([colorun, "--lab", policy], scratch: scratch)
+        var standby: [pid_t] = []
+        defer { cleanUp(owner: owner, qemus: Set(standby)) }
+        #expect(await owner.exit(within: 60) == .exited(code: 0), "\(scratch.text("stderr"))")
+
+        standby = RunDirectorySweep.processesNaming(scratch.directory).filter(isRunning)
+        #expect(standby.count == 1, "the standby did not outlive colorun: \(scratch.text("stderr"))")
+        for pid in standby {
+            #expect(getsid(pid) == pid, "the standby is not in a session of its own")
+            #expect(kill(pid, SIGKILL) == 0)
+        }
+        #expect(await waitUntilGone(Set(standby), seconds: 5))
+    }
+
     /// A run directory whose owner is dead is swept: its QEMU (still running, found by its
     /// command line) killed, the directory removed. Directories of a live owner, without a
     /// record, or whose recorded pid is now another program are left alone.
@@ -137,17 +167,19 @@ import Glibc
         try RunDirectoryOwner.current().write(to: parent)  // a later sweep of /tmp removes it if this test dies
         defer { removeTree(parent) }
 
-        let deadOwner = try spawnChild(["true"], lifetime: .owned)
-        #expect(reapChild(deadOwner, blocking: true) == .exited(code: 0))
+        let dead = try Child(["true"])
+        #expect(dead.wait() == .exited(code: 0))
+        let deadOwner = dead.pid
         // An unrelated process whose pid the stale record also names.
-        let bystander = try spawnChild(["sleep", "60"], lifetime: .owned)
-        defer { _ = kill(bystander, SIGKILL); _ = reapChild(bystander, blocking: true) }
+        let bystanderChild = try Child(["sleep", "60"])
+        defer { bystanderChild.end() }
+        let bystander = bystanderChild.pid
 
         let stale = try makeTemporaryDirectory(in: parent, prefix: "colorun-qemu")
         let spec = QEMUSpec()
-        let qemu = try spawnChild([spec.executable] + spec.arguments(qmpSocket: "\(stale)/qmp.sock", guestImage: nil),
-                                  lifetime: .owned, standardError: .appendingTo("\(stale)/qemu.stderr"))
-        defer { _ = kill(qemu, SIGKILL); _ = reapChild(qemu, blocking: true) }
+        let qemuChild = try Child([spec.executable] + spec.arguments(qmpSocket: "\(stale)/qmp.sock", guestImage: nil))
+        defer { qemuChild.end() }
+        let qemu = qemuChild.pid
         try RunDirectoryOwner(pid: deadOwner, startTime: 0, children: [qemu, bystander]).write(to: stale)
         let staleEmpty = try makeTemporaryDirectory(in: parent, prefix: "colorun-lab-state")
         try RunDirectoryOwner(pid: deadOwner, startTime: 0).write(to: staleEmpty)
@@ -166,7 +198,7 @@ import Glibc
         #expect(Set(swept.map(\.path)) == [stale, staleEmpty, reused])
         #expect(swept.first { $0.path == stale }?.killed == [qemu])
         #expect(swept.allSatisfy { $0.path == stale || $0.killed.isEmpty })
-        #expect(reapChild(qemu, blocking: true) == .signaled(signal: SIGKILL))
+        #expect(await qemuChild.exit(within: 5) == .signaled(signal: SIGKILL))
         #expect(isRunning(bystander))
         for path in [stale, staleEmpty, reused] { #expect(access(path, F_OK) != 0, "\(path) left") }
         for path in [live, unrecorded, notOurs] { #expect(access(path, F_OK) == 0, "\(path) swept") }
@@ -292,14 +324,70 @@ func hasCheckpoint(ownedBy owner: pid_t) -> Bool {
     }
 }
 
-/// Kills `owner` (an owned child of this process) and reaps it, kills whichever of `qemus`
-/// still runs (they should not: then the test has failed), and removes what the owner left
-/// under /tmp.
-func cleanUp(owner: pid_t, qemus: Set<pid_t>) {
-    _ = kill(owner, SIGKILL)
-    _ = reapChild(owner, blocking: true)
-    for pid in qemus where isRunning(pid) && RunDirectorySweep.commandLine(of: pid).contains("qemu-system") {
+/// Ends `owner`, kills whichever of `qemus` still runs (none should: then the test has
+/// failed), and removes what the owner left under /tmp.
+func cleanUp(owner: Child, qemus: Set<pid_t>) {
+    owner.end()
+    killIfRunning(qemus, commandLine: "qemu-system")
+    for directory in directories(ownedBy: owner.pid) { removeTree(directory) }
+}
+
+/// SIGKILLs those of `pids` that still run `commandLine` (not a pid reused since).
+func killIfRunning(_ pids: Set<pid_t>, commandLine: String) {
+    for pid in pids where isRunning(pid) && RunDirectorySweep.commandLine(of: pid).hasPrefix(commandLine) {
         _ = kill(pid, SIGKILL)
     }
-    for directory in directories(ownedBy: owner) { removeTree(directory) }
+}
+
+/// An owned child of the test process, reaped once: after that its pid is never signalled.
+final class Child: Sendable {
+    let pid: pid_t
+    private let status = Mutex<ChildExitStatus?>(nil)
+
+    /// Starts `commandLine`, stdout and stderr appended to the scratch directory's files.
+    init(_ commandLine: [String], scratch: Scratch? = nil) throws {
+        pid = try spawnChild(
+            commandLine, lifetime: .owned,
+            standardOutput: scratch.map { .appendingTo($0.path("stdout")) } ?? .null,
+            standardError: scratch.map { .appendingTo($0.path("stderr")) } ?? .null)
+    }
+
+    /// How it ended, if it has (reaping it).
+    func poll() -> ChildExitStatus? {
+        status.withLock { status in
+            if status == nil { status = reapChild(pid, blocking: false) }
+            return status
+        }
+    }
+
+    /// Waits until it has ended.
+    func wait() -> ChildExitStatus? {
+        status.withLock { status in
+            if status == nil { status = reapChild(pid, blocking: true) }
+            return status
+        }
+    }
+
+    /// Polls until it has ended; nil if it still runs after `seconds`.
+    func exit(within seconds: Double) async -> ChildExitStatus? {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while ContinuousClock.now < deadline {
+            if let status = poll() { return status }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return poll()
+    }
+
+    /// SIGKILL, unless it has been reaped.
+    func kill() {
+        status.withLock { status in
+            if status == nil { _ = Glibc.kill(pid, SIGKILL) }
+        }
+    }
+
+    /// Kills and reaps it, unless it has been reaped.
+    func end() {
+        kill()
+        _ = wait()
+    }
 }
