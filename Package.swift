@@ -14,6 +14,7 @@ import PackageDescription
 //   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
 //   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
 //   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
+//   QEMULabProbe   a process for QEMULabTests to kill: it starts lab QEMUs, or a child, and waits
 //   QMPBench       the `qmp-bench` command: query-status latency through both QMPClient APIs
 //   ColorunBench   the `colorun-bench` command: colorun vs its baselines (scripts/bench)
 //   Fuzz*          libFuzzer targets, declared only when COLORUN_FUZZ is set (scripts/fuzz)
