@@ -53,26 +53,27 @@ let package = Package(
             providers: [.apt(["liblua5.4-dev"])]
         ),
         .target(name: "CLuaShims", dependencies: ["CLua"]),
-        .target(name: "QMP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
-        .target(name: "QMPClient", dependencies: ["QMP", logging] + nio),
+        .target(name: "JSON"),
+        .target(name: "QMP", dependencies: ["JSON", .product(name: "NIOCore", package: "swift-nio")]),
+        .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging] + nio),
         .target(name: "CColorunSystem"),
         .target(name: "ColorunSystem", dependencies: ["CColorunSystem"]),
         .target(
             name: "QEMULab",
-            dependencies: ["ColorunSystem", "QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["ColorunSystem", "JSON", "QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(
             name: "LuaRuntime",
             dependencies: [
-                "CLua", "CLuaShims", "QMP", logging,
+                "CLua", "CLuaShims", "JSON", logging,
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
-        .target(name: "QEMUSimulator", dependencies: ["QMP", logging] + nio),
+        .target(name: "QEMUSimulator", dependencies: ["JSON", "QMP", logging] + nio),
         .target(
             name: "Colorun",
-            dependencies: ["ColorunSystem", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
+            dependencies: ["ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
@@ -92,24 +93,24 @@ let package = Package(
         .executableTarget(name: "QMPBench", dependencies: ["QMPClient", "QEMULab", logging] + nio),
         .executableTarget(
             name: "ColorunBench",
-            dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QMP", "QEMULab", logging] + nio
+            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QEMULab", logging] + nio
         ),
-        .testTarget(name: "QMPTests", dependencies: ["QMP"]),
+        .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", logging]),
         .testTarget(
             name: "QMPClientTests",
-            dependencies: ["QMPClient", "QMP", "QEMULab", logging, .product(name: "NIOEmbedded", package: "swift-nio")] + nio
+            dependencies: ["JSON", "QMPClient", "QMP", "QEMULab", logging, .product(name: "NIOEmbedded", package: "swift-nio")] + nio
         ),
-        .testTarget(name: "LuaRuntimeTests", dependencies: ["LuaRuntime", "QMP", "CLua", logging] + nio),
-        .testTarget(name: "QEMUSimulatorTests", dependencies: ["QEMUSimulator", "QMPClient", "QMP"]),
+        .testTarget(name: "LuaRuntimeTests", dependencies: ["JSON", "LuaRuntime", "CLua", logging] + nio),
+        .testTarget(name: "QEMUSimulatorTests", dependencies: ["JSON", "QEMUSimulator", "QMPClient", "QMP"]),
         .testTarget(
             name: "ColorunCLITests",
-            dependencies: ["Colorun", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus] + nio
+            dependencies: ["Colorun", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus] + nio
         ),
         .testTarget(
             name: "ColorunTests",
-            dependencies: ["Colorun", "ColorunSystem", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
+            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
         ),
     ],
     swiftLanguageModes: [.v6]
@@ -123,7 +124,7 @@ if Context.environment["COLORUN_FUZZ"] != nil {
         .executable(name: "fuzz-policy", targets: ["FuzzPolicy"]),
     ]
     package.targets += [
-        .executableTarget(name: "FuzzQMP", dependencies: ["QMP", .product(name: "NIOCore", package: "swift-nio")], path: "Fuzz/FuzzQMP"),
+        .executableTarget(name: "FuzzQMP", dependencies: ["JSON", "QMP", .product(name: "NIOCore", package: "swift-nio")], path: "Fuzz/FuzzQMP"),
         .executableTarget(name: "FuzzPolicy", dependencies: ["LuaRuntime", logging] + nio, path: "Fuzz/FuzzPolicy"),
     ]
 }

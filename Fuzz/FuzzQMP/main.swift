@@ -5,6 +5,7 @@
 //   - a value the parser accepts encodes to JSON that parses back to an equal value (after
 //     mapping non-finite doubles, e.g. from 1e400, to null: the encoder's documented rule);
 //   - the line decoder gives the same values whatever the input is split into.
+import JSON
 import NIOCore
 #if canImport(Glibc)
 import Glibc

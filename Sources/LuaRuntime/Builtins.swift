@@ -1,8 +1,8 @@
 import CLua
 import CLuaShims
+import JSON
 import Logging
 import NIOCore
-import QMP
 import Subprocess
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,6 @@
 import CLua
 import CLuaShims
-import QMP
+import JSON
 
 /// A host function implemented in Swift, callable from Lua.
 ///

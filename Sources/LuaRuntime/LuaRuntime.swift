@@ -1,8 +1,8 @@
 import CLua
 import CLuaShims
+import JSON
 import Logging
 import NIOCore
-import QMP
 
 /// Options of a `LuaRuntime`.
 public struct LuaRuntimeOptions: Sendable {

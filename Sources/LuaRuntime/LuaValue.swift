@@ -1,6 +1,6 @@
 import CLua
 import CLuaShims
-import QMP
+import JSON
 
 /// A value crossing from Swift into Lua (host function results, task arguments).
 ///

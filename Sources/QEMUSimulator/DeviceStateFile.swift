@@ -1,3 +1,4 @@
+import JSON
 import QMP
 
 #if canImport(Glibc)

@@ -1,3 +1,4 @@
+import JSON
 import QMP
 
 /// One command as the simulator received it.

@@ -1,3 +1,4 @@
+import JSON
 import QMP
 
 /// One unit of client input, as QEMU's JSON streamer delivers it to the monitor: a complete

@@ -1,3 +1,4 @@
+import JSON
 import QMP
 
 /// A device state that a `xen-load-devices-state` loaded, as tests read it back.

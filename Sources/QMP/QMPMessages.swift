@@ -1,3 +1,4 @@
+import JSON
 /// QMP's message types, as QEMU's qapi/qmp-spec describes them.
 ///
 /// Server to client: a greeting, then replies (`return` or `error`, with the command's

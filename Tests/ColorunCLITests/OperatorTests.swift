@@ -1,4 +1,5 @@
 @testable import Colorun
+import JSON
 import Logging
 @testable import LuaRuntime
 import QMP

@@ -1,5 +1,5 @@
+import JSON
 import LuaRuntime
-import QMP
 import Testing
 
 extension LuaRuntimeSuite {

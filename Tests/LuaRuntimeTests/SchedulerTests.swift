@@ -1,7 +1,7 @@
 import Foundation
+import JSON
 import LuaRuntime
 import NIOCore
-import QMP
 import Synchronization
 import Testing
 

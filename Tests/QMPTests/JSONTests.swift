@@ -1,3 +1,4 @@
+import JSON
 import Testing
 import NIOCore
 @testable import QMP

@@ -1,4 +1,5 @@
 import ColorunSystem
+import JSON
 import Logging
 #if canImport(Glibc)
 import Glibc

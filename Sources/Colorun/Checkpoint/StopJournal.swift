@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import ColorunSystem
+import JSON
 import QMP
 import Synchronization
 

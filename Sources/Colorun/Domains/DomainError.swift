@@ -1,3 +1,4 @@
+import JSON
 import QMP
 
 /// A failed operation on one domain, as policies see it: a Lua error whose value is

@@ -1,4 +1,5 @@
 import ColorunSystem
+import JSON
 import LuaRuntime
 import NIOCore
 import QEMULab
