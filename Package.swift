@@ -67,13 +67,15 @@ let package = Package(
             dependencies: [
                 "CLua", "CLuaShims", "JSON", logging,
                 .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
         .target(name: "QEMUSimulator", dependencies: ["JSON", "QMP", logging] + nio),
         .target(
             name: "Colorun",
-            dependencies: ["ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http] + nio
+            dependencies: [
+                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http,
+                .product(name: "Subprocess", package: "swift-subprocess"),
+            ] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",

@@ -106,7 +106,7 @@ struct RunCommand: ColorunSubcommand {
             do { try RunDirectoryOwner.current().write(to: options.stateDirectory) } catch { throw ValidationError(error.description) }
         }
         options.keepGenerations = keep
-        options.lua.allowExec = allowExec
+        options.allowExec = allowExec
         options.lua.memoryLimit = memoryLimit << 20
         if let timeLimit { options.lua.timeLimit = timeLimit.duration.timeAmount }
         options.duration = duration?.duration.timeAmount

@@ -3,14 +3,13 @@ import CLuaShims
 import JSON
 import Logging
 import NIOCore
-import Subprocess
 #if canImport(Glibc)
 import Glibc
 #endif
 
 extension LuaRuntime {
     /// Opens the standard libraries, builds the policy environment and the built-in modules
-    /// (sleep, task, exec, json, log, print, require).
+    /// (sleep, task, json, log, print, require).
     func installSandbox() throws {
         let top = lua_gettop(L)
         defer { lua_settop(L, top) }
@@ -167,7 +166,6 @@ extension LuaRuntime {
                 }
             }),
             ("loadmodule", "require", .sync { call in try call.runtime.loadModule(&call) }),
-            ("exec", "exec.run", .async { call, completion in try call.runtime.execRun(&call, completion) }),
         ]
     }
 
@@ -196,76 +194,6 @@ extension LuaRuntime {
             return
         }
         throw LuaHostError.message("module '\(name)' not found (tried \(tried.joined(separator: ", ")))")
-    }
-
-    /// exec.run{"/usr/bin/fence", "host1", timeout="5s"}: argv (no shell), captured stdout,
-    /// stderr and exit status, a timeout. Off unless `allowExec`.
-    func execRun(_ call: inout LuaCall, _ completion: LuaCompletion) throws {
-        guard options.allowExec else {
-            throw LuaHostError.message("exec.run is disabled: start colorun with --allow-exec to let policies run commands")
-        }
-        let S = call.state
-        guard call.type(1) == .table else { throw call.typeError(1, "table {argv..., timeout=}") }
-        let n = lua_rawlen(S, 1)
-        var argv: [String] = []
-        for i in 1...max(Int(n), 1) where n > 0 {
-            lua_rawgeti(S, 1, lua_Integer(i))
-            defer { clua_pop(S, 1) }
-            guard lua_type(S, -1) == LUA_TSTRING, let s = String(lua: S, at: -1) else {
-                throw call.argumentError(1, "argv[\(i)] must be a string")
-            }
-            argv.append(s)
-        }
-        guard let program = argv.first, !program.isEmpty else { throw call.argumentError(1, "empty argv") }
-        var timeout = LuaDuration(seconds: Double(options.execDefaultTimeout.nanoseconds) / 1e9)
-        _ = clua_rawgetfield(S, 1, "timeout")
-        if lua_type(S, -1) != LUA_TNIL {
-            let idx = lua_gettop(S)
-            timeout = try call.duration(Int(idx))
-        }
-        clua_pop(S, 1)
-        let limit = timeout
-        let arguments = Array(argv.dropFirst())
-        let loop = eventLoop
-        let work = Task<Void, Never> {
-            do {
-                let executable: Executable = program.contains("/") ? .path(.init(program)) : .name(program)
-                let result = try await Subprocess.run(
-                    executable, arguments: Arguments(arguments),
-                    output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
-                var fields: [String: JSONValue] = [
-                    "stdout": .string(result.standardOutput),
-                    "stderr": .string(result.standardError),
-                ]
-                switch result.terminationStatus {
-                case .exited(let code):
-                    fields["status"] = .int(Int64(code))
-                    fields["ok"] = .bool(code == 0)
-                case .signaled(let sig):
-                    fields["signal"] = .int(Int64(sig))
-                    fields["ok"] = .bool(false)
-                }
-                let value = JSONValue.object(fields)
-                loop.execute { completion.succeed([.json(value)]) }
-            } catch is CancellationError {
-                // timed out or cancelled: already completed
-            } catch {
-                let message = "exec.run: \(program): \(error)"
-                loop.execute { completion.fail(LuaHostError.message(message)) }
-            }
-        }
-        let timer = loop.scheduleTask(in: limit.timeAmount) {
-            work.cancel()
-            completion.fail(LuaHostError.message("exec.run: \(program) timed out after \(limit)"))
-        }
-        completion.onCancel {
-            timer.cancel()
-            work.cancel()
-        }
-        _ = Task<Void, Never> {
-            await work.value
-            loop.execute { timer.cancel() }
-        }
     }
 }
 

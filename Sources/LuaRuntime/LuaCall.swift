@@ -137,6 +137,32 @@ public struct LuaCall {
         return try runtime.toJSON(state, -1, depth: 0)
     }
 
+    /// The array part (`t[1]` to `t[#t]`, raw accesses) of the table argument `i` as strings;
+    /// a non-string element is an argument error naming it (`NAME[2] must be a string`).
+    public func stringArray(_ i: Int, name: String) throws -> [String] {
+        guard lua_type(state, Int32(i)) == LUA_TTABLE else { throw typeError(i, "table") }
+        let n = lua_rawlen(state, Int32(i))
+        var strings: [String] = []
+        for k in stride(from: 1, through: Int(n), by: 1) {
+            lua_rawgeti(state, Int32(i), lua_Integer(k))
+            defer { clua_pop(state, 1) }
+            guard lua_type(state, -1) == LUA_TSTRING, let s = String(lua: state, at: -1) else {
+                throw argumentError(i, "\(name)[\(k)] must be a string")
+            }
+            strings.append(s)
+        }
+        return strings
+    }
+
+    /// Field `key` of the table argument `i` (raw access) as a duration, or nil when absent.
+    public func durationField(_ i: Int, _ key: String) throws -> LuaDuration? {
+        guard lua_type(state, Int32(i)) == LUA_TTABLE else { throw typeError(i, "table") }
+        _ = clua_rawgetfield(state, Int32(i), key)
+        defer { clua_pop(state, 1) }
+        if lua_type(state, -1) == LUA_TNIL { return nil }
+        return try duration(Int(lua_gettop(state)))
+    }
+
     /// The value of argument `i` in Swift form: scalars as such, tables as `.json`, Swift
     /// objects as `.object`, functions and anything else as `.ref`.
     public func value(_ i: Int) throws -> LuaValue {

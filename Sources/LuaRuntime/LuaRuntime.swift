@@ -17,10 +17,6 @@ public struct LuaRuntimeOptions: Sendable {
     public var timeLimit: TimeAmount = .seconds(5)
     /// Extra directories searched by `require` after the policy's own directory.
     public var luaPath: [String] = []
-    /// Lets policies run commands with `exec.run` (the `--allow-exec` option).
-    public var allowExec: Bool = false
-    /// Timeout of `exec.run` when the call gives none.
-    public var execDefaultTimeout: TimeAmount = .seconds(60)
     /// What an uncaught error in a task other than the main chunk does.
     public var uncaughtErrors: UncaughtErrorPolicy = .failRun
 

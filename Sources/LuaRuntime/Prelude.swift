@@ -177,11 +177,6 @@ end
 modules.task = task
 env.task = task
 
--- exec
-local exec = { run = make_async(H.exec) }
-modules.exec = exec
-env.exec = exec
-
 -- require: text modules next to the policy (and in luaPath), sharing its globals
 local loaded = {}
 env.require = function(name)

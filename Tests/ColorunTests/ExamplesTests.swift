@@ -78,7 +78,7 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
         let source = exampleSource("site-hooks.lua")
             + "\npolicy.after('400ms', function() test.kill() end)\n"
         let run = try await runPolicy(source, domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }]) {
-            $0.lua.allowExec = true
+            $0.allowExec = true
             $0.arguments = ["/usr/bin/touch", marker]
         }
         guard case .stopped = run.report.outcome else {

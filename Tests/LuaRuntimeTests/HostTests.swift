@@ -212,32 +212,6 @@ extension LuaRuntimeSuite {
         #expect(f.message.hasSuffix("policy.lua:2: undefined global 'undefined_thing'"))
     }
 
-    @Test func execRun() async throws {
-        var options = LuaRuntimeOptions()
-        options.allowExec = true
-        let r = try await runPolicy("""
-            local r = exec.run{"/bin/echo", "hello", "world"}
-            print(r.status, r.ok, r.stdout)
-            local r2 = exec.run{"sh", "-c", "echo err >&2; exit 3"}
-            print(r2.status, r2.ok, r2.stderr)
-            local t0 = os.time()
-            local ok, e = pcall(exec.run, {"/bin/sleep", "5", timeout = "200ms"})
-            print(ok, e)
-            task.all(function() sleep("10ms") end)
-            """, options: options)
-        #expect(r.finished, "\(r.outcome)")
-        #expect(r.printed == [
-            "0\ttrue\thello world\n",
-            "3\tfalse\terr\n",
-            "false\tpolicy.lua:6: exec.run: /bin/sleep timed out after 200ms",
-        ])
-    }
-
-    @Test func execDisabled() async throws {
-        let r = try await runPolicy("print(pcall(exec.run, {'/bin/true'}))")
-        #expect(r.printed == ["false\tpolicy.lua:1: exec.run is disabled: start colorun with --allow-exec to let policies run commands"])
-    }
-
     @Test func requireSiblingsAndLuaPath() async throws {
         let extra = try makePolicyDir(["extra.lua": "return {name = 'extra'}"])
         var options = LuaRuntimeOptions()

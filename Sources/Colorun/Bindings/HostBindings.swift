@@ -31,6 +31,7 @@ extension PolicySession {
         for module in Self.publicModules {
             try runtime.registerModule(module, functions: [:])
         }
+        try registerExec()
         try runtime.registerModule("colorun", functions: hostFunctions(), luaSource: colorunPrelude)
     }
 

@@ -52,7 +52,7 @@ public enum PolicyCheck {
         dry.duration = nil
         dry.domainOptions.refuseConnections = dryRunRefusal
         dry.domainOptions.metrics = ColorunMetrics(factory: NOOPMetricsHandler.instance)
-        dry.lua.allowExec = false
+        dry.allowExec = false
         dry.lua.uncaughtErrors = .logAndContinue
 
         let loop = MultiThreadedEventLoopGroup.singleton.next()

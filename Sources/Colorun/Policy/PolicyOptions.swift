@@ -63,6 +63,10 @@ public struct PolicyOptions: Sendable {
     /// How many checkpoint generations to keep per pair unless a call says otherwise.
     public var keepGenerations = 3
     public var lua = LuaRuntimeOptions()
+    /// Lets policies run commands with `exec.run` (the `--allow-exec` option).
+    public var allowExec = false
+    /// Timeout of `exec.run` when the call gives none.
+    public var execDefaultTimeout: TimeAmount = .seconds(60)
     public var domainOptions = DomainOptions()
     /// End the run (as a clean stop) after this long.
     public var duration: TimeAmount?
