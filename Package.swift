@@ -73,14 +73,18 @@ let package = Package(
         .target(
             name: "Colorun",
             dependencies: [
-                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics, http,
+                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics,
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ] + nio
+        ),
+        .target(
+            name: "ColorunOperator",
+            dependencies: ["Colorun", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun", "ColorunSystem", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
+                "Colorun", "ColorunOperator", "ColorunSystem", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -108,7 +112,9 @@ let package = Package(
         .testTarget(name: "QEMUSimulatorTests", dependencies: ["JSON", "QEMUSimulator", "QMPClient", "QMP"]),
         .testTarget(
             name: "ColorunCLITests",
-            dependencies: ["Colorun", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus] + nio
+            dependencies: [
+                "Colorun", "ColorunOperator", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus,
+            ] + nio
         ),
         .testTarget(
             name: "ColorunTests",

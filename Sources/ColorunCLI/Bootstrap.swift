@@ -1,5 +1,6 @@
 import ArgumentParser
 import Colorun
+import ColorunOperator
 import Logging
 import Metrics
 import NIOPosix

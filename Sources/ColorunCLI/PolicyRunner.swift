@@ -1,4 +1,5 @@
 import Colorun
+import ColorunOperator
 import Dispatch
 import Logging
 import LuaRuntime

@@ -78,11 +78,16 @@ extension LuaRuntime {
 
     private func rawHostFunctions() -> [(raw: String, public: String, body: LuaHostFunction)] {
         [
+            // log(level, message, fields): print and log.* of the prelude; the members of
+            // `fields` (a table or nil) join the task name in the log metadata.
             ("log", "log", .sync { call in
                 let level = try call.string(1)
                 let message = try call.string(2)
                 let rt = call.runtime
-                let meta: Logger.Metadata = ["task": .string(rt.currentTask?.name ?? "-")]
+                var meta: Logger.Metadata = ["task": .string(rt.currentTask?.name ?? "-")]
+                if !call.isNil(3), case .object(let fields) = try call.json(3) {
+                    for (key, value) in fields { meta[key] = .string(value.stringValue ?? value.description) }
+                }
                 switch level {
                 case "debug": rt.logger.debug("\(message)", metadata: meta)
                 case "warn": rt.logger.warning("\(message)", metadata: meta)

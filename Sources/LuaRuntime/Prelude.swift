@@ -104,9 +104,18 @@ local function joinargs(...)
   return concat(t, "\t", 1, n)
 end
 env.print = function(...) H.log("info", joinargs(...)) end
+-- log.*(message, fields) adds structured fields; log.*(...) joins its arguments like print.
 local log = {}
 for _, level in ipairs({ "debug", "info", "warn", "error" }) do
-  log[level] = function(...) H.log(level, joinargs(...)) end
+  log[level] = function(...)
+    local n = select("#", ...)
+    local message, fields = ...
+    if n == 2 and type(fields) == "table" then
+      H.log(level, tostring(message), fields)
+    else
+      H.log(level, joinargs(...))
+    end
+  end
 end
 modules.log = log
 env.log = log

@@ -6,6 +6,7 @@ import NIOPosix
 import Prometheus
 import Testing
 @testable import Colorun
+@testable import ColorunOperator
 
 @Suite struct PolicyCheckTests {
     func check(_ source: String, domains: [String] = []) async throws -> Result<PolicyCheck.Passed, PolicyCheck.Failure> {

@@ -1,4 +1,5 @@
 @testable import Colorun
+@testable import ColorunOperator
 import JSON
 import Logging
 @testable import LuaRuntime

@@ -265,25 +265,6 @@ function retry(opts, fn)
   end
 end
 
--- log.*(message, fields) adds structured fields; log.*(...) joins its arguments like print.
-local function joinargs(...)
-  local n = select("#", ...)
-  local t = { ... }
-  for i = 1, n do t[i] = tostring(t[i]) end
-  return table.concat(t, "\t", 1, n)
-end
-for _, level in ipairs({ "debug", "info", "warn", "error" }) do
-  log[level] = function(...)
-    local n = select("#", ...)
-    local message, fields = ...
-    if n == 2 and type(fields) == "table" then
-      raw.log(level, tostring(message), fields)
-    else
-      raw.log(level, joinargs(...), nil)
-    end
-  end
-end
-
 -- The declarative form: return colo.policy{ primary=, secondary=, interval=, ... }
 -- colo.policy itself is a host function (it checks every field and names the policy line,
 -- even from `return colo.policy{...}`, a tail call); it then runs this in a task of its own.

@@ -39,20 +39,6 @@ extension PolicySession {
         [
             "version": .sync { call in call.push(colorunVersion) },
             "seconds": .sync { call in call.push(try call.duration(1).seconds) },
-            "log": .sync { [unowned self] call in
-                let level = try call.string(1)
-                let message = try call.string(2)
-                var metadata: Logger.Metadata = ["task": .string(call.runtime.currentTaskName)]
-                if !call.isNil(3), case .object(let fields) = try call.json(3) {
-                    for (key, value) in fields { metadata[key] = .string(value.stringValue ?? value.description) }
-                }
-                switch level {
-                case "debug": runtime.logger.debug("\(message)", metadata: metadata)
-                case "warn": runtime.logger.warning("\(message)", metadata: metadata)
-                case "error": runtime.logger.error("\(message)", metadata: metadata)
-                default: runtime.logger.info("\(message)", metadata: metadata)
-                }
-            },
 
             // Domains
             "domain_get": .sync { [unowned self] call in
@@ -352,6 +338,18 @@ extension PolicySession {
                 }
                 completion.fail(LuaHostError(error))
             }
+        }
+    }
+
+    /// Feeds the metrics from a finished checkpoint (called on the loop by the bindings).
+    func recordMetrics(series: String, started: NIODeadline, _ result: Result<CheckpointResult, CheckpointError>) {
+        let metrics = options.domainOptions.metrics
+        switch result {
+        case .success(let checkpoint):
+            let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+            metrics.checkpointSucceeded(series: series, durationSeconds: seconds, pauseMilliseconds: checkpoint.pauseMilliseconds)
+        case .failure(let error):
+            metrics.checkpointFailed(series: series, step: error.step)
         }
     }
 }

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Colorun
 import CoreMetrics
 import Logging
 import LuaRuntime

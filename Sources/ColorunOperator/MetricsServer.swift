@@ -1,3 +1,4 @@
+import Colorun
 import NIOCore
 import NIOHTTP1
 import NIOPosix

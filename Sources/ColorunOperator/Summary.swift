@@ -1,3 +1,4 @@
+import Colorun
 import LuaRuntime
 
 /// The end-of-run summary the operator reads (stdout), built from a `PolicyReport`.
