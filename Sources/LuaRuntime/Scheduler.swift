@@ -225,32 +225,60 @@ extension LuaRuntime {
         drainBuffer.removeAll(keepingCapacity: true)
     }
 
+    /// Runs `task` until it next yields, waits, ends or fails: one slice.
     func resume(_ task: LuaTask) {
         guard let co = task.thread, runState == .running else { return }
         task.state = .running
+        let nargs = pushResumeArguments(task, on: co)
+        let (status, nres) = runSlice(task, co, nargs)
+        if task.state == .done {
+            releaseCancelledThread(task)
+            return
+        }
+        if let whereText = takeKill() {
+            let seconds = Double(options.timeLimit.nanoseconds) / 1e9
+            fail(task, message: "\(whereText) time limit exceeded (\(seconds) s)", co: co)
+            return
+        }
+        switch status {
+        case LUA_YIELD: suspended(task, co, results: nres)
+        case LUA_OK: returned(task, co, results: nres)
+        default: raised(task, co)
+        }
+    }
+
+    /// Pushes what `task` is resumed with: its initial arguments (first run), or the host
+    /// result it waited for as `true, values...` or `false, error` (the prelude's `finish`).
+    /// Returns the argument count.
+    private func pushResumeArguments(_ task: LuaTask, on co: OpaquePointer) -> Int32 {
         var nargs: Int32 = task.initialArguments
         task.initialArguments = 0
-        if task.resumeWithResult {
-            task.resumeWithResult = false
-            task.waiting = false
-            task.sliceStart = 0
-            let result = task.pendingResult
-            task.pendingResult = nil
-            _ = lua_checkstack(co, 4)
-            switch result {
-            case .success(let values)?:
-                lua_pushboolean(co, 1)
-                _ = lua_checkstack(co, Int32(values.count) + 2)
-                for v in values { push(v, on: co) }
-                nargs = Int32(values.count) + 1
-            case .failure(let error)?:
-                lua_pushboolean(co, 0)
-                pushError(error, on: co, positionFrom: co)
-                nargs = 2
-            case nil:
-                nargs = 0
-            }
+        guard task.resumeWithResult else { return nargs }
+        task.resumeWithResult = false
+        task.waiting = false
+        task.sliceStart = 0
+        let result = task.pendingResult
+        task.pendingResult = nil
+        _ = lua_checkstack(co, 4)
+        switch result {
+        case .success(let values)?:
+            lua_pushboolean(co, 1)
+            _ = lua_checkstack(co, Int32(values.count) + 2)
+            for v in values { push(v, on: co) }
+            nargs = Int32(values.count) + 1
+        case .failure(let error)?:
+            lua_pushboolean(co, 0)
+            pushError(error, on: co, positionFrom: co)
+            nargs = 2
+        case nil:
+            nargs = 0
         }
+        return nargs
+    }
+
+    /// `lua_resume` with the slice's deadline armed (the slice starts when the task is
+    /// started or resumed with a host result); returns the status and the result count.
+    private func runSlice(_ task: LuaTask, _ co: OpaquePointer, _ nargs: Int32) -> (status: Int32, results: Int32) {
         let now = clua_monotonic_ns()
         if task.sliceStart == 0 { task.sliceStart = now }
         ctx.pointee.deadline_ns = task.sliceStart + options.timeLimit.nanoseconds
@@ -259,68 +287,82 @@ extension LuaRuntime {
         let status = clua_resume(co, L, nargs, &nres)
         currentTask = nil
         ctx.pointee.deadline_ns = 0
+        return (status, nres)
+    }
+
+    /// A task cancelled while it ran (stop() or cancel() from a host function): clears the
+    /// hook's flags and lets its thread go.
+    private func releaseCancelledThread(_ task: LuaTask) {
         let c = ctx
-        if task.state == .done {
-            // cancelled while it ran (stop() or cancel() from a host function)
-            c.pointee.killed = 0
-            c.pointee.forced_yield = 0
-            c.pointee.pending = 0
-            if task.threadRef != LUA_NOREF {
-                luaL_unref(L, clua_registryindex(), task.threadRef)
-                task.threadRef = LUA_NOREF
-            }
-            task.thread = nil
-            return
+        c.pointee.killed = 0
+        c.pointee.forced_yield = 0
+        c.pointee.pending = 0
+        if task.threadRef != LUA_NOREF {
+            luaL_unref(L, clua_registryindex(), task.threadRef)
+            task.threadRef = LUA_NOREF
         }
-        if c.pointee.killed != 0 {
-            c.pointee.killed = 0
-            c.pointee.forced_yield = 0
-            c.pointee.pending = 0
-            let whereText = withUnsafeBytes(of: &c.pointee.kill_where) { b in
-                String(decoding: b.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            let seconds = Double(options.timeLimit.nanoseconds) / 1e9
-            fail(task, message: "\(whereText) time limit exceeded (\(seconds) s)", co: co)
-            return
+        task.thread = nil
+    }
+
+    /// If the count hook killed the slice (time limit), clears the flags and returns where
+    /// the task was (`file:line:`); nil otherwise.
+    private func takeKill() -> String? {
+        let c = ctx
+        guard c.pointee.killed != 0 else { return nil }
+        c.pointee.killed = 0
+        c.pointee.forced_yield = 0
+        c.pointee.pending = 0
+        return withUnsafeBytes(of: &c.pointee.kill_where) { b in
+            String(decoding: b.prefix(while: { $0 != 0 }), as: UTF8.self)
         }
-        switch status {
-        case LUA_YIELD:
-            lua_settop(co, lua_gettop(co) - nres)
-            c.pointee.pending = 0
-            if c.pointee.forced_yield != 0 {
-                c.pointee.forced_yield = 0
-                enqueue(task, withResult: false)
-            } else if task.waiting {
-                if task.pendingResult != nil {
-                    enqueue(task, withResult: true)
-                } else {
-                    task.state = .waiting
-                }
+    }
+
+    /// The task yielded: a forced yield (the instruction slice) or a bare `coroutine.yield()`
+    /// queues it again; a host call leaves it waiting, unless its result is already there.
+    private func suspended(_ task: LuaTask, _ co: OpaquePointer, results nres: Int32) {
+        let c = ctx
+        lua_settop(co, lua_gettop(co) - nres)
+        c.pointee.pending = 0
+        if c.pointee.forced_yield != 0 {
+            c.pointee.forced_yield = 0
+            enqueue(task, withResult: false)
+        } else if task.waiting {
+            if task.pendingResult != nil {
+                enqueue(task, withResult: true)
             } else {
-                enqueue(task, withResult: false)  // a bare coroutine.yield(): resumed soon
+                task.state = .waiting
             }
-        case LUA_OK:
-            if task.keepResults {
-                lua_createtable(L, nres, 1)
-                lua_xmove(co, L, nres)
-                var i = nres
-                while i > 0 {
-                    lua_rawseti(L, -(i + 1), lua_Integer(i))
-                    i -= 1
-                }
-                lua_pushinteger(L, lua_Integer(nres))
-                clua_rawsetfield(L, -2, "n")
-                task.resultRef = makeRef(L, -1)
-                clua_pop(L, 1)
-            }
-            finish(task, .success)
-        default:
-            lua_xmove(co, L, 1)
-            let message = describeError(at: -1)
-            if task.keepResults { task.resultRef = makeRef(L, -1) }
-            clua_pop(L, 1)
-            fail(task, message: message, co: co, errorRefSet: true)
+        } else {
+            enqueue(task, withResult: false)  // a bare coroutine.yield(): resumed soon
         }
+    }
+
+    /// The task's function returned: keeps its results (as `{n=, ...}`) if asked, and
+    /// finishes it.
+    private func returned(_ task: LuaTask, _ co: OpaquePointer, results nres: Int32) {
+        if task.keepResults {
+            lua_createtable(L, nres, 1)
+            lua_xmove(co, L, nres)
+            var i = nres
+            while i > 0 {
+                lua_rawseti(L, -(i + 1), lua_Integer(i))
+                i -= 1
+            }
+            lua_pushinteger(L, lua_Integer(nres))
+            clua_rawsetfield(L, -2, "n")
+            task.resultRef = makeRef(L, -1)
+            clua_pop(L, 1)
+        }
+        finish(task, .success)
+    }
+
+    /// The task raised an error: keeps the error value if asked, and fails the task.
+    private func raised(_ task: LuaTask, _ co: OpaquePointer) {
+        lua_xmove(co, L, 1)
+        let message = describeError(at: -1)
+        if task.keepResults { task.resultRef = makeRef(L, -1) }
+        clua_pop(L, 1)
+        fail(task, message: message, co: co, errorRefSet: true)
     }
 
     /// tostring() of the error value at `idx` of the main thread; a user `__tostring` runs

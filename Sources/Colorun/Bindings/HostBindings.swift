@@ -1,9 +1,5 @@
-import ColorunSystem
 import JSON
 import Logging
-#if canImport(Glibc)
-import Glibc
-#endif
 import LuaRuntime
 import NIOCore
 import QMP
@@ -85,39 +81,13 @@ extension PolicySession {
                     arguments = members
                 }
                 let timeout = call.isNil(4) ? nil : try call.duration(4).timeAmount
-                do {
-                    let d = domain
-                    d.send(command, arguments, timeout: timeout) { result in
-                        switch result {
-                        case .success(let value): completion.succeed([.json(value)])
-                        case .failure(let error): completion.fail(LuaHostError(error))
-                        }
-                    }
-                }
+                domain.send(command, arguments, timeout: timeout, completing(completion) { [.json($0)] })
             },
             "stop": .async { [unowned self] call, completion in
-                let domain = try domain(named: try call.string(1))
-                do {
-                    let d = domain
-                    d.sendStop { result in
-                        switch result {
-                        case .success: completion.succeed()
-                        case .failure(let error): completion.fail(LuaHostError(error))
-                        }
-                    }
-                }
+                try domain(named: try call.string(1)).sendStop(completing(completion))
             },
             "resume": .async { [unowned self] call, completion in
-                let domain = try domain(named: try call.string(1))
-                do {
-                    let d = domain
-                    d.sendResume { result in
-                        switch result {
-                        case .success: completion.succeed()
-                        case .failure(let error): completion.fail(LuaHostError(error))
-                        }
-                    }
-                }
+                try domain(named: try call.string(1)).sendResume(completing(completion))
             },
             "alive": .async { [unowned self] call, completion in
                 let domain = try domain(named: try call.string(1))
@@ -137,37 +107,8 @@ extension PolicySession {
             },
 
             // Checkpoints
-            "colo_checkpoint": .async { [unowned self] call, completion in
-                let primary = try domain(named: try call.string(1))
-                let secondary = try domain(named: try call.string(2))
-                guard primary !== secondary else { throw LuaHostError.message("colo.checkpoint: primary and secondary are the same domain '\(primary.name)'") }
-                let keep = try keepOption(call, 3)
-                let series = "\(primary.name)+\(secondary.name)"
-                let store = try store(series: series, fileExtension: "devstate", keep: keep)
-                let io = blockingIO
-                try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) {
-                    await CheckpointEngine.capture { () async throws(CheckpointError) in
-                        try await CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, io: io)
-                    }
-                }
-            },
-            "remus_checkpoint": .async { [unowned self] call, completion in
-                let domain = try domain(named: try call.string(1))
-                let keep = try keepOption(call, 2)
-                let store = try store(series: domain.name, fileExtension: "vmstate", keep: keep)
-                let tune = !tunedForRemus.contains(domain.name)
-                tunedForRemus.insert(domain.name)
-                let io = blockingIO
-                try startCheckpoint(series: domain.name, domains: [domain], completion: completion) {
-                    if tune {
-                        // QEMU's default migration bandwidth (128 MiB/s) stretches every pause.
-                        _ = try? await domain.execute("migrate-set-parameters", ["max-bandwidth": .int(107_374_182_400)])
-                    }
-                    return await CheckpointEngine.capture { () async throws(CheckpointError) in
-                        try await CheckpointEngine.remusCheckpoint(domain, store: store, io: io)
-                    }
-                }
-            },
+            "colo_checkpoint": .async { [unowned self] call, completion in try coloCheckpoint(call, completion) },
+            "remus_checkpoint": .async { [unowned self] call, completion in try remusCheckpoint(call, completion) },
             "remus_restore": .async { [unowned self] call, completion in
                 try restoreStandby(spec: try call.json(1), generation: call.isNil(2) ? nil : Int(try call.integer(2)), completion: completion)
             },
@@ -227,129 +168,15 @@ extension PolicySession {
         ["name": .string(domain.name), "endpoint": .string(domain.endpoint.description)]
     }
 
-    private func keepOption(_ call: LuaCall, _ index: Int) throws -> Int {
-        guard !call.isNil(index) else { return options.keepGenerations }
-        let keep = try call.integer(index)
-        guard keep >= 1 else { throw LuaHostError.message("keep must be at least 1 (got \(keep))") }
-        return Int(keep)
-    }
-
-    func store(series: String, fileExtension: String, keep: Int) throws -> GenerationStore {
-        if let store = stores[series] {
-            store.keep = keep
-            return store
-        }
-        let store: GenerationStore
-        do {
-            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep)
-        } catch {
-            throw LuaHostError.structured(
-                ["class": "StateDirError", "desc": .string(error.description), "step": "open"], message: "state directory: \(error)")
-        }
-        if !store.removedPartials.isEmpty {
-            logger.warning("removed \(store.removedPartials.count) partial checkpoint file(s) left by an earlier run", metadata: ["series": .string(series)])
-        }
-        stores[series] = store
-        return store
-    }
-
-    /// `remus.restore(spec, generation)`: starts a standby QEMU reading a Remus generation
-    /// of `spec.from`, waits for the load, resumes it and returns it as a new domain.
-    private func restoreStandby(spec: JSONValue, generation wanted: Int?, completion: LuaCompletion) throws {
-        guard !stopping else { throw LuaHostError.message("the run is stopping: no standby is restored") }
-        guard let name = spec["name"]?.stringValue, DomainSpec.isValidName(name) else {
-            throw LuaHostError.message("remus.restore: 'name' must be a domain name (letters, digits, '-', '_', '.')")
-        }
-        guard domains[name] == nil else { throw LuaHostError.message("remus.restore: a domain named '\(name)' already exists") }
-        guard let series = spec["from"]?.stringValue else { throw LuaHostError.message("remus.restore: 'from' is required") }
-        let store = try store(series: series, fileExtension: "vmstate", keep: stores[series]?.keep ?? options.keepGenerations)
-        let generations = (try? store.generations()) ?? []
-        guard let generation = wanted.map({ n in generations.first { $0.number == n } }) ?? generations.last else {
-            let have = generations.map { String($0.number) }.joined(separator: ", ")
-            throw LuaHostError.structured(
-                ["class": "NoCheckpoint", "desc": .string("no generation \(wanted.map(String.init) ?? "at all") of \(series) (have: \(have.isEmpty ? "none" : have))"), "step": "restore"],
-                message: "remus.restore: no good checkpoint of \(series)\(wanted.map { " numbered \($0)" } ?? "") (have: \(have.isEmpty ? "none" : have))")
-        }
-        do {
-            _ = try GenerationStore.validate(path: generation.path, magic: CheckpointEngine.stateMagic)
-        } catch {
-            throw LuaHostError.structured(["class": "TornCheckpoint", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
-        }
-        guard !generation.path.contains("'") else { throw LuaHostError.message("remus.restore: the state path contains a quote") }
-        let launcher: any StandbyLauncher = spec["lab"]?.boolValue == true ? (labLauncher ?? detachedLauncher) : detachedLauncher
-        let launched = try launcher.launch(name: name, spec: spec, incoming: "exec:cat '\(generation.path)'", stateDirectory: options.stateDirectory)
-        let domain: Domain
-        do {
-            domain = try addDomain(name: name, endpoint: launched.endpoint, options: options.domainOptions)
-        } catch {
-            kill(launched.pid, SIGKILL)
-            throw LuaHostError.message("remus.restore: \(error)")
-        }
-        logger.warning("restoring a standby from a checkpoint", metadata: [
-            "domain": .string(name), "from": .string(series), "generation": .stringConvertible(generation.number), "pid": .stringConvertible(launched.pid),
-        ])
-        let resume = spec["paused"]?.boolValue != true
-        track({ await CheckpointEngine.capture { () async throws(DomainError) in try await CheckpointEngine.bringUpStandby(domain, resume: resume) } }) { [self] result in
+    /// The completion handler of a domain operation that answers a Lua call: the values
+    /// `values` makes of the result, or the domain error raised in Lua as a structured error.
+    private func completing<T>(_ completion: LuaCompletion, _ values: @escaping (T) -> [LuaValue] = { _ in [] })
+        -> (Result<T, DomainError>) -> Void {
+        { result in
             switch result {
-            case .success(let milliseconds):
-                if !resume { try? domain.adoptPaused() }
-                report.failovers += 1
-                logger.warning("standby running", metadata: ["domain": .string(name), "restore_ms": .stringConvertible(milliseconds)])
-                completion.succeed([.json([
-                    "name": .string(name), "endpoint": .string(launched.endpoint.description),
-                    "generation": .int(Int64(generation.number)), "restore_ms": .double(milliseconds), "pid": .int(Int64(launched.pid)),
-                ])])
-            case .failure(let error):
-                kill(launched.pid, SIGKILL)
-                let stderr = String(decoding: (try? readFile(launched.stderrPath)) ?? [], as: UTF8.self)
-                let detail = stderr.split(separator: "\n").suffix(3).joined(separator: " | ")
-                var fields = error.fields
-                fields["step"] = "restore"
-                if !detail.isEmpty { fields["qemu_stderr"] = .string(detail) }
-                completion.fail(LuaHostError.structured(fields, message: "\(error)\(detail.isEmpty ? "" : " (QEMU said: \(detail))")"))
+            case .success(let value): completion.succeed(values(value))
+            case .failure(let error): completion.fail(LuaHostError(error))
             }
-        }
-    }
-
-    private func startCheckpoint(series: String, domains involved: [Domain], completion: LuaCompletion,
-                                 _ operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
-        guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
-        if let busy = involved.first(where: { busyDomains.contains($0.name) }) {
-            throw LuaHostError.structured(
-                ["class": "Busy", "domain": .string(busy.name), "desc": "a checkpoint of this domain is in progress", "step": "start"],
-                message: "\(busy.name): a checkpoint of this domain is in progress; checkpoints of one domain never overlap")
-        }
-        for domain in involved { busyDomains.insert(domain.name) }
-        let started = NIODeadline.now()
-        track(operation) { [self] result in
-            for domain in involved { busyDomains.remove(domain.name) }
-            recordMetrics(series: series, started: started, result)
-            switch result {
-            case .success(let checkpoint):
-                report.checkpoints += 1
-                report.pauseMilliseconds.append(checkpoint.pauseMilliseconds)
-                report.lastGood[series] = checkpoint.generation
-                completion.succeed([.json(.object(checkpoint.fields))])
-            case .failure(let error):
-                report.failedCheckpoints += 1
-                logger.error("checkpoint failed", metadata: ["series": .string(series), "error": .string(error.description)])
-                for failure in error.unresumed {
-                    if let domain = domains[failure.domain] { keepResuming(domain) }
-                }
-                completion.fail(LuaHostError(error))
-            }
-        }
-    }
-
-    /// Feeds the metrics from a finished checkpoint (called on the loop by the bindings).
-    func recordMetrics(series: String, started: NIODeadline, _ result: Result<CheckpointResult, CheckpointError>) {
-        let metrics = options.domainOptions.metrics
-        switch result {
-        case .success(let checkpoint):
-            let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-            metrics.checkpointSucceeded(series: series, durationSeconds: seconds, pauseMilliseconds: checkpoint.pauseMilliseconds)
-        case .failure(let error):
-            metrics.checkpointFailed(series: series, step: error.step)
         }
     }
 }
