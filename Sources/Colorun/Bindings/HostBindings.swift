@@ -20,7 +20,7 @@ extension LuaHostError {
 }
 
 extension PolicySession {
-    /// The public module tables, filled in by the prelude.
+    /// The module tables, filled in by the prelude.
     static let publicModules = ["domain", "qmp", "colo", "remus", "policy"]
 
     func registerBindings() throws {

@@ -3,7 +3,7 @@ import NIOPosix
 import QMP
 
 /// What a checkpoint engine needs of a domain. `Domain` is the real one.
-public protocol CheckpointTarget: AnyObject, Sendable {
+protocol CheckpointTarget: AnyObject, Sendable {
     var name: String { get }
     /// `stop`, journaled first, so a killed colorun's successor resumes the domain.
     func stop() async throws(DomainError)
@@ -18,23 +18,23 @@ public protocol CheckpointTarget: AnyObject, Sendable {
 /// A checkpoint that did not complete. Every domain the checkpoint stopped has been
 /// resumed (or the failure to resume it is listed in `unresumed`), and the last good
 /// generation is untouched.
-public struct CheckpointError: Error, Sendable, CustomStringConvertible {
+struct CheckpointError: Error, Sendable, CustomStringConvertible {
     /// The step that failed: `stop`, `save`, `verify`, `restore`, `migrate`, `resume`, `commit`.
-    public var step: String
+    var step: String
     /// The domain the step failed on (empty for a state-directory failure).
-    public var domain: String
-    public var cause: String
+    var domain: String
+    var cause: String
     /// The QMP or colorun error class when the cause was a domain error.
-    public var errorClass: String?
-    public var command: String?
+    var errorClass: String?
+    var command: String?
     /// The generation this checkpoint would have been.
-    public var generation: Int
+    var generation: Int
     /// The newest complete generation, still intact.
-    public var lastGood: Int?
+    var lastGood: Int?
     /// Domains that could not be resumed (their error); empty when all run again.
-    public var unresumed: [DomainError]
+    var unresumed: [DomainError]
 
-    public var description: String {
+    var description: String {
         var text = "checkpoint \(generation) failed at \(step)"
         if !domain.isEmpty { text += " on \(domain)" }
         text += ": \(cause)"
@@ -43,7 +43,7 @@ public struct CheckpointError: Error, Sendable, CustomStringConvertible {
         return text
     }
 
-    public var fields: [String: JSONValue] {
+    var fields: [String: JSONValue] {
         var f: [String: JSONValue] = [
             "step": .string(step), "domain": .string(domain), "desc": .string(cause),
             "generation": .int(Int64(generation)),
@@ -66,16 +66,16 @@ extension CheckpointError {
 }
 
 /// The outcome of a good checkpoint.
-public struct CheckpointResult: Sendable, Hashable {
-    public var generation: Int
-    public var path: String
-    public var bytes: Int
+struct CheckpointResult: Sendable, Hashable {
+    var generation: Int
+    var path: String
+    var bytes: Int
     /// From the first `stop` sent to the last `cont` answered.
-    public var pauseMilliseconds: Double
-    public var saveMilliseconds: Double
-    public var restoreMilliseconds: Double
+    var pauseMilliseconds: Double
+    var saveMilliseconds: Double
+    var restoreMilliseconds: Double
 
-    public var fields: [String: JSONValue] {
+    var fields: [String: JSONValue] {
         [
             "generation": .int(Int64(generation)), "path": .string(path), "bytes": .int(Int64(bytes)),
             "pause_ms": .double(pauseMilliseconds), "save_ms": .double(saveMilliseconds),
@@ -88,9 +88,9 @@ public struct CheckpointResult: Sendable, Hashable {
 /// whatever fails, every domain the checkpoint stopped is resumed, a generation becomes
 /// visible only when complete, and a secondary never loads a file that is not a whole
 /// device-state file.
-public enum CheckpointEngine {
+enum CheckpointEngine {
     /// QEMU's device-state and migration streams start with `QEVM` and version 3.
-    public static let stateMagic: [UInt8] = [0x51, 0x45, 0x56, 0x4D, 0x00, 0x00, 0x00, 0x03]
+    static let stateMagic: [UInt8] = [0x51, 0x45, 0x56, 0x4D, 0x00, 0x00, 0x00, 0x03]
 
     /// Xen flavour (libxl's COLO checkpoint): stop both, save the primary's device state,
     /// load it on the secondary, resume both.
@@ -98,7 +98,7 @@ public enum CheckpointEngine {
     /// `io` runs the blocking file work of the commit (fsync, rename, fsync of the
     /// directory) off the Swift concurrency pool, so that many checkpoints commit at once
     /// (the filesystem batches their fsyncs) without stalling other work.
-    public static func xenCheckpoint(
+    static func xenCheckpoint(
         primary: some CheckpointTarget, secondary: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil
     ) async throws(CheckpointError) -> CheckpointResult {
         let (generation, partial) = store.begin()
@@ -176,7 +176,7 @@ public enum CheckpointEngine {
 
     /// Remus style on plain QEMU: stop, migrate the whole VM to a new generation file,
     /// wait for the migration to complete, resume.
-    public static func remusCheckpoint(
+    static func remusCheckpoint(
         _ domain: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil, pollInterval: Duration = .milliseconds(1),
         timeout: Duration = .seconds(30)
     ) async throws(CheckpointError) -> CheckpointResult {
@@ -250,7 +250,7 @@ public enum CheckpointEngine {
     /// refused connection is tried again on a fresh connection, up to `attempts` times.
     /// A domain whose monitor is gone (its QEMU is not running) has nothing paused to
     /// resume: its stop is forgotten. Returns the failures that remain.
-    public static func resumeAll(_ targets: [any CheckpointTarget], attempts: Int = 3) async -> [DomainError] {
+    static func resumeAll(_ targets: [any CheckpointTarget], attempts: Int = 3) async -> [DomainError] {
         await withTaskGroup(of: DomainError?.self) { group in
             for target in targets {
                 group.addTask {

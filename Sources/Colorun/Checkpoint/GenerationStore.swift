@@ -7,19 +7,19 @@ import Darwin
 #endif
 
 /// One complete checkpoint on disk.
-public struct Generation: Sendable, Hashable, Comparable {
-    public var number: Int
-    public var path: String
-    public var bytes: Int
+struct Generation: Sendable, Hashable, Comparable {
+    var number: Int
+    var path: String
+    var bytes: Int
 
-    public static func < (a: Generation, b: Generation) -> Bool { a.number < b.number }
+    static func < (a: Generation, b: Generation) -> Bool { a.number < b.number }
 }
 
 /// Why a generation could not be written, committed or trusted.
-public struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
-    public var path: String
-    public var reason: String
-    public var description: String { "\(path): \(reason)" }
+struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
+    var path: String
+    var reason: String
+    var description: String { "\(path): \(reason)" }
 }
 
 /// The checkpoint generations of one replicated pair (or one Remus domain) in a directory.
@@ -29,9 +29,9 @@ public struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
 /// directory fsynced. So a listed generation is never torn, whatever dies when. Partial
 /// files left by a killed run are removed when the store is opened. The newest `keep`
 /// generations are kept; older ones are removed after each commit.
-public final class GenerationStore: Sendable {
-    public let directory: String
-    public let fileExtension: String
+final class GenerationStore: Sendable {
+    let directory: String
+    let fileExtension: String
 
     private struct State {
         var highest = 0
@@ -42,16 +42,16 @@ public final class GenerationStore: Sendable {
     private let state: Mutex<State>
 
     /// How many complete generations to keep.
-    public var keep: Int {
+    var keep: Int {
         get { state.withLock { $0.keep } }
         set { state.withLock { $0.keep = newValue } }
     }
 
     /// The number of the newest complete generation (kept in memory: no directory scan).
-    public var lastGood: Int? { state.withLock { $0.lastGood } }
+    var lastGood: Int? { state.withLock { $0.lastGood } }
 
     /// Opens (creating if needed) the store. Returns the names of removed partial files in `removedPartials`.
-    public init(directory: String, fileExtension: String, keep: Int = 3) throws(GenerationStoreError) {
+    init(directory: String, fileExtension: String, keep: Int = 3) throws(GenerationStoreError) {
         precondition(keep >= 1, "keep at least one generation")
         self.directory = directory
         self.fileExtension = fileExtension
@@ -71,10 +71,10 @@ public final class GenerationStore: Sendable {
     }
 
     /// Partial files found (torn by definition) and removed when the store was opened.
-    public let removedPartials: [String]
+    let removedPartials: [String]
 
     /// Complete generations, oldest first.
-    public func generations() throws(GenerationStoreError) -> [Generation] {
+    func generations() throws(GenerationStoreError) -> [Generation] {
         var result: [Generation] = []
         let suffix = "." + fileExtension
         for name in try Self.list(directory) where name.hasPrefix("gen-") && name.hasSuffix(suffix) {
@@ -89,12 +89,12 @@ public final class GenerationStore: Sendable {
     }
 
     /// The newest complete generation: the last good checkpoint.
-    public func latest() throws(GenerationStoreError) -> Generation? {
+    func latest() throws(GenerationStoreError) -> Generation? {
         try generations().last
     }
 
     /// Reserves the next generation number and returns it with the partial path to write.
-    public func begin() -> (number: Int, partialPath: String) {
+    func begin() -> (number: Int, partialPath: String) {
         let number = state.withLock { state in
             state.highest += 1
             return state.highest
@@ -102,11 +102,11 @@ public final class GenerationStore: Sendable {
         return (number, partialPath(number))
     }
 
-    public func partialPath(_ number: Int) -> String {
+    func partialPath(_ number: Int) -> String {
         directory + "/.gen-" + Self.pad(number) + "." + fileExtension + ".partial"
     }
 
-    public func finalPath(_ number: Int) -> String {
+    func finalPath(_ number: Int) -> String {
         directory + "/gen-" + Self.pad(number) + "." + fileExtension
     }
 
@@ -114,12 +114,12 @@ public final class GenerationStore: Sendable {
     /// exists, is not empty and starts with `magic` (QEMU's device state starts with `QEVM`).
     /// Returns its size.
     @discardableResult
-    public func validate(_ number: Int, magic: [UInt8]) throws(GenerationStoreError) -> Int {
+    func validate(_ number: Int, magic: [UInt8]) throws(GenerationStoreError) -> Int {
         try Self.validate(path: partialPath(number), magic: magic)
     }
 
     @discardableResult
-    public static func validate(path: String, magic: [UInt8]) throws(GenerationStoreError) -> Int {
+    static func validate(path: String, magic: [UInt8]) throws(GenerationStoreError) -> Int {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
         defer { close(fd) }
@@ -139,7 +139,7 @@ public final class GenerationStore: Sendable {
     /// Makes a complete partial generation durable and visible: fsync the file, rename it
     /// into place, fsync the directory, then remove generations beyond `keep`.
     @discardableResult
-    public func commit(_ number: Int) throws(GenerationStoreError) -> Generation {
+    func commit(_ number: Int) throws(GenerationStoreError) -> Generation {
         let partial = partialPath(number)
         let final = finalPath(number)
         let fd = open(partial, O_RDONLY | O_CLOEXEC)
@@ -159,7 +159,7 @@ public final class GenerationStore: Sendable {
     }
 
     /// Removes a partial generation that will not be committed.
-    public func discard(_ number: Int) {
+    func discard(_ number: Int) {
         unlink(partialPath(number))
     }
 

@@ -6,13 +6,13 @@ import QMP
 import QMPClient
 
 /// A standby QEMU that is being restored from a checkpoint.
-public struct LaunchedStandby: Sendable {
-    public var endpoint: QMPEndpoint
-    public var pid: Int32
+struct LaunchedStandby: Sendable {
+    var endpoint: QMPEndpoint
+    var pid: Int32
     /// Where QEMU's stderr goes (its real reasons for a failed incoming migration).
-    public var stderrPath: String
+    var stderrPath: String
 
-    public init(endpoint: QMPEndpoint, pid: Int32, stderrPath: String) {
+    init(endpoint: QMPEndpoint, pid: Int32, stderrPath: String) {
         self.endpoint = endpoint
         self.pid = pid
         self.stderrPath = stderrPath
@@ -20,7 +20,7 @@ public struct LaunchedStandby: Sendable {
 }
 
 /// Starts the QEMU process of a standby, with `-incoming` reading a checkpoint.
-public protocol StandbyLauncher: AnyObject {
+protocol StandbyLauncher: AnyObject {
     /// `spec` is the policy's restore table; `incoming` the `-incoming` argument to add.
     func launch(name: String, spec: JSONValue, incoming: String, stateDirectory: String) throws -> LaunchedStandby
 }
@@ -59,7 +59,7 @@ extension CheckpointEngine {
     /// Waits for a standby started with `-incoming` to finish loading, then resumes it.
     /// Returns the milliseconds from the call to the VM running.
     /// With `resume: false` it returns once loaded, leaving the standby paused.
-    public static func bringUpStandby(
+    static func bringUpStandby(
         _ domain: some CheckpointTarget, resume: Bool = true, pollInterval: Duration = .milliseconds(2), timeout: Duration = .seconds(30)
     ) async throws(DomainError) -> Double {
         let clock = ContinuousClock()

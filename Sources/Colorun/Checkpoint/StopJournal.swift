@@ -17,20 +17,20 @@ import Synchronization
 /// update is one `pwrite` of a fixed-size record into a file kept open, not fsynced: it
 /// must survive the death of the colorun process (one write call is all or nothing then),
 /// not of the host, which takes its VMs with it.
-public final class StopJournal: @unchecked Sendable {
-    public struct Entry: Sendable, Hashable {
-        public var domain: String
-        public var endpoint: String
-        public var pid: Int32
-        public var since: Double
+final class StopJournal: @unchecked Sendable {
+    struct Entry: Sendable, Hashable {
+        var domain: String
+        var endpoint: String
+        var pid: Int32
+        var since: Double
     }
 
-    public let directory: String
+    let directory: String
     /// Open journal files and their domains' endpoints, by domain.
     private let files = Mutex<[String: (fd: Int32, endpoint: String)]>([:])
     static let recordSize = 1024
 
-    public init(stateDirectory: String) throws(GenerationStoreError) {
+    init(stateDirectory: String) throws(GenerationStoreError) {
         directory = stateDirectory + "/journal"
         try GenerationStore.makeDirectories(directory)
     }
@@ -81,19 +81,19 @@ public final class StopJournal: @unchecked Sendable {
     }
 
     /// Records that `domain` is about to be stopped by this process.
-    public func willStop(domain: String, endpoint: String) throws(GenerationStoreError) {
+    func willStop(domain: String, endpoint: String) throws(GenerationStoreError) {
         try write(domain: domain, endpoint: endpoint, stopped: true)
     }
 
     /// Records that `domain` is running again.
-    public func didResume(domain: String) {
+    func didResume(domain: String) {
         let known = files.withLock { $0[domain]?.endpoint }
         guard let endpoint = known ?? entries(matching: domain).first?.endpoint else { return }
         try? write(domain: domain, endpoint: endpoint, stopped: false)
     }
 
     /// Domains recorded as stopped, by this or an earlier process.
-    public func entries() -> [Entry] {
+    func entries() -> [Entry] {
         entries(matching: nil)
     }
 
@@ -117,7 +117,7 @@ public final class StopJournal: @unchecked Sendable {
     }
 
     /// Whether the process that wrote `entry` is still alive (then its VMs are its business).
-    public static func writerIsAlive(_ entry: Entry) -> Bool {
+    static func writerIsAlive(_ entry: Entry) -> Bool {
         guard entry.pid > 0, entry.pid != getpid() else { return false }
         return kill(entry.pid, 0) == 0 || errno == EPERM
     }

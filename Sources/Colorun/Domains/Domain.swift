@@ -7,9 +7,9 @@ import QMPClient
 /// Connection settings of a domain.
 public struct DomainOptions: Sendable {
     /// How long to keep retrying a monitor socket that is not there yet.
-    public var connectTimeout: TimeAmount = .seconds(5)
+    var connectTimeout: TimeAmount = .seconds(5)
     /// How long a command may go unanswered.
-    public var commandTimeout: TimeAmount = .seconds(5)
+    var commandTimeout: TimeAmount = .seconds(5)
     /// Where QMP latency and connection state are recorded.
     public var metrics = ColorunMetrics()
     /// When set, no connection is ever opened: every command fails with class `DryRun` and
@@ -23,12 +23,12 @@ public struct DomainOptions: Sendable {
 }
 
 /// Counters and timings one domain keeps for the summary and the metrics.
-public struct DomainStats: Sendable, Hashable {
-    public var commands = 0
-    public var failures = 0
-    public var connects = 0
-    public var disconnects = 0
-    public var totalLatencySeconds = 0.0
+struct DomainStats: Sendable, Hashable {
+    var commands = 0
+    var failures = 0
+    var connects = 0
+    var disconnects = 0
+    var totalLatencySeconds = 0.0
 }
 
 /// A VM as colorun sees it: a name, a QMP monitor and what this run did to it.
@@ -42,11 +42,11 @@ public struct DomainStats: Sendable, Hashable {
 /// (`send`, `sendStop`, `sendResume`, `onEvent`) must be called on that loop and calls back
 /// on it, with no thread hop; the async API (`execute`, `stop`, `resume`) may be used from
 /// anywhere and hops to the loop.
-public final class Domain: CheckpointTarget, @unchecked Sendable {
-    public let name: String
-    public let endpoint: QMPEndpoint
-    public let eventLoop: any EventLoop
-    public let options: DomainOptions
+final class Domain: CheckpointTarget, @unchecked Sendable {
+    let name: String
+    let endpoint: QMPEndpoint
+    let eventLoop: any EventLoop
+    let options: DomainOptions
     let journal: StopJournal?
     let logger: Logger
 
@@ -60,12 +60,12 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     private var monitorLost = false
     static let reconnectTimeout = TimeAmount.milliseconds(500)
     /// True from the moment this run sends `stop` until a `cont` succeeds.
-    public private(set) var stoppedByUs = false
-    public private(set) var stats = DomainStats()
+    private(set) var stoppedByUs = false
+    private(set) var stats = DomainStats()
     /// The greeting of the current (or last) connection.
-    public private(set) var greeting: QMPGreeting?
+    private(set) var greeting: QMPGreeting?
 
-    public init(name: String, endpoint: QMPEndpoint, eventLoop: any EventLoop, options: DomainOptions = DomainOptions(),
+    init(name: String, endpoint: QMPEndpoint, eventLoop: any EventLoop, options: DomainOptions = DomainOptions(),
                 journal: StopJournal? = nil, logger: Logger) {
         self.name = name
         self.endpoint = endpoint
@@ -77,12 +77,12 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
         self.logger = logger
     }
 
-    public var isConnected: Bool { connection?.isActive ?? false }
+    var isConnected: Bool { connection?.isActive ?? false }
 
     // MARK: - The connection
 
     /// Calls `body` with an open connection, opening one if needed. `body` runs on the loop.
-    public func withConnection(_ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
+    func withConnection(_ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
         if let refusal = options.refuseConnections {
             body(.failure(DomainError(domain: name, command: "connect", errorClass: "DryRun", desc: refusal)))
             return
@@ -148,7 +148,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     }
 
     /// Closes the monitor connection (the next command opens a new one). On the loop.
-    public func dropConnection() {
+    func dropConnection() {
         connection?.close(promise: nil)
         connection = nil
     }
@@ -156,7 +156,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     // MARK: - Commands (callback API, on the loop)
 
     /// Sends one command; `completion` runs on the loop.
-    public func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
+    func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
                      _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
         let started = NIODeadline.now()
         withConnection { result in
@@ -195,7 +195,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// `stop`, journaled first. The domain counts as stopped by us from before the command
     /// is sent: a stop whose reply is lost may still have paused the VM.
-    public func sendStop(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+    func sendStop(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
         if let journal {
             do {
                 try journal.willStop(domain: name, endpoint: endpoint.description)
@@ -211,7 +211,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     /// `cont`; on success the domain no longer counts as stopped by us. When the monitor is
     /// gone (its QEMU is not running, so nothing is paused) the stop is forgotten too, and
     /// the error still reaches the caller.
-    public func sendResume(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+    func sendResume(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
         send("cont", nil, timeout: timeout) { result in
             switch result {
             case .success:
@@ -228,7 +228,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Counts a domain that is paused for this run's reasons (a standby restored paused on
     /// request) as stopped by us, journaled, so the end of the run resumes it.
-    public func adoptPaused() throws(DomainError) {
+    func adoptPaused() throws(DomainError) {
         if let journal {
             do {
                 try journal.willStop(domain: name, endpoint: endpoint.description)
@@ -246,25 +246,25 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
 
     // MARK: - Commands (async API)
 
-    public func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue {
+    func execute(_ command: String, _ arguments: [String: JSONValue]?) async throws(DomainError) -> JSONValue {
         try await withCheckedContinuation { (continuation: CheckedContinuation<Result<JSONValue, DomainError>, Never>) in
             onLoop { $0.send(command, arguments) { continuation.resume(returning: $0) } }
         }.get()
     }
 
-    public func stop() async throws(DomainError) {
+    func stop() async throws(DomainError) {
         try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
             onLoop { $0.sendStop { continuation.resume(returning: $0) } }
         }.get()
     }
 
-    public func resume() async throws(DomainError) {
+    func resume() async throws(DomainError) {
         try await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, DomainError>, Never>) in
             onLoop { $0.sendResume { continuation.resume(returning: $0) } }
         }.get()
     }
 
-    public func disconnect() async {
+    func disconnect() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             onLoop { domain in
                 domain.dropConnection()
@@ -277,7 +277,7 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Calls `handler` on the loop for each event named `event` (or every event for "*").
     @discardableResult
-    public func onEvent(_ event: String, _ handler: @escaping (QMPEvent) -> Void) -> Int {
+    func onEvent(_ event: String, _ handler: @escaping (QMPEvent) -> Void) -> Int {
         let id = nextHandlerID
         nextHandlerID += 1
         eventHandlers.append((id, event, handler))
@@ -287,14 +287,14 @@ public final class Domain: CheckpointTarget, @unchecked Sendable {
     /// Calls `handler` with the reason each time an open monitor connection is lost (not when
     /// colorun closes it).
     @discardableResult
-    public func onClose(_ handler: @escaping (String) -> Void) -> Int {
+    func onClose(_ handler: @escaping (String) -> Void) -> Int {
         let id = nextHandlerID
         nextHandlerID += 1
         closeHandlers.append((id, handler))
         return id
     }
 
-    public func removeHandler(_ id: Int) {
+    func removeHandler(_ id: Int) {
         eventHandlers.removeAll { $0.id == id }
         closeHandlers.removeAll { $0.id == id }
     }
@@ -317,7 +317,7 @@ extension Domain {
     }
 
     /// `send` as a future (which never fails: the outcome is the `Result`).
-    public func request(_ command: String, _ arguments: [String: JSONValue]? = nil,
+    func request(_ command: String, _ arguments: [String: JSONValue]? = nil,
                                     timeout: TimeAmount? = nil) -> EventLoopFuture<Result<JSONValue, DomainError>> {
         let promise = eventLoop.makePromise(of: Result<JSONValue, DomainError>.self)
         onLoop { d in d.send(command, arguments, timeout: timeout) { promise.succeed($0) } }
@@ -325,7 +325,7 @@ extension Domain {
     }
 
     /// `sendResume` as a future (which never fails: the outcome is the `Result`).
-    public func requestResume() -> EventLoopFuture<Result<Void, DomainError>> {
+    func requestResume() -> EventLoopFuture<Result<Void, DomainError>> {
         let promise = eventLoop.makePromise(of: Result<Void, DomainError>.self)
         onLoop { d in d.sendResume { promise.succeed($0) } }
         return promise.futureResult

@@ -8,34 +8,34 @@ import QMP
 /// `class` is QEMU's error class (`GenericError`, `CommandNotFound`, ...) or one of colorun's
 /// own: `Timeout` (no reply in time), `Disconnected` (the monitor connection ended),
 /// `ConnectFailed` (no monitor to talk to), `ProtocolError` (the peer broke QMP).
-public struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
-    public var domain: String
-    public var command: String
-    public var errorClass: String
-    public var desc: String
+struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
+    var domain: String
+    var command: String
+    var errorClass: String
+    var desc: String
 
-    public init(domain: String, command: String, errorClass: String, desc: String) {
+    init(domain: String, command: String, errorClass: String, desc: String) {
         self.domain = domain
         self.command = command
         self.errorClass = errorClass
         self.desc = desc
     }
 
-    public var description: String { "\(domain): \(command): \(errorClass): \(desc)" }
+    var description: String { "\(domain): \(command): \(errorClass): \(desc)" }
 
-    public var fields: [String: JSONValue] {
+    var fields: [String: JSONValue] {
         ["domain": .string(domain), "command": .string(command), "class": .string(errorClass), "desc": .string(desc)]
     }
 
     /// Nothing listens on the monitor any more (refused, or the socket file is gone): the
     /// QEMU process is not running, so there is no paused VM to resume.
-    public var monitorGone: Bool {
+    var monitorGone: Bool {
         errorClass == DomainError.connectFailed
             && (desc.contains("Connection refused") || desc.contains("No such file or directory"))
     }
 
-    public static let timeout = "Timeout"
-    public static let disconnected = "Disconnected"
-    public static let connectFailed = "ConnectFailed"
-    public static let protocolError = "ProtocolError"
+    static let timeout = "Timeout"
+    static let disconnected = "Disconnected"
+    static let connectFailed = "ConnectFailed"
+    static let protocolError = "ProtocolError"
 }

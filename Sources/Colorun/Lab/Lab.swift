@@ -18,13 +18,13 @@ import Glibc
 /// A lab domain's QEMU starts when the policy first asks for it (`domain.get("secondary")`),
 /// so a policy that protects one VM does not pay for a second one spinning under TCG.
 public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
-    public let spec: QEMUSpec
+    let spec: QEMUSpec
     /// Where the lab's QEMU run directories (and `colorun --lab`'s state directory) are made.
     public static let runDirectoryParent = QEMUSpec().runDirectoryParent
     /// The names the lab offers.
-    public let names: [String]
+    let names: [String]
     /// The lab's running domains, by name, in start order (standbys included).
-    public private(set) var instances: [(name: String, instance: QEMUInstance)] = []
+    private(set) var instances: [(name: String, instance: QEMUInstance)] = []
 
     /// Offers one lab domain per name; `startNow` starts them all at once.
     public init(names: [String] = ["primary", "secondary"], memoryMiB: Int = 64, startNow: Bool = false) throws(QEMULabError) {
@@ -42,7 +42,7 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
 
     /// The lab's QEMU for `name`, started now if it is not running yet.
     @discardableResult
-    public func start(_ name: String) throws(QEMULabError) -> QEMUInstance {
+    func start(_ name: String) throws(QEMULabError) -> QEMUInstance {
         if let running = instance(for: name) { return running }
         let instance = try QEMUInstance.start(spec)
         instances.append((name, instance))
@@ -60,7 +60,7 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
 
     // MARK: - StandbyLauncher
 
-    public func launch(name: String, spec restoreSpec: JSONValue, incoming: String, stateDirectory: String) throws -> LaunchedStandby {
+    func launch(name: String, spec restoreSpec: JSONValue, incoming: String, stateDirectory: String) throws -> LaunchedStandby {
         var standbySpec = spec
         standbySpec.incoming = incoming
         let instance: QEMUInstance

@@ -7,25 +7,25 @@ import CoreMetrics
 /// (read at each record, so a bootstrap after the options are built still counts). Tests pass
 /// their own factory instead of bootstrapping the process-wide one.
 public final class ColorunMetrics: Sendable {
-    public enum Name {
+    enum Name {
         /// Timer: a checkpoint from its first command to its commit. Dimension `series`.
-        public static let checkpointDuration = "colorun_checkpoint_duration_seconds"
+        static let checkpointDuration = "colorun_checkpoint_duration_seconds"
         /// Timer: how long the guest(s) were paused by a good checkpoint. Dimension `series`.
-        public static let pauseDuration = "colorun_checkpoint_pause_seconds"
+        static let pauseDuration = "colorun_checkpoint_pause_seconds"
         /// Counter: good checkpoints. Dimension `series`.
-        public static let checkpoints = "colorun_checkpoints_total"
+        static let checkpoints = "colorun_checkpoints_total"
         /// Counter: failed checkpoints. Dimensions `series`, `step`.
-        public static let checkpointFailures = "colorun_checkpoint_failures_total"
+        static let checkpointFailures = "colorun_checkpoint_failures_total"
         /// Counter: failovers the policy performed.
-        public static let failovers = "colorun_failovers_total"
+        static let failovers = "colorun_failovers_total"
         /// Timer: QMP command latency, request to reply. Dimension `command`.
-        public static let qmpLatency = "colorun_qmp_command_duration_seconds"
+        static let qmpLatency = "colorun_qmp_command_duration_seconds"
         /// Counter: QMP commands that failed (error reply, timeout, lost connection). Dimension `command`.
-        public static let qmpFailures = "colorun_qmp_command_failures_total"
+        static let qmpFailures = "colorun_qmp_command_failures_total"
         /// Gauge: 1 while the domain's monitor connection is open, 0 after it failed or closed. Dimension `domain`.
-        public static let domainUp = "colorun_domain_up"
+        static let domainUp = "colorun_domain_up"
 
-        public static let all = [
+        static let all = [
             checkpointDuration, pauseDuration, checkpoints, checkpointFailures, failovers, qmpLatency, qmpFailures, domainUp,
         ]
     }
@@ -38,28 +38,28 @@ public final class ColorunMetrics: Sendable {
 
     private var factory: any MetricsFactory { explicitFactory ?? MetricsSystem.factory }
 
-    public func checkpointSucceeded(series: String, durationSeconds: Double, pauseMilliseconds: Double) {
+    func checkpointSucceeded(series: String, durationSeconds: Double, pauseMilliseconds: Double) {
         let dims = [("series", series)]
         Timer(label: Name.checkpointDuration, dimensions: dims, factory: factory).recordNanoseconds(Self.nanoseconds(durationSeconds))
         Timer(label: Name.pauseDuration, dimensions: dims, factory: factory).recordNanoseconds(Self.nanoseconds(pauseMilliseconds / 1000))
         Counter(label: Name.checkpoints, dimensions: dims, factory: factory).increment()
     }
 
-    public func checkpointFailed(series: String, step: String) {
+    func checkpointFailed(series: String, step: String) {
         Counter(label: Name.checkpointFailures, dimensions: [("series", series), ("step", step)], factory: factory).increment()
     }
 
-    public func failover() {
+    func failover() {
         Counter(label: Name.failovers, factory: factory).increment()
     }
 
-    public func qmpCommand(_ command: String, seconds: Double, failed: Bool) {
+    func qmpCommand(_ command: String, seconds: Double, failed: Bool) {
         let dims = [("command", command)]
         Timer(label: Name.qmpLatency, dimensions: dims, factory: factory).recordNanoseconds(Self.nanoseconds(seconds))
         if failed { Counter(label: Name.qmpFailures, dimensions: dims, factory: factory).increment() }
     }
 
-    public func domain(_ name: String, up: Bool) {
+    func domain(_ name: String, up: Bool) {
         Gauge(label: Name.domainUp, dimensions: [("domain", name)], factory: factory).record(up ? 1 : 0)
     }
 

@@ -10,7 +10,7 @@ import QMPClient
 /// A domain named on the command line: `NAME=unix:/path` or `NAME=tcp:host:port`.
 public struct DomainSpec: Sendable, Hashable {
     public var name: String
-    public var endpoint: QMPEndpoint
+    var endpoint: QMPEndpoint
 
     public init(name: String, endpoint: QMPEndpoint) {
         self.name = name
@@ -66,7 +66,7 @@ public struct PolicyOptions: Sendable {
     /// Lets policies run commands with `exec.run` (the `--allow-exec` option).
     public var allowExec = false
     /// Timeout of `exec.run` when the call gives none.
-    public var execDefaultTimeout: TimeAmount = .seconds(60)
+    var execDefaultTimeout: TimeAmount = .seconds(60)
     public var domainOptions = DomainOptions()
     /// End the run (as a clean stop) after this long.
     public var duration: TimeAmount?
@@ -76,7 +76,7 @@ public struct PolicyOptions: Sendable {
     }
 
     /// `/var/lib/colorun` for root, `$HOME/.local/state/colorun` otherwise.
-    public static var defaultStateDirectory: String {
+    static var defaultStateDirectory: String {
         if geteuid() == 0 { return "/var/lib/colorun" }
         let home = getenv("HOME").map { String(cString: $0) } ?? "."
         return home + "/.local/state/colorun"

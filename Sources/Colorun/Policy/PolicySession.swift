@@ -36,9 +36,9 @@ public struct PolicyReport: Sendable {
 /// error), its end waits for in-flight checkpoints to finish or roll back, then resumes
 /// every domain this run stopped and did not resume.
 public final class PolicySession: @unchecked Sendable {
-    public let options: PolicyOptions
+    let options: PolicyOptions
     public let eventLoop: any EventLoop
-    public let logger: Logger
+    let logger: Logger
     public let runtime: LuaRuntime
     let journal: StopJournal
 
@@ -65,7 +65,7 @@ public final class PolicySession: @unchecked Sendable {
     /// Extra Lua modules and shutdown work (the lab adds its own).
     var extensions: [any PolicyExtension] = []
     /// Starts standbys for `remus.restore` specs marked `lab = true` (set by the lab).
-    public var labLauncher: (any StandbyLauncher)?
+    var labLauncher: (any StandbyLauncher)?
     let detachedLauncher = DetachedStandbyLauncher()
 
     /// Creates the runtime and binds colorun's modules. Call on `eventLoop`.

@@ -11,7 +11,7 @@ public struct PolicyStatus: Sendable, Hashable {
     /// The newest good generation of any series.
     public var lastGeneration: Int?
 
-    public init() {}
+    init() {}
 }
 
 extension PolicySession {
