@@ -132,7 +132,8 @@ if Context.environment["COLORUN_FUZZ"] != nil {
         .executable(name: "fuzz-policy", targets: ["FuzzPolicy"]),
     ]
     package.targets += [
-        .executableTarget(name: "FuzzQMP", dependencies: ["JSON", "QMP", .product(name: "NIOCore", package: "swift-nio")], path: "Fuzz/FuzzQMP"),
-        .executableTarget(name: "FuzzPolicy", dependencies: ["LuaRuntime", logging] + nio, path: "Fuzz/FuzzPolicy"),
+        .target(name: "FuzzDriver", path: "Fuzz/FuzzDriver"),
+        .executableTarget(name: "FuzzQMP", dependencies: ["FuzzDriver", "JSON", "QMP", .product(name: "NIOCore", package: "swift-nio")], path: "Fuzz/FuzzQMP"),
+        .executableTarget(name: "FuzzPolicy", dependencies: ["FuzzDriver", "LuaRuntime", logging] + nio, path: "Fuzz/FuzzPolicy"),
     ]
 }

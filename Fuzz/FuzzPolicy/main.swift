@@ -2,6 +2,7 @@
 // LuaRuntime with small limits, run until it ends or 100 ms pass. Built and run only by
 // scripts/fuzz (COLORUN_FUZZ=1, -sanitize=fuzzer).
 import Foundation
+import FuzzDriver
 import Logging
 import LuaRuntime
 import NIOCore
@@ -46,17 +47,4 @@ func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     return 0
 }
 
-// libFuzzer's own entry point also names this symbol.
-@_cdecl("LLVMFuzzerTestOneInput")
-func testOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 { fuzzOne(data, size) }
-
-typealias FuzzCallback = @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
-@_silgen_name("LLVMFuzzerRunDriver")
-func LLVMFuzzerRunDriver(
-    _ argc: UnsafeMutablePointer<Int32>,
-    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
-    _ callback: FuzzCallback) -> Int32
-
-var argc = CommandLine.argc
-var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in fuzzOne(data, size) })
+runFuzzer { data, size in fuzzOne(data, size) }

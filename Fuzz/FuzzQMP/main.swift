@@ -5,6 +5,7 @@
 //   - a value the parser accepts encodes to JSON that parses back to an equal value (after
 //     mapping non-finite doubles, e.g. from 1e400, to null: the encoder's documented rule);
 //   - the line decoder gives the same values whatever the input is split into.
+import FuzzDriver
 import JSON
 import NIOCore
 #if canImport(Glibc)
@@ -74,17 +75,4 @@ func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     return 0
 }
 
-// libFuzzer's own entry point also names this symbol.
-@_cdecl("LLVMFuzzerTestOneInput")
-func testOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 { fuzzOne(data, size) }
-
-typealias FuzzCallback = @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
-@_silgen_name("LLVMFuzzerRunDriver")
-func LLVMFuzzerRunDriver(
-    _ argc: UnsafeMutablePointer<Int32>,
-    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
-    _ callback: FuzzCallback) -> Int32
-
-var argc = CommandLine.argc
-var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in fuzzOne(data, size) })
+runFuzzer { data, size in fuzzOne(data, size) }

@@ -67,53 +67,39 @@ public final class QMPConnection: Sendable {
     // MARK: Connecting
 
     /// Connects, reads the greeting and negotiates capabilities; the future succeeds once
-    /// commands can be sent.
-    ///
-    /// - Parameters:
-    ///   - group: the channel is bound to `group.next()`; pass an `EventLoop` to choose it.
-    ///   - connectTimeout: how long to retry ENOENT/ECONNREFUSED (QEMU creates its socket file
-    ///     before it listens) and to wait for the TCP handshake.
-    ///   - greetingTimeout: how long to wait for the greeting once connected. QEMU greets a
-    ///     second client only after the first disconnects, so this is the "monitor busy" signal.
-    ///   - commandTimeout: the default for commands sent without a timeout.
-    ///   - enableOOB: ask for out-of-band execution when the server offers it.
-    public static func connect(
-        to endpoint: QMPEndpoint,
-        on group: any EventLoopGroup,
-        connectTimeout: TimeAmount = .seconds(5),
-        greetingTimeout: TimeAmount = .seconds(3),
-        commandTimeout: TimeAmount = .seconds(30),
-        enableOOB: Bool = true,
-        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
-        logger: Logger
-    ) -> EventLoopFuture<QMPConnection> {
-        let options = QMPConnectOptions(
-            endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: greetingTimeout,
-            commandTimeout: commandTimeout, enableOOB: enableOOB, maxLineLength: maxLineLength, logger: logger)
-        return makeConnection(options, on: group.next())
+    /// commands can be sent. The channel is bound to `group.next()`; pass an `EventLoop` to
+    /// choose it.
+    public static func connect(_ options: QMPConnectOptions, on group: any EventLoopGroup) -> EventLoopFuture<QMPConnection> {
+        makeConnection(options, on: group.next())
     }
 
-    /// The async form of `connect(to:on:...)`.
-    public static func connect(
-        to endpoint: QMPEndpoint,
-        on group: any EventLoopGroup,
-        connectTimeout: TimeAmount = .seconds(5),
-        greetingTimeout: TimeAmount = .seconds(3),
-        commandTimeout: TimeAmount = .seconds(30),
-        enableOOB: Bool = true,
-        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
-        logger: Logger
-    ) async throws(QMPClientError) -> QMPConnection {
-        let options = QMPConnectOptions(
-            endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: greetingTimeout,
-            commandTimeout: commandTimeout, enableOOB: enableOOB, maxLineLength: maxLineLength, logger: logger)
+    /// The async form of `connect(_:on:)`.
+    public static func connect(_ options: QMPConnectOptions, on group: any EventLoopGroup) async throws(QMPClientError) -> QMPConnection {
         do {
             return try await makeConnection(options, on: group.next()).get()
         } catch let error as QMPClientError {
             throw error
         } catch {
-            throw .connectFailed(endpoint: endpoint, reason: "\(error)")
+            throw .connectFailed(endpoint: options.endpoint, reason: "\(error)")
         }
+    }
+
+    /// `connect(_:on:)` (async) with the options spelled out (see `QMPConnectOptions`).
+    public static func connect(
+        to endpoint: QMPEndpoint,
+        on group: any EventLoopGroup,
+        connectTimeout: TimeAmount = QMPConnectOptions.defaultConnectTimeout,
+        greetingTimeout: TimeAmount = QMPConnectOptions.defaultGreetingTimeout,
+        commandTimeout: TimeAmount = QMPConnectOptions.defaultCommandTimeout,
+        enableOOB: Bool = true,
+        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
+        logger: Logger
+    ) async throws(QMPClientError) -> QMPConnection {
+        try await connect(
+            QMPConnectOptions(
+                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: greetingTimeout,
+                commandTimeout: commandTimeout, enableOOB: enableOOB, maxLineLength: maxLineLength, logger: logger),
+            on: group)
     }
 
     private static let retryDelay = TimeAmount.milliseconds(5)

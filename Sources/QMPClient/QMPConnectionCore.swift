@@ -24,15 +24,44 @@ final class QMPDropCounter: Sendable {
     let value = Atomic<Int>(0)
 }
 
-/// Everything a connection is configured with.
-struct QMPConnectOptions: Sendable {
-    var endpoint: QMPEndpoint
-    var connectTimeout: TimeAmount
-    var greetingTimeout: TimeAmount
-    var commandTimeout: TimeAmount
-    var enableOOB: Bool
-    var maxLineLength: Int
-    var logger: Logger
+/// Everything a connection is configured with: what both forms of `QMPConnection.connect`
+/// (future and async) take, with the defaults in one place.
+public struct QMPConnectOptions: Sendable {
+    public static let defaultConnectTimeout = TimeAmount.seconds(5)
+    public static let defaultGreetingTimeout = TimeAmount.seconds(3)
+    public static let defaultCommandTimeout = TimeAmount.seconds(30)
+
+    public var endpoint: QMPEndpoint
+    /// How long to retry ENOENT/ECONNREFUSED (QEMU creates its socket file before it
+    /// listens) and to wait for the TCP handshake.
+    public var connectTimeout: TimeAmount
+    /// How long to wait for the greeting once connected. QEMU greets a second client only
+    /// after the first disconnects, so this is the "monitor busy" signal.
+    public var greetingTimeout: TimeAmount
+    /// The default for commands sent without a timeout.
+    public var commandTimeout: TimeAmount
+    /// Ask for out-of-band execution when the server offers it.
+    public var enableOOB: Bool
+    public var maxLineLength: Int
+    public var logger: Logger
+
+    public init(
+        endpoint: QMPEndpoint,
+        connectTimeout: TimeAmount = defaultConnectTimeout,
+        greetingTimeout: TimeAmount = defaultGreetingTimeout,
+        commandTimeout: TimeAmount = defaultCommandTimeout,
+        enableOOB: Bool = true,
+        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
+        logger: Logger
+    ) {
+        self.endpoint = endpoint
+        self.connectTimeout = connectTimeout
+        self.greetingTimeout = greetingTimeout
+        self.commandTimeout = commandTimeout
+        self.enableOOB = enableOOB
+        self.maxLineLength = maxLineLength
+        self.logger = logger
+    }
 }
 
 /// The heart of a connection: the handshake, commands in flight, timeouts, event fan-out.

@@ -100,8 +100,10 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         // is gone: a monitor that comes back is there at once.
         let connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
         let future = QMPConnection.connect(
-            to: endpoint, on: eventLoop, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
-            commandTimeout: options.commandTimeout, logger: logger)
+            QMPConnectOptions(
+                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
+                commandTimeout: options.commandTimeout, logger: logger),
+            on: eventLoop)
         future.assumeIsolated().whenComplete { result in
             self.connectFinished(result.mapError { error in
                 let text = (error as? QMPClientError)?.description ?? "\(error)"
