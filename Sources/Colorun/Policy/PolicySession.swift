@@ -30,11 +30,17 @@ public struct PolicyReport: Sendable {
 /// One run of one policy: the Lua runtime, the domains it drives, the checkpoint stores and
 /// the house rules around them.
 ///
-/// Everything lives on one event loop: the Lua state, the domains' monitor connections and
-/// the timers, so a QMP reply resumes the waiting Lua task with no thread hop. Whatever
-/// ends the run (the policy finishing, `policy.stop()`, `stop()` on a signal, an uncaught
-/// error), its end waits for in-flight checkpoints to finish or roll back, then resumes
-/// every domain this run stopped and did not resume.
+/// The Lua state, the domains' monitor connections and the timers live on one event loop, so
+/// the reply to a plain QMP call from Lua (`qmp.execute`, `qmp.stop`, `qmp.resume`) resumes
+/// the waiting Lua task with no thread hop. Checkpoints and restores do hop: the
+/// `CheckpointEngine` runs as a Swift `Task` on the concurrency pool, goes to the event loop
+/// and back for each QMP command, commits a generation on the blocking-I/O pool, and hands
+/// its result back to the loop; a `colo.checkpoint` (six QMP commands) makes about 16
+/// thread switches.
+///
+/// Whatever ends the run (the policy finishing, `policy.stop()`, `stop()` on a signal, an
+/// uncaught error), its end waits for in-flight checkpoints to finish or roll back, then
+/// resumes every domain this run stopped and did not resume.
 public final class PolicySession: @unchecked Sendable {
     let options: PolicyOptions
     public let eventLoop: any EventLoop
