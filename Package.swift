@@ -2,22 +2,24 @@
 import PackageDescription
 
 // Module map of colorun, one module per concern:
-//   CLua           system Lua 5.4 (pkg-config lua5.4), its macros as static inline functions
-//   CLuaShims      the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
-//   QMP            the QMP wire protocol: JSON values, messages, the line codec (no sockets)
-//   QMPClient      connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
-//   ColorunSystem  POSIX plumbing: child processes that die with colorun (or outlive it), files,
-//                  directories, errno text; CColorunSystem is its fork/exec in C
-//   QEMULab        real QEMU processes for tests and lab runs (run directory, counting guest)
-//   LuaRuntime     a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
-//   QEMUSimulator  a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
-//   Colorun        the policy API bound into Lua: qmp.*, domains, checkpoints, failover
-//   ColorunCLI     the `colorun` command (swift-argument-parser), a thin layer over Colorun
-//   QEMUSimCLI     the `qemu-sim` command: simulated domains on UNIX sockets
-//   QEMULabProbe   a process for QEMULabTests to kill: it starts lab QEMUs, or a child, and waits
-//   QMPBench       the `qmp-bench` command: query-status latency through both QMPClient APIs
-//   ColorunBench   the `colorun-bench` command: colorun vs its baselines (scripts/bench)
-//   Fuzz*          libFuzzer targets, declared only when COLORUN_FUZZ is set (scripts/fuzz)
+//   CLua             system Lua 5.4 (pkg-config lua5.4), its macros as static inline functions
+//   CLuaShims        the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
+//   JSON             JSON values, the strict parser and the encoder (no dependencies)
+//   QMP              the QMP wire protocol: messages, the line codec (no sockets)
+//   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
+//                    directories, errno text; CColorunSystem is its fork/exec in C
+//   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest)
+//   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
+//   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
+//   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run
+//   ColorunOperator  the operator's side: summary, status line, JSON logs, metrics endpoint, one-shot qmp, check
+//   ColorunCLI       the `colorun` command (swift-argument-parser), a thin layer over Colorun and ColorunOperator
+//   QEMUSimCLI       the `qemu-sim` command: simulated domains on UNIX sockets
+//   QEMULabProbe     a process for QEMULabTests to kill: it starts lab QEMUs, or a child, and waits
+//   QMPBench         the `qmp-bench` command: query-status latency through both QMPClient APIs
+//   ColorunBench     the `colorun-bench` command: colorun vs its baselines (scripts/bench)
+//   Fuzz*            libFuzzer targets and their shared driver, declared only when COLORUN_FUZZ is set (scripts/fuzz)
 let nio: [Target.Dependency] = [
     .product(name: "NIOCore", package: "swift-nio"),
     .product(name: "NIOPosix", package: "swift-nio"),
