@@ -81,7 +81,7 @@ let package = Package(
         ),
         .target(
             name: "ColorunOperator",
-            dependencies: ["Colorun", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, http] + nio
+            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",

@@ -1,9 +1,5 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Colorun
+import ColorunSystem
 import CoreMetrics
 import Logging
 import LuaRuntime
@@ -41,11 +37,12 @@ public enum PolicyCheck {
         if let error = LuaRuntime.syntaxError(inFileAt: options.policyPath) {
             return .failure(Failure(message: error, traceback: ""))
         }
-        var template = Array("/tmp/colorun-check-XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            return .failure(Failure(message: "cannot create a temporary state directory: \(String(cString: strerror(errno)))", traceback: ""))
+        let stateDirectory: String
+        do {
+            stateDirectory = try makeTemporaryDirectory(prefix: "colorun-check")
+        } catch {
+            return .failure(Failure(message: "cannot create a temporary state directory: \(error)", traceback: ""))
         }
-        let stateDirectory = String(cString: made)
         defer { removeTree(stateDirectory) }
 
         var dry = options
@@ -101,27 +98,6 @@ public enum PolicyCheck {
 
     static func firstLine(_ text: String) -> String {
         String(text.split(separator: "\n", maxSplits: 1).first ?? "")
-    }
-
-    /// `rm -rf` of a directory this check created.
-    static func removeTree(_ path: String) {
-        if let dir = opendir(path) {
-            while let entry = readdir(dir) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                    String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
-                }
-                if name == "." || name == ".." { continue }
-                let child = path + "/" + name
-                var st = stat()
-                if lstat(child, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR {
-                    removeTree(child)
-                } else {
-                    unlink(child)
-                }
-            }
-            closedir(dir)
-        }
-        rmdir(path)
     }
 }
 
