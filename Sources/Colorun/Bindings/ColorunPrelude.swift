@@ -141,7 +141,7 @@ end
 remus.checkpoint = function(d, opts)
   local name = name_of(d, "remus.checkpoint")
   opts = opt_table(opts, "remus.checkpoint", 2)
-  return raw.remus_checkpoint(name, opts.keep)
+  return raw.remus_checkpoint(name, opts.keep, opts.disks, opts.output_commit)
 end
 remus.restore = function(spec, generation)
   spec = opt_table(spec, "remus.restore", 1)

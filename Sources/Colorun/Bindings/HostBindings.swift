@@ -114,7 +114,7 @@ extension PolicySession {
             },
             "generations": .sync { [unowned self] call in
                 let series = try call.string(1)
-                let list = (try? stores[series]?.generations()) ?? []
+                let list = stores[series].map { remusGenerations($0) } ?? []
                 call.push(json: .array(list.map { ["generation": .int(Int64($0.number)), "path": .string($0.path), "bytes": .int(Int64($0.bytes))] }))
             },
             "set_declarative": .sync { [unowned self] call in declarative = try call.function(1) },

@@ -27,11 +27,13 @@ extension PolicySession {
         }
     }
 
-    /// `remus.checkpoint(d, {keep=})`: a whole-VM checkpoint of one domain.
+    /// `remus.checkpoint(d, {keep=, disks=, output_commit=})`: a whole-VM checkpoint of one domain.
     func remusCheckpoint(_ call: LuaCall, _ completion: LuaCompletion) throws {
         let domain = try domain(named: try call.string(1))
         let keep = try keepOption(call, 2)
         let store = try store(series: domain.name, fileExtension: "vmstate", keep: keep)
+        let (disks, outputCommit) = try remusOptions(call, disks: 3, outputCommit: 4)
+        let remusState = remusState(domain.name)
         let tune = !tunedForRemus.contains(domain.name)
         tunedForRemus.insert(domain.name)
         let io = blockingIO
@@ -41,7 +43,8 @@ extension PolicySession {
                 _ = try? await domain.execute("migrate-set-parameters", ["max-bandwidth": .int(107_374_182_400)])
             }
             return await CheckpointEngine.capture { () async throws(CheckpointError) in
-                try await CheckpointEngine.remusCheckpoint(domain, store: store, io: io)
+                try await CheckpointEngine.remusCheckpoint(
+                    domain, store: store, io: io, disks: disks, outputCommit: outputCommit, state: remusState)
             }
         }
     }
@@ -82,18 +85,14 @@ extension PolicySession {
         guard domains[name] == nil else { throw LuaHostError.message("remus.restore: a domain named '\(name)' already exists") }
         guard let series = spec["from"]?.stringValue else { throw LuaHostError.message("remus.restore: 'from' is required") }
         let store = try store(series: series, fileExtension: "vmstate", keep: stores[series]?.keep ?? options.keepGenerations)
-        let generations = (try? store.generations()) ?? []
+        let generations = remusGenerations(store)
         guard let generation = wanted.map({ n in generations.first { $0.number == n } }) ?? generations.last else {
             let have = generations.map { String($0.number) }.joined(separator: ", ")
             throw LuaHostError.structured(
                 ["class": "NoCheckpoint", "desc": .string("no generation \(wanted.map(String.init) ?? "at all") of \(series) (have: \(have.isEmpty ? "none" : have))"), "step": "restore"],
                 message: "remus.restore: no good checkpoint of \(series)\(wanted.map { " numbered \($0)" } ?? "") (have: \(have.isEmpty ? "none" : have))")
         }
-        do {
-            _ = try GenerationStore.validate(path: generation.path, magic: CheckpointEngine.stateMagic)
-        } catch {
-            throw LuaHostError.structured(["class": "TornCheckpoint", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
-        }
+        let spec = try standbyDisks(spec: spec, name: name, series: series, generation: generation.number, store: store)
         guard !generation.path.contains("'") else { throw LuaHostError.message("remus.restore: the state path contains a quote") }
         let launcher: any StandbyLauncher = spec["lab"]?.boolValue == true ? (labLauncher ?? detachedLauncher) : detachedLauncher
         let launched = try launcher.launch(name: name, spec: spec, incoming: "exec:cat '\(generation.path)'", stateDirectory: options.stateDirectory)

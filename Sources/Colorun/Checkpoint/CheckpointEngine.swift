@@ -74,13 +74,15 @@ struct CheckpointResult: Sendable, Hashable {
     var pauseMilliseconds: Double
     var saveMilliseconds: Double
     var restoreMilliseconds: Double
+    /// More fields for the result table (a Remus checkpoint's disks and output commit).
+    var extra: [String: JSONValue] = [:]
 
     var fields: [String: JSONValue] {
-        [
+        extra.merging([
             "generation": .int(Int64(generation)), "path": .string(path), "bytes": .int(Int64(bytes)),
             "pause_ms": .double(pauseMilliseconds), "save_ms": .double(saveMilliseconds),
             "restore_ms": .double(restoreMilliseconds),
-        ]
+        ]) { _, new in new }
     }
 }
 
@@ -174,77 +176,7 @@ enum CheckpointEngine {
             restoreMilliseconds: milliseconds(restoreEnd - saveEnd))
     }
 
-    /// Remus style on plain QEMU: stop, migrate the whole VM to a new generation file,
-    /// wait for the migration to complete, resume.
-    static func remusCheckpoint(
-        _ domain: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil, pollInterval: Duration = .milliseconds(1),
-        timeout: Duration = .seconds(30)
-    ) async throws(CheckpointError) -> CheckpointResult {
-        let (generation, partial) = store.begin()
-        let lastGood = store.lastGood
-        let clock = ContinuousClock()
-        let pauseStart = clock.now
-
-        func fail(_ step: String, _ error: DomainError) async -> CheckpointError {
-            // A migration still writing would keep the file open; cancel it first.
-            if step == "migrate" { _ = try? await domain.execute("migrate_cancel", nil) }
-            store.discard(generation)
-            return CheckpointError(step: step, error, generation: generation, lastGood: lastGood, unresumed: await resumeAll([domain]))
-        }
-
-        guard !partial.contains("'") else {
-            throw CheckpointError(
-                step: "migrate", domain: domain.name, cause: "state path contains a quote: \(partial)", errorClass: "StateDirError",
-                command: "migrate", generation: generation, lastGood: lastGood, unresumed: [])
-        }
-        do {
-            try await domain.stop()
-        } catch {
-            throw await fail("stop", error)
-        }
-        let saveStart = clock.now
-        do throws(DomainError) {
-            _ = try await domain.execute("migrate", ["uri": .string("exec:cat > '\(partial)'")])
-            let deadline = clock.now + timeout
-            while true {
-                let info = try await domain.execute("query-migrate", nil)
-                let status = info["status"]?.stringValue ?? ""
-                if status == "completed" { break }
-                if status == "failed" || status == "cancelled" {
-                    let reason = info["error-desc"]?.stringValue ?? "migration \(status)"
-                    throw DomainError(domain: domain.name, command: "migrate", errorClass: "MigrationFailed", desc: reason)
-                }
-                if clock.now > deadline {
-                    throw DomainError(domain: domain.name, command: "query-migrate", errorClass: DomainError.timeout, desc: "migration did not complete within \(timeout)")
-                }
-                try? await Task.sleep(for: pollInterval)
-            }
-        } catch {
-            throw await fail("migrate", error)
-        }
-        let saveEnd = clock.now
-        let unresumed = await resumeAll([domain])
-        let pauseEnd = clock.now
-        if let first = unresumed.first {
-            store.discard(generation)
-            throw CheckpointError(step: "resume", first, generation: generation, lastGood: lastGood, unresumed: unresumed)
-        }
-        let bytes: Int
-        let committed: Generation
-        do throws(GenerationStoreError) {
-            bytes = try store.validate(generation, magic: stateMagic)
-            committed = try await blocking(io) { () throws(GenerationStoreError) in try store.commit(generation) }
-        } catch {
-            store.discard(generation)
-            throw CheckpointError(
-                step: "commit", domain: domain.name, cause: error.description, errorClass: "TornCheckpoint", command: "migrate",
-                generation: generation, lastGood: lastGood, unresumed: [])
-        }
-        return CheckpointResult(
-            generation: generation, path: committed.path, bytes: bytes,
-            pauseMilliseconds: milliseconds(pauseEnd - pauseStart),
-            saveMilliseconds: milliseconds(saveEnd - saveStart), restoreMilliseconds: 0)
-    }
+    // Remus style on plain QEMU: RemusCheckpoint.swift.
 
     /// Resumes every target at once. A `cont` that fails for a reason other than a
     /// refused connection is tried again on a fresh connection, up to `attempts` times.

@@ -47,7 +47,8 @@ final class DetachedStandbyLauncher: StandbyLauncher {
         }
         let stderrPath = stateDirectory + "/standby-\(name).stderr"
         do {
-            let pid = try DetachedQEMU.start(argv + ["-incoming", incoming], stderrPath: stderrPath)
+            let disks = spec[PolicySession.standbyDiskArgumentsKey]?.arrayValue?.compactMap(\.stringValue) ?? []
+            let pid = try DetachedQEMU.start(argv + disks + ["-incoming", incoming], stderrPath: stderrPath)
             return LaunchedStandby(endpoint: endpoint, pid: pid, stderrPath: stderrPath)
         } catch {
             throw LuaHostError.message("remus.restore: \(error)")

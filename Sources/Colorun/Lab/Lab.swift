@@ -63,6 +63,7 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     func launch(name: String, spec restoreSpec: JSONValue, incoming: String, stateDirectory: String) throws -> LaunchedStandby {
         var standbySpec = spec
         standbySpec.incoming = incoming
+        standbySpec.extraArguments += restoreSpec[PolicySession.standbyDiskArgumentsKey]?.arrayValue?.compactMap(\.stringValue) ?? []
         let instance: QEMUInstance
         do {
             instance = try QEMUInstance.start(standbySpec)

@@ -59,6 +59,8 @@ public final class PolicySession: @unchecked Sendable {
     var handles: [Int: any PolicyHandle] = [:]
     var nextHandleID = 1
     var tunedForRemus: Set<String> = []
+    /// Remus domains' output buffers and layer names, by domain (RemusBindings.swift).
+    var remusStates: [String: RemusDomainState] = [:]
     /// Threads for blocking file work (checkpoint commits: fsync, rename).
     let blockingIO = NIOThreadPool(numberOfThreads: 16)
     /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
@@ -296,6 +298,8 @@ public final class PolicySession: @unchecked Sendable {
         }
         return waitIdle().flatMap { [self] in
             resumeStoppedDomains()
+        }.flatMap { [self] in
+            removeOutputBuffers()
         }.flatMap { [self] in
             for domain in domains.values { domain.dropConnection() }
             blockingIO.shutdownGracefully { _ in }
