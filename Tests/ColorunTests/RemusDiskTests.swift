@@ -172,7 +172,9 @@ import Glibc
                 pauses.append(result.pauseMilliseconds)
                 lengths.append(try await Self.chainLength(rig.domain, store: rig.store))
                 let layers = try GenerationStore.list(RemusDisks.directory(of: rig.store)).filter { $0.hasSuffix(".qcow2") }
-                #expect(layers.count <= keep + 1, "round \(round): colorun's layer files \(layers)")
+                // The live chain's own layers, plus at most the one merged by the job just finished
+                // (deleted by the next checkpoint's housekeeping).
+                #expect(layers.count <= keep + 2, "round \(round): colorun's layer files \(layers)")
             }
             #expect(lengths.allSatisfy { $0 <= keep + 2 }, "chain lengths \(lengths)")
             #expect(lengths.last == keep + 2)
@@ -301,7 +303,7 @@ import Glibc
             #expect(state.bufferedNetdevs == ["n0"])
             #expect(try await Self.objects(rig.domain).contains("colorun-buffer-n0"))
             let filter = try await rig.domain.execute("qom-get", ["path": "/objects/colorun-buffer-n0", "property": "status"])
-            #expect(filter.boolValue == true, "the buffer is on between checkpoints")
+            #expect(filter.stringValue == "on", "the buffer is on between checkpoints")
             let commands = recorder.commands
             let order = commands.filter { ["object-add n0", "stop", "migrate", "qom-set off", "qom-set on", "cont"].contains($0) }
             #expect(order == ["object-add n0", "stop", "migrate", "qom-set off", "qom-set on", "cont"], "\(commands)")
