@@ -1,0 +1,79 @@
+import ColorunSystem
+import QEMULab
+import Testing
+@testable import Colorun
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `remus.checkpoint{disks=, output_commit=}` and `remus.restore` with disks, from a policy:
+/// the options reach the engine, a standby command line that opens a checkpointed disk
+/// itself is refused, and the standby colorun starts runs on a fresh overlay over the
+/// generation's frozen image. Real QEMU under TCG.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct RemusDiskPolicyTests {
+    @Test func policyCheckpointsAndRestoresADisk() async throws {
+        let rig = try RemusDiskTests.Rig()
+        let guestImage = rig.directory + "/guest.img"
+        writeFile(guestImage, CountingGuest.bootSector)
+        let socket = rig.directory + "/standby.qmp"
+        let argv = ["qemu-system-x86_64"]
+            + QEMUSpec(countingGuest: true, extraArguments: RemusDiskTests.Rig.diskDevice).arguments(qmpSocket: socket, guestImage: guestImage)
+        let lua = "{" + argv.map { "\"\($0)\"" }.joined(separator: ", ") + "}"
+        let primary = rig.primary
+        var standbyPID: pid_t?
+        do {
+            let run = try await runPolicy(#"""
+                local p = domain.get("primary")
+                local function hmp(d, line) return qmp.execute(d, "human-monitor-command", {["command-line"] = line}) end
+                hmp(p, 'qemu-io -d vd0 "write -P 34 1048576 4k"')
+                local ok, err = pcall(remus.checkpoint, p, {disks = {"nope"}})
+                assert(not ok and err.class == "NoSuchDisk" and err.step == "prepare", tostring(err))
+                local bare = remus.checkpoint(p, {disks = false, output_commit = false})
+                assert(#bare.disks == 0 and #bare.output_commit == 0, json.encode(bare))
+                local r = remus.checkpoint(p, {keep = 2, disks = {"vd0"}})
+                assert(#r.disks == 1 and r.disks[1].device == "vd0", json.encode(r))
+                assert(#remus.generations(p) == 2)
+                hmp(p, 'qemu-io -d vd0 "write -P 51 1048576 4k"')
+                test.kill()
+                repeat sleep("20ms") until not p:alive("200ms")
+
+                local argv = \#(lua)
+                local own = {table.unpack(argv)}
+                own[#own + 1] = "-blockdev"
+                own[#own + 1] = "driver=qcow2,node-name=d0,file.driver=file,file.filename=\#(rig.base)"
+                local ok, err = pcall(remus.restore, {name = "bad", from = p, qemu = own, qmp = "unix:\#(socket)"})
+                assert(not ok and tostring(err):find("opens checkpointed disk 'vd0' itself", 1, true), tostring(err))
+
+                local s, info = remus.restore{name = "standby", from = p, paused = true, qemu = argv, qmp = "unix:\#(socket)"}
+                assert(info.generation == r.generation)
+                assert(s:status().status == "paused")
+                """#, domains: [("primary", "unix:\(primary.qmpSocketPath)")], stateDirectory: rig.directory + "/state",
+                hooks: ["kill": { primary.kill(SIGKILL) }])
+            standbyPID = Self.standbyPID(run.logs.text)
+            #expect(run.failure == nil, "\(run.failure ?? "")\n\(run.logs.text)")
+            #expect(standbyPID != nil)
+            let overlays = try listDirectory(rig.directory + "/state/standby/standby").filter { $0.hasSuffix(".qcow2") }
+            #expect(overlays.count == 1)
+            if let overlay = overlays.first.map({ rig.directory + "/state/standby/standby/" + $0 }) {
+                #expect(try RemusDiskTests.holds(overlay, pattern: 34))
+                #expect(!(try RemusDiskTests.holds(overlay, pattern: 51)))
+            }
+        } catch {
+            if let standbyPID { kill(standbyPID, SIGKILL) }
+            await rig.tearDown()
+            throw error
+        }
+        if let standbyPID { kill(standbyPID, SIGKILL) }
+        await rig.tearDown()
+    }
+
+    /// The detached standby's pid, from the restore's log line.
+    static func standbyPID(_ logs: String) -> pid_t? {
+        for line in logs.split(separator: "\n") where line.contains("restoring a standby") {
+            guard let range = line.firstRange(of: "pid=") else { continue }
+            return pid_t(line[range.upperBound...].prefix { $0.isNumber })
+        }
+        return nil
+    }
+}
