@@ -68,6 +68,30 @@ import Glibc
         await rig.tearDown()
     }
 
+    /// Output commit is on by default for a domain with a NIC, and the end of the run removes
+    /// the buffer (releasing what it held) from a primary that lives on.
+    @Test func outputBufferIsRemovedAtTheEndOfTheRun() async throws {
+        let rig = try RemusDiskTests.Rig(nic: true)
+        do {
+            let run = try await runPolicy(#"""
+                local p = domain.get("primary")
+                local r = remus.checkpoint(p)
+                assert(#r.output_commit == 1 and r.output_commit[1] == "n0", json.encode(r))
+                assert(#r.disks == 1, json.encode(r))
+                local status = qmp.execute(p, "qom-get", {path = "/objects/colorun-buffer-n0", property = "status"})
+                assert(status == "on", tostring(status))
+                """#, domains: [("primary", "unix:\(rig.primary.qmpSocketPath)")], stateDirectory: rig.directory + "/state")
+            #expect(run.failure == nil, "\(run.failure ?? "")\n\(run.logs.text)")
+            let objects = try await RemusDiskTests.objects(rig.domain)
+            #expect(!objects.contains("colorun-buffer-n0"), "\(objects)")
+            #expect(try await RemusDiskTests.hmp(rig.domain, "info status").contains("running"))
+        } catch {
+            await rig.tearDown()
+            throw error
+        }
+        await rig.tearDown()
+    }
+
     /// The detached standby's pid, from the restore's log line.
     static func standbyPID(_ logs: String) -> pid_t? {
         for line in logs.split(separator: "\n") where line.contains("restoring a standby") {

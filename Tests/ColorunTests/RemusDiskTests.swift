@@ -178,6 +178,8 @@ import Glibc
             }
             #expect(lengths.allSatisfy { $0 <= keep + 2 }, "chain lengths \(lengths)")
             #expect(lengths.last == keep + 2)
+            let manifests = try GenerationStore.list(rig.store.directory).filter { $0.hasSuffix(".manifest.json") }
+            #expect(manifests.count == keep, "pruned generations' manifests go with them: \(manifests)")
             print("disk snapshots, keep \(keep): pause p50 \(median(pauses)) ms; chain lengths \(lengths)")
             try await Self.write(rig.domain, pattern: 0x7f)
             rig.primary.kill(SIGKILL)

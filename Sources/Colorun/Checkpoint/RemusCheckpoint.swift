@@ -121,6 +121,8 @@ extension CheckpointEngine {
                 unlink(committed.path)
                 throw error
             }
+            // The store pruned the memory files of generations beyond `keep`: their manifests go too.
+            GenerationManifest.prune(in: store)
             return (bytes, committed)
         }
         var committed: (bytes: Int, generation: Generation)?

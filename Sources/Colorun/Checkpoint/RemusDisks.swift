@@ -166,7 +166,6 @@ enum RemusDisks {
     /// backing link of the layer above what it merges, when it completes. Returns what was done.
     static func housekeep(_ domain: some CheckpointTarget, store: GenerationStore, selection: RemusDiskSelection, generation: Int) async -> [String: JSONValue] {
         let own = directory(of: store)
-        GenerationManifest.prune(in: store)
         let kept = GenerationManifest.good(in: store).map(\.1)
         let live: [LiveDisk]
         do {
