@@ -20,7 +20,7 @@ final class RemusDomainState: Sendable {
     private let buffers = Mutex<[String]?>(nil)
 
     init() {
-        token = String(UInt16.random(in: 0...UInt16.max), radix: 16)
+        token = String(UInt32.random(in: 0...UInt32.max), radix: 16)
     }
 
     /// The netdevs whose output colorun buffers now (nil: none installed or looked for yet).

@@ -63,6 +63,10 @@ extension CheckpointEngine {
         if !live.isEmpty {
             do throws(GenerationStoreError) {
                 try GenerationStore.makeDirectories(own)
+                // QEMU would overwrite an existing file: never one that may be in a chain.
+                if let taken = snapshot.overlays.first(where: { access($0, F_OK) == 0 }) {
+                    throw GenerationStoreError(path: taken, reason: "a new overlay's name is taken")
+                }
             } catch {
                 store.discard(generation)
                 throw stateDirectoryError("snapshot", error, unresumed: [])
