@@ -18,6 +18,9 @@ extension CheckpointEngine {
     ///
     /// Whatever fails, the VM is resumed; a failure before the commit releases no packet
     /// (they stay held for the next checkpoint) and leaves no manifest (the generation is torn).
+    ///
+    /// The defaults here are the memory file alone; `remus.checkpoint` passes `.all` and
+    /// `.auto` unless the policy says otherwise.
     static func remusCheckpoint(
         _ domain: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil,
         disks selection: RemusDiskSelection = .none, outputCommit: OutputCommitSelection = .off,
