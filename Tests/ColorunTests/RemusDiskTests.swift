@@ -2,6 +2,7 @@ import ColorunSystem
 import Logging
 import NIOPosix
 import QEMULab
+import JSON
 import QMP
 import Synchronization
 import Testing
