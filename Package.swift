@@ -9,7 +9,7 @@ import PackageDescription
 //   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
 //                    directories, errno text; CColorunSystem is its fork/exec in C
-//   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest)
+//   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
 //   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run
@@ -62,7 +62,10 @@ let package = Package(
         .target(name: "ColorunSystem", dependencies: ["CColorunSystem"]),
         .target(
             name: "QEMULab",
-            dependencies: ["ColorunSystem", "JSON", "QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "ColorunSystem", "JSON", "QMP", "QMPClient", logging, .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
         ),
         .target(
             name: "LuaRuntime",
@@ -118,6 +121,7 @@ let package = Package(
                 "Colorun", "ColorunOperator", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus,
             ] + nio
         ),
+        .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", logging] + nio),
         .testTarget(
             name: "ColorunTests",
             dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
