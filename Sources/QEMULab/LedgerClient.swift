@@ -11,6 +11,8 @@ public enum LedgerError: Error, Sendable, Hashable, CustomStringConvertible {
     case timedOut(request: String)
     /// The guest answered something else (e.g. `error 7 fdatasync:I/O error`).
     case unexpectedReply(request: String, reply: String)
+    /// Not sent: a record's text cannot hold a line break.
+    case invalidText(String)
 
     public var description: String {
         switch self {
@@ -18,6 +20,7 @@ public enum LedgerError: Error, Sendable, Hashable, CustomStringConvertible {
         case .closed(let request): return "ledger: connection closed before the reply to `\(request)`"
         case .timedOut(let request): return "ledger: no reply to `\(request)` in time"
         case .unexpectedReply(let request, let reply): return "ledger: `\(request)` answered `\(reply)`"
+        case .invalidText(let text): return "ledger: a record's text cannot hold a line break: \(text.debugDescription)"
         }
     }
 }
@@ -128,6 +131,7 @@ public final class LedgerClient: Sendable {
     /// Appends record `number` (with optional `text`, no newlines) and returns once the guest
     /// has answered `ack number`, i.e. once the record is durable on the guest's disk.
     public func record(_ number: Int, text: String = "", timeout: Duration = .seconds(10)) async throws(LedgerError) {
+        guard !text.contains(where: \.isNewline) else { throw .invalidText(text) }
         let line = text.isEmpty ? "record \(number)" : "record \(number) \(text)"
         let reply = try await request(line, timeout: timeout)
         guard reply == "ack \(number)" else { throw .unexpectedReply(request: line, reply: reply) }

@@ -40,7 +40,7 @@ struct LinuxGuestTests {
 
         // A record number the ledger cannot parse is refused, not acknowledged.
         #expect(try await ledger.request("record x") == "error bad-record")
-        await #expect(throws: LedgerError.unexpectedReply(request: "record 21", reply: "error bad-text")) {
+        await #expect(throws: LedgerError.invalidText("two\nlines")) {
             try await ledger.record(21, text: "two\nlines")
         }
         #expect(try await ledger.count() == (records: 20, bad: 0))
@@ -98,7 +98,7 @@ struct LinuxGuestTests {
     @Test(.timeLimit(.minutes(4)))
     func memoryModeFillsAndKeepsDirtying() async throws {
         var options = LinuxGuestOptions()
-        options.memoryMiB = 256
+        options.memoryMiB = 384
         let guest = try await LinuxGuest.create(options: options, disk: false)
         defer { guest.remove() }
 
@@ -110,13 +110,16 @@ struct LinuxGuestTests {
         let idleSize = try await migrationStreamSize(qmp, to: guest.directory + "/idle.mig")
         let idleRate = try await sampledDirtyRate(qmp)
 
-        try await ledger.dirty(mebibytes: 64)
-        #expect(boot.serialText().contains("DIRTY ready mib=64"))
+        try await ledger.dirty(mebibytes: 192)
+        #expect(boot.serialText().contains("DIRTY ready mib=192"))
         let dirtySize = try await migrationStreamSize(qmp, to: guest.directory + "/dirty.mig")
         let dirtyRate = try await sampledDirtyRate(qmp)
-        print("Linux guest memory mode: stream \(idleSize >> 20) MiB idle, \(dirtySize >> 20) MiB with 64 MiB dirtied; dirty rate \(idleRate) MB/s idle, \(dirtyRate) MB/s dirtying")
+        print("Linux guest memory mode: stream \(idleSize >> 20) MiB idle, \(dirtySize >> 20) MiB with 192 MiB dirtied; dirty rate \(idleRate) MB/s idle, \(dirtyRate) MB/s dirtying")
 
-        #expect(dirtySize - idleSize >= 60 << 20, "stream \(idleSize) -> \(dirtySize) bytes")
+        // Free guest pages are not zeroed, so the idle stream is some 100 MiB; the filled
+        // memory is never zero, so the stream holds all of it on top of the kernel's pages.
+        #expect(idleSize < 160 << 20, "idle stream \(idleSize) bytes")
+        #expect(dirtySize >= 208 << 20, "stream \(idleSize) -> \(dirtySize) bytes")
         #expect(dirtyRate >= 16, "dirty rate \(idleRate) -> \(dirtyRate) MB/s")
         #expect(dirtyRate >= 4 * max(idleRate, 1), "dirty rate \(idleRate) -> \(dirtyRate) MB/s")
 
