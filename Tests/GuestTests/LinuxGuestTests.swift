@@ -21,7 +21,7 @@ private let haveGuestTools =
 ///
 /// Serialized: each test boots a Linux kernel under TCG, which keeps a core busy for ten
 /// seconds or more; two at once on two cores only make both slower.
-@Suite(.serialized, .enabled(if: haveGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
+@Suite(.serialized, .timeLimit(.minutes(10)), .enabled(if: haveGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
 struct LinuxGuestTests {
     @Test(.timeLimit(.minutes(4)))
     func ledgerAcksRecordsThatSurviveACleanRestart() async throws {
