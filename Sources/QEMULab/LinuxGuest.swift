@@ -136,24 +136,44 @@ public final class LinuxGuest: Sendable {
         return (line + options.extraKernelArguments).joined(separator: " ")
     }
 
+    /// Which block node backs the guest's virtio disk.
+    public enum DiskBackend: Sendable, Hashable {
+        /// The guest's own qcow2 disk (`diskPath`).
+        case own
+        /// Another qcow2 image (e.g. an overlay of a restored generation).
+        case image(String)
+        /// Only the device: someone else adds the `-blockdev` node named `diskNodeName`
+        /// (remus.restore does, on a fresh overlay over the generation's frozen disk).
+        case providedElsewhere
+    }
+
     /// QEMU arguments for this guest, to go in `QEMUSpec.extraArguments`: the kernel, the
     /// serial console into `serialLog`, the disk as `-blockdev` nodes `<diskNodeName>-file`
-    /// (file) and `<diskNodeName>` (qcow2) on a virtio-blk device, and a virtio NIC on a
-    /// user-network backend `netdevID` forwarding 127.0.0.1:`hostPort` to the ledger port.
-    /// `disk` overrides the disk image (e.g. a restored generation's overlay).
-    public func arguments(hostPort: Int, serialLog: String, disk: String? = nil) -> [String] {
+    /// (file) and `<diskNodeName>` (qcow2) under a virtio-blk device `<diskNodeName>-device`,
+    /// and a virtio NIC `<netdevID>-device` on a user-network backend `netdevID` forwarding
+    /// 127.0.0.1:`hostPort` to the ledger port. A guest made without a disk gets no disk
+    /// unless `disk` names an image.
+    public func arguments(hostPort: Int, serialLog: String, disk: DiskBackend = .own) -> [String] {
         var args = [
             "-no-reboot",
             "-kernel", image.kernel, "-initrd", image.initrd, "-append", kernelCommandLine(),
-            "-chardev", "file,id=serial0,path=\(serialLog)", "-serial", "chardev:serial0",
+            "-chardev", "file,id=serial0,path=\(escapeOption(serialLog))", "-serial", "chardev:serial0",
         ]
-        if let disk = disk ?? diskPath {
-            let node = options.diskNodeName
+        let node = options.diskNodeName
+        let file: String?
+        switch disk {
+        case .own: file = diskPath
+        case .image(let path): file = path
+        case .providedElsewhere: file = nil
+        }
+        if let file {
             args += [
-                "-blockdev", "driver=file,filename=\(disk),node-name=\(node)-file",
+                "-blockdev", "driver=file,filename=\(escapeOption(file)),node-name=\(node)-file",
                 "-blockdev", "driver=qcow2,file=\(node)-file,node-name=\(node)",
-                "-device", "virtio-blk-pci,drive=\(node),id=\(node)-device",
             ]
+        }
+        if file != nil || disk == .providedElsewhere {
+            args += ["-device", "virtio-blk-pci,drive=\(node),id=\(node)-device"]
         }
         args += [
             "-netdev", "user,id=\(options.netdevID),hostfwd=tcp:127.0.0.1:\(hostPort)-:\(options.ledgerPort)",
@@ -163,7 +183,7 @@ public final class LinuxGuest: Sendable {
     }
 
     /// A spec that boots this guest under TCG (never KVM: see guest/README.md).
-    public func spec(hostPort: Int, serialLog: String, disk: String? = nil, base: QEMUSpec = QEMUSpec()) -> QEMUSpec {
+    public func spec(hostPort: Int, serialLog: String, disk: DiskBackend = .own, base: QEMUSpec = QEMUSpec()) -> QEMUSpec {
         var spec = base
         spec.accelerator = "tcg"
         spec.memoryMiB = options.memoryMiB
@@ -173,7 +193,7 @@ public final class LinuxGuest: Sendable {
 
     /// Starts QEMU on this guest with a fresh host port and a fresh serial log. The boot is
     /// not waited for: see `LinuxGuestBoot.waitUntilReady`.
-    public func boot(base: QEMUSpec = QEMUSpec(), disk: String? = nil) throws(QEMULabError) -> LinuxGuestBoot {
+    public func boot(base: QEMUSpec = QEMUSpec(), disk: DiskBackend = .own) throws(QEMULabError) -> LinuxGuestBoot {
         let index = boots.withLock { count in
             count += 1
             return count
@@ -244,6 +264,11 @@ public struct LinuxGuestBoot: Sendable {
 }
 
 // MARK: - Helpers
+
+/// A value inside a QEMU option string (`key=value,...`): commas doubled.
+private func escapeOption(_ value: String) -> String {
+    value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,")
+}
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, read back, closed).
 public func freeLocalPort() throws(QEMULabError) -> Int {

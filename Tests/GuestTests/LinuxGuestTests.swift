@@ -167,3 +167,39 @@ private func sampledDirtyRate(_ qmp: QMPConnection) async throws -> Int64 {
         try await Task.sleep(for: .milliseconds(50))
     }
 }
+
+/// The command line the Linux guest gets (no QEMU started).
+@Suite(.timeLimit(.minutes(1)))
+struct LinuxGuestArgumentsTests {
+    @Test func diskAndNICAreNamedNodesAndCommasAreEscaped() async throws {
+        var options = LinuxGuestOptions()
+        options.dirtyMiB = 32
+        let guest = try await LinuxGuest.create(
+            options: options, disk: false, image: LinuxGuestImage(kernel: "/k/kernel", initrd: "/k/initrd"))
+        defer { guest.remove() }
+
+        let own = guest.arguments(hostPort: 5555, serialLog: "/tmp/a,b.log", disk: .image("/d/x,y.qcow2"))
+        let joined = own.joined(separator: " ")
+        #expect(joined.contains("-blockdev driver=file,filename=/d/x,,y.qcow2,node-name=disk0-file"))
+        #expect(joined.contains("-blockdev driver=qcow2,file=disk0-file,node-name=disk0"))
+        #expect(joined.contains("-device virtio-blk-pci,drive=disk0,id=disk0-device"))
+        #expect(joined.contains("-netdev user,id=n0,hostfwd=tcp:127.0.0.1:5555-:7000"))
+        #expect(joined.contains("-device virtio-net-pci,netdev=n0,romfile=,id=n0-device"))
+        #expect(joined.contains("path=/tmp/a,,b.log"))
+        #expect(guest.kernelCommandLine().contains("colorun.dirty=32:0"))
+        #expect(!own.contains("-drive"), "disks are -blockdev nodes, so that QMP can snapshot them by name")
+
+        // A restored standby's disk node comes from remus.restore: only the device is ours.
+        let standby = guest.arguments(hostPort: 5555, serialLog: "/tmp/s.log", disk: .providedElsewhere)
+        #expect(!standby.contains("-blockdev"))
+        #expect(standby.contains("virtio-blk-pci,drive=disk0,id=disk0-device"))
+
+        // A guest without a disk has no disk device either.
+        let diskless = guest.arguments(hostPort: 5555, serialLog: "/tmp/s.log")
+        #expect(!diskless.contains { $0.hasPrefix("virtio-blk-pci") })
+
+        let spec = guest.spec(hostPort: 5555, serialLog: "/tmp/s.log")
+        #expect(spec.accelerator == "tcg")
+        #expect(spec.memoryMiB == 256)
+    }
+}
