@@ -93,6 +93,49 @@ struct LinuxGuestTests {
         await second.qemu.stop()
     }
 
+    /// The guest can be a Remus standby: saved to a file while stopped and started from it
+    /// with `-incoming` on another host port, its ledger goes on where it was (the listening
+    /// socket is in the saved memory; the host side reconnects through the new forward).
+    @Test(.timeLimit(.minutes(4)))
+    func restoresFromASavedStateOnANewPort() async throws {
+        let guest = try await LinuxGuest.create()
+        defer { guest.remove() }
+
+        let primary = try guest.boot()
+        try await primary.waitUntilReady()
+        let ledger = try await primary.ledger(on: group)
+        for number in 1...5 {
+            try await ledger.record(number)
+        }
+        let qmp = try await primary.qemu.connect(on: group, logger: Logger(label: "guest-tests"))
+        let state = guest.directory + "/state.mig"
+        _ = try await migrationStreamSize(qmp, to: state, keep: true)
+        // The primary is gone; the disk is as it was when the state was saved.
+        #expect(primary.qemu.kill(SIGKILL))
+        await primary.qemu.stop()
+        ledger.close()
+        await qmp.close()
+
+        let standby = try guest.boot(base: QEMUSpec(incoming: "exec:cat \(state)"))
+        #expect(standby.hostPort != primary.hostPort)
+        // A state saved from a stopped VM loads into a paused one ("inmigrate", then "paused").
+        let standbyQMP = try await standby.qemu.connect(on: group, logger: Logger(label: "guest-tests"))
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(60)
+        while try await standbyQMP.execute("query-status")["status"]?.stringValue != "paused" {
+            guard clock.now < deadline else { throw QEMULabError("the standby never loaded the state\n\(standby.diagnostics())") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        _ = try await standbyQMP.execute("cont")
+        await standbyQMP.close()
+        let again = try await standby.ledger(on: group)
+        #expect(try await again.dump() == LedgerContents(records: Array(1...5), bad: 0), "\(standby.diagnostics())")
+        try await again.record(6)
+        #expect(try await again.count() == (records: 6, bad: 0))
+        again.close()
+        await standby.qemu.stop()
+    }
+
     /// The memory mode fills the memory it is given (a migration stream of the stopped guest
     /// grows by that much) and keeps writing to it (QEMU's sampled dirty rate jumps).
     @Test(.timeLimit(.minutes(4)))
@@ -134,8 +177,9 @@ struct LinuxGuestTests {
     }
 }
 
-/// Stops the guest, saves it to `path` with `migrate exec:cat`, resumes it; returns the size.
-private func migrationStreamSize(_ qmp: QMPConnection, to path: String) async throws -> Int {
+/// Stops the guest, saves it to `path` with `migrate exec:cat`, resumes it; returns the size
+/// (and removes the file unless `keep`).
+private func migrationStreamSize(_ qmp: QMPConnection, to path: String, keep: Bool = false) async throws -> Int {
     _ = try await qmp.execute("stop")
     _ = try await qmp.execute("migrate", arguments: ["uri": .string("exec:cat > \(path)")])
     let clock = ContinuousClock()
@@ -151,7 +195,7 @@ private func migrationStreamSize(_ qmp: QMPConnection, to path: String) async th
     _ = try await qmp.execute("cont")
     var info = stat()
     guard stat(path, &info) == 0 else { throw QEMULabError("no migration file \(path)") }
-    unlink(path)
+    if !keep { unlink(path) }
     return Int(info.st_size)
 }
 
