@@ -106,25 +106,34 @@ let package = Package(
             name: "ColorunBench",
             dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QEMULab", logging] + nio
         ),
-        .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP"]),
+        // What the test targets share: simulated pairs, log collectors, temp directories,
+        // waiting with a deadline, and the `.machine(_:)` trait that keeps suites needing the
+        // whole machine apart under parallel `swift test`.
+        .target(name: "ColorunTestSupport", dependencies: ["ColorunSystem", "QEMUSimulator", logging], path: "Tests/ColorunTestSupport"),
+        .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP", "ColorunTestSupport"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", logging]),
         .testTarget(
             name: "QMPClientTests",
-            dependencies: ["JSON", "QMPClient", "QMP", "QEMULab", logging, .product(name: "NIOEmbedded", package: "swift-nio")] + nio
+            dependencies: [
+                "JSON", "QMPClient", "QMP", "QEMULab", "ColorunTestSupport", logging, .product(name: "NIOEmbedded", package: "swift-nio"),
+            ] + nio
         ),
-        .testTarget(name: "LuaRuntimeTests", dependencies: ["JSON", "LuaRuntime", "CLua", logging] + nio),
-        .testTarget(name: "QEMUSimulatorTests", dependencies: ["JSON", "QEMUSimulator", "QMPClient", "QMP"]),
+        .testTarget(name: "LuaRuntimeTests", dependencies: ["JSON", "LuaRuntime", "CLua", "ColorunTestSupport", logging] + nio),
+        .testTarget(name: "QEMUSimulatorTests", dependencies: ["ColorunSystem", "JSON", "QEMUSimulator", "QMPClient", "QMP", "ColorunTestSupport"]),
         .testTarget(
             name: "ColorunCLITests",
             dependencies: [
-                "Colorun", "ColorunOperator", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP", logging, metrics, prometheus,
+                "Colorun", "ColorunOperator", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP",
+                "ColorunTestSupport", logging, metrics, prometheus,
             ] + nio
         ),
         .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", logging] + nio),
         .testTarget(
             name: "ColorunTests",
-            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", logging] + nio
+            dependencies: [
+                "Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QEMULab", "QMP", "ColorunTestSupport", logging,
+            ] + nio
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,5 +1,5 @@
 import Foundation
-import QEMUSimulator
+import ColorunTestSupport
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func colorunBinary() -> String? {
@@ -51,10 +51,21 @@ final class ColorunProcess: @unchecked Sendable {
 
     func signal(_ signo: Int32) { kill(process.processIdentifier, signo) }
 
-    /// Waits for the exit (killing the process after `timeout` seconds).
+    /// A test that ends (or throws) before `wait` leaves no colorun behind.
+    deinit {
+        out.fileHandleForReading.readabilityHandler = nil
+        err.fileHandleForReading.readabilityHandler = nil
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    /// Waits for the exit (killing the process after `timeout` seconds, or at once if the
+    /// test is cancelled). Polls: Foundation's `Process` offers no awaitable exit.
     func wait(timeout: Double = 20) async -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(10)) }
+        while process.isRunning && Date() < deadline && !Task.isCancelled { try? await Task.sleep(for: .milliseconds(10)) }
         if process.isRunning { process.interrupt(); kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
         // drain what is left in the pipes
@@ -80,38 +91,10 @@ struct CLITestError: Error, CustomStringConvertible {
     init(_ text: String) { description = text }
 }
 
-func temporaryDirectory(_ tag: String) -> String {
-    var template = Array("/tmp/\(tag)-XXXXXX".utf8CString)
-    let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-    return String(cString: path!)
-}
-
 func writePolicy(_ source: String, in dir: String, name: String = "policy.lua") -> String {
     let path = dir + "/" + name
     _ = FileManager.default.createFile(atPath: path, contents: Data(source.utf8))
     return path
-}
-
-/// A pair of simulated domains, `web-p` and `web-s`, in a fresh directory.
-struct SimulatedPair {
-    let sim: QEMUSimulator
-    let primary: SimulatedDomain
-    let secondary: SimulatedDomain
-    let directory: String
-
-    static func start() async throws -> SimulatedPair {
-        let dir = temporaryDirectory("colorun-cli-sim")
-        let sim = QEMUSimulator()
-        let p = try await sim.start(socketPath: dir + "/p.sock", name: "web-p")
-        let s = try await sim.start(socketPath: dir + "/s.sock", name: "web-s")
-        return SimulatedPair(sim: sim, primary: p, secondary: s, directory: dir)
-    }
-
-    var domainArguments: [String] {
-        ["--domain", "web-p=unix:\(directory)/p.sock", "--domain", "web-s=unix:\(directory)/s.sock"]
-    }
-
-    func shutdown() async { await sim.shutdown() }
 }
 
 /// `GET path` over plain TCP, returns the whole response.

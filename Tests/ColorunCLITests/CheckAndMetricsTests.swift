@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import CoreMetrics
 import Logging
 import LuaRuntime
@@ -8,9 +9,9 @@ import Testing
 @testable import Colorun
 @testable import ColorunOperator
 
-@Suite struct PolicyCheckTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.shared)) struct PolicyCheckTests {
     func check(_ source: String, domains: [String] = []) async throws -> Result<PolicyCheck.Passed, PolicyCheck.Failure> {
-        let dir = temporaryDirectory("colorun-check-test")
+        let dir = makeTempDirectory("colorun-check-test")
         var options = PolicyOptions(policyPath: writePolicy(source, in: dir))
         options.domains = domains.map { DomainSpec(name: $0, endpoint: .unix(path: "/nonexistent/\($0)")) }
         return await PolicyCheck.check(options, logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
@@ -66,68 +67,68 @@ import Testing
     }
 }
 
-@Suite struct MetricsTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.shared)) struct MetricsTests {
     @Test func aRunAgainstTheSimulatorFeedsEveryMetric() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let dir = temporaryDirectory("colorun-metrics")
-        let path = writePolicy("""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            for i = 1, 3 do colo.checkpoint(p, s) end
-            pcall(qmp.execute, p, "no-such-command")
-            policy.count_failover_for_test()
-            """, in: dir)
-        let registry = PrometheusCollectorRegistry()
-        var options = PolicyOptions(policyPath: path)
-        options.stateDirectory = dir + "/state"
-        options.domains = [
-            DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
-            DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
-        ]
-        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
-        let loop = MultiThreadedEventLoopGroup.singleton.next()
-        let session = try await loop.submit { [options] in
-            try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },
-                              extensions: [FailoverHook()])
-        }.get()
-        let report = try await session.run().get()
-        #expect(report.checkpoints == 3)
-        let text = registry.emitToString()
-        // (failures by step: see failedCheckpointsCountByStep; this run has none)
-        for name in ColorunMetrics.Name.all where name != ColorunMetrics.Name.checkpointFailures {
-            #expect(text.contains(name), "missing \(name)")
+        try await withSimulatedPair { pair in
+            let dir = makeTempDirectory("colorun-metrics")
+            let path = writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                for i = 1, 3 do colo.checkpoint(p, s) end
+                pcall(qmp.execute, p, "no-such-command")
+                policy.count_failover_for_test()
+                """, in: dir)
+            let registry = PrometheusCollectorRegistry()
+            var options = PolicyOptions(policyPath: path)
+            options.stateDirectory = dir + "/state"
+            options.domains = [
+                DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+                DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+            ]
+            options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+            let loop = MultiThreadedEventLoopGroup.singleton.next()
+            let session = try await loop.submit { [options] in
+                try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },
+                                  extensions: [FailoverHook()])
+            }.get()
+            let report = try await session.run().get()
+            #expect(report.checkpoints == 3)
+            let text = registry.emitToString()
+            // (failures by step: see failedCheckpointsCountByStep; this run has none)
+            for name in ColorunMetrics.Name.all where name != ColorunMetrics.Name.checkpointFailures {
+                #expect(text.contains(name), "missing \(name)")
+            }
+            #expect(text.contains(#"colorun_qmp_command_duration_seconds_count{command="xen-save-devices-state"} 3"#))
+            #expect(text.contains(#"colorun_qmp_command_failures_total{command="no-such-command"} 1"#))
+            #expect(text.contains(#"colorun_checkpoints_total{series="web-p+web-s"} 3"#))
+            #expect(text.contains(#"colorun_domain_up{domain="web-p"}"#))
+            #expect(text.contains("colorun_failovers_total 1"))
         }
-        #expect(text.contains(#"colorun_qmp_command_duration_seconds_count{command="xen-save-devices-state"} 3"#))
-        #expect(text.contains(#"colorun_qmp_command_failures_total{command="no-such-command"} 1"#))
-        #expect(text.contains(#"colorun_checkpoints_total{series="web-p+web-s"} 3"#))
-        #expect(text.contains(#"colorun_domain_up{domain="web-p"}"#))
-        #expect(text.contains("colorun_failovers_total 1"))
     }
 
     @Test func failedCheckpointsCountByStep() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        try pair.secondary.addFaults(parsing: "xen-load-devices-state:error=GenericError")
-        let dir = temporaryDirectory("colorun-metrics")
-        let path = writePolicy("""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            pcall(colo.checkpoint, p, s)
-            """, in: dir)
-        let registry = PrometheusCollectorRegistry()
-        var options = PolicyOptions(policyPath: path)
-        options.stateDirectory = dir + "/state"
-        options.domains = [
-            DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
-            DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
-        ]
-        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
-        let loop = MultiThreadedEventLoopGroup.singleton.next()
-        let session = try await loop.submit { [options] in
-            try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() })
-        }.get()
-        let report = try await session.run().get()
-        #expect(report.failedCheckpoints == 1)
-        #expect(registry.emitToString().contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
+        try await withSimulatedPair { pair in
+            try pair.secondary.addFaults(parsing: "xen-load-devices-state:error=GenericError")
+            let dir = makeTempDirectory("colorun-metrics")
+            let path = writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                pcall(colo.checkpoint, p, s)
+                """, in: dir)
+            let registry = PrometheusCollectorRegistry()
+            var options = PolicyOptions(policyPath: path)
+            options.stateDirectory = dir + "/state"
+            options.domains = [
+                DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+                DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+            ]
+            options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+            let loop = MultiThreadedEventLoopGroup.singleton.next()
+            let session = try await loop.submit { [options] in
+                try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() })
+            }.get()
+            let report = try await session.run().get()
+            #expect(report.failedCheckpoints == 1)
+            #expect(registry.emitToString().contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
+        }
     }
 }
 

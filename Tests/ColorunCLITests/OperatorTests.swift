@@ -1,3 +1,4 @@
+import ColorunTestSupport
 @testable import Colorun
 @testable import ColorunOperator
 import JSON
@@ -7,7 +8,7 @@ import QMP
 import Synchronization
 import Testing
 
-@Suite struct SummaryTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct SummaryTests {
     func report(_ outcome: LuaRunOutcome = .stopped) -> PolicyReport {
         var report = PolicyReport(outcome: outcome)
         report.checkpoints = 100
@@ -68,7 +69,7 @@ import Testing
     }
 }
 
-@Suite struct JSONLogTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct JSONLogTests {
     @Test func linesAreJSONObjects() throws {
         let line = JSONLogHandler.line(
             timestamp: "2026-11-26T22:41:07.123Z", level: .warning, label: "colorun",
@@ -87,7 +88,7 @@ import Testing
     }
 
     @Test func handlerWritesOneObjectPerEvent() throws {
-        let sink = LineSink()
+        let sink = LogCollector()
         var logger = Logger(label: "colorun") { label in JSONLogHandler(label: label, write: { sink.append($0) }) }
         logger[metadataKey: "policy"] = "ha.lua"
         logger.info("checkpoint", metadata: ["generation": "4"])
@@ -102,13 +103,7 @@ import Testing
     }
 }
 
-final class LineSink: Sendable {
-    private let stored = Mutex<[String]>([])
-    func append(_ line: String) { stored.withLock { $0.append(line) } }
-    var lines: [String] { stored.withLock { $0 } }
-}
-
-@Suite struct QMPOneShotTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct QMPOneShotTests {
     @Test func parsesEndpointAndArguments() throws {
         let (endpoint, args) = try QMPOneShot.parse(endpoint: "unix:/tmp/x.sock", arguments: #"{"filename": "/tmp/s", "live": false}"#)
         #expect(endpoint.description == "unix:/tmp/x.sock")

@@ -1,4 +1,5 @@
 import ColorunSystem
+import ColorunTestSupport
 import NIOCore
 import QEMULab
 import QEMUSimulator
@@ -30,64 +31,62 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
     return try await runPolicy(source, domains: domains, hooks: hooks, lab: lab, configure: configure)
 }
 
-@Suite struct ExamplesTests {
-    func simulatedPair() async throws -> SimulatedPair { try await SimulatedPair.start() }
-
+@Suite(.timeLimit(.minutes(3)), .machine(.exclusive)) struct ExamplesTests {
     func names(_ pair: SimulatedPair) -> [(String, String)] {
         [("primary", pair.domains[0].1), ("secondary", pair.domains[1].1)]
     }
 
     @Test func checkpointExampleAgainstTheSimulator() async throws {
-        let pair = try await simulatedPair()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runExample("checkpoint.lua", domains: names(pair)) { $0.duration = .milliseconds(1500) }
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.report.checkpoints >= 1)
-        #expect(pair.secondary.loadedStates.count == run.report.checkpoints)
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        try await withSimulatedPair { pair in
+            let run = try await runExample("checkpoint.lua", domains: names(pair)) { $0.duration = .milliseconds(1500) }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.checkpoints >= 1)
+            #expect(pair.secondary.loadedStates.count == run.report.checkpoints)
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        }
     }
 
     @Test func checkpointExampleFailsOverWhenThePrimaryDies() async throws {
-        let pair = try await simulatedPair()
-        defer { Task { await pair.shutdown() } }
-        let killer = try await runPolicy(
-            exampleSource("checkpoint.lua")
-                + "\npolicy.after('500ms', function() test.kill() end)\n",
-            domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }])
-        guard case .stopped = killer.report.outcome else {
-            Issue.record("\(killer.report.outcome)")
-            return
+        try await withSimulatedPair { pair in
+            let killer = try await runPolicy(
+                exampleSource("checkpoint.lua")
+                    + "\npolicy.after('500ms', function() test.kill() end)\n",
+                domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }])
+            guard case .stopped = killer.report.outcome else {
+                Issue.record("\(killer.report.outcome)")
+                return
+            }
+            #expect(killer.logs.contains("the secondary takes over"))
+            #expect(pair.secondary.runState == .running)
         }
-        #expect(killer.logs.contains("the secondary takes over"))
-        #expect(pair.secondary.runState == .running)
     }
 
     @Test func declarativeExampleAgainstTheSimulator() async throws {
-        let pair = try await simulatedPair()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runExample("declarative.lua", domains: names(pair)) { $0.duration = .milliseconds(1500) }
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.report.checkpoints >= 1)
-        #expect(pair.secondary.loadedStates.count == run.report.checkpoints)
+        try await withSimulatedPair { pair in
+            let run = try await runExample("declarative.lua", domains: names(pair)) { $0.duration = .milliseconds(1500) }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.checkpoints >= 1)
+            #expect(pair.secondary.loadedStates.count == run.report.checkpoints)
+        }
     }
 
     @Test func siteHooksExampleFencesBeforeFailingOver() async throws {
-        let pair = try await simulatedPair()
-        defer { Task { await pair.shutdown() } }
-        let marker = makeTempDirectory("colorun-fence") + "/fenced"
-        let source = exampleSource("site-hooks.lua")
-            + "\npolicy.after('400ms', function() test.kill() end)\n"
-        let run = try await runPolicy(source, domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }]) {
-            $0.allowExec = true
-            $0.arguments = ["/usr/bin/touch", marker]
+        try await withSimulatedPair { pair in
+            let marker = makeTempDirectory("colorun-fence") + "/fenced"
+            let source = exampleSource("site-hooks.lua")
+                + "\npolicy.after('400ms', function() test.kill() end)\n"
+            let run = try await runPolicy(source, domains: names(pair), hooks: ["kill": { Task { await pair.primary.kill() } }]) {
+                $0.allowExec = true
+                $0.arguments = ["/usr/bin/touch", marker]
+            }
+            guard case .stopped = run.report.outcome else {
+                Issue.record("\(run.report.outcome)")
+                return
+            }
+            #expect(access(marker, F_OK) == 0, "the fencing command ran")
+            #expect(run.logs.contains("primary fenced"))
+            #expect(pair.secondary.runState == .running)
         }
-        guard case .stopped = run.report.outcome else {
-            Issue.record("\(run.report.outcome)")
-            return
-        }
-        #expect(access(marker, F_OK) == 0, "the fencing command ran")
-        #expect(run.logs.contains("primary fenced"))
-        #expect(pair.secondary.runState == .running)
     }
 
     /// The README's main job: the lab, Remus checkpoints, the primary killed, the standby
@@ -101,8 +100,8 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
         }
         #expect(run.report.checkpoints >= 1)
         #expect(run.report.failovers == 1)
-        let loaded = run.logs.lines.withLock { $0.first { $0.contains("standby loaded the checkpoint") } } ?? ""
-        let runsOn = run.logs.lines.withLock { $0.first { $0.contains("standby runs on from there") } } ?? ""
+        let loaded = run.logs.lines.first { $0.contains("standby loaded the checkpoint") } ?? ""
+        let runsOn = run.logs.lines.first { $0.contains("standby runs on from there") } ?? ""
         func counter(_ line: String) -> Int? {
             guard let part = line.split(separator: " ").first(where: { $0.hasPrefix("guest_counter=") }) else { return nil }
             return Int(part.dropFirst("guest_counter=".count))
@@ -114,17 +113,17 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
 
     @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
     func qemuCOLOExampleWithKVM() async throws {
-        let pair = try KVMCOLOPair()
-        defer { pair.kill() }
-        let source = exampleSource("qemu-colo.lua")
-            + "\npolicy.after('500ms', function() test.kill() end)\n"
-        let run = try await runPolicy(
-            source, domains: pair.domains,
-            hooks: ["kill": { pair.primary.kill(SIGKILL) }]) { $0.arguments = [pair.migrationURI] }
-        guard case .stopped = run.report.outcome else {
-            Issue.record("\(run.report.outcome)\n\(run.logs.text)")
-            return
+        try await withKVMCOLOPair { pair in
+            let source = exampleSource("qemu-colo.lua")
+                + "\npolicy.after('500ms', function() test.kill() end)\n"
+            let run = try await runPolicy(
+                source, domains: pair.domains,
+                hooks: ["kill": { pair.primary.kill(SIGKILL) }]) { $0.arguments = [pair.migrationURI] }
+            guard case .stopped = run.report.outcome else {
+                Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+                return
+            }
+            #expect(run.report.failovers == 1)
         }
-        #expect(run.report.failovers == 1)
     }
 }

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import QEMULab
 import QEMUSimulator
 import QMP
@@ -15,7 +16,7 @@ import Glibc
 /// dropping mid-restore, the primary crashing mid-save (simulator) — `xenCheckpointFailures`
 /// in PolicyAPISimulatorTests; colorun SIGTERMed or SIGKILLed mid-checkpoint and restarted —
 /// `CrashSafetyTests` in ColorunCLITests.
-@Suite struct FaultMatrixTests {
+@Suite(.timeLimit(.minutes(5)), .machine(.exclusive)) struct FaultMatrixTests {
     /// Only complete generations, no partial files.
     func expectNoTornFiles(_ run: PolicyRun, series: String) throws {
         let files = (try? GenerationStore.list(run.stateDirectory + "/checkpoints/" + series)) ?? []
@@ -28,22 +29,22 @@ import Glibc
     }
 
     @Test func secondaryKilledMidRestore() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            colo.checkpoint(p, s)
-            test.fault()
-            local ok, err = pcall(colo.checkpoint, p, s)
-            assert(not ok and err.step == "restore" and err.class == "Disconnected", tostring(err))
-            assert(p:status().running, "the primary runs on")
-            """#, domains: pair.domains, hooks: ["fault": { try pair.secondary.addFaults(parsing: "xen-load-devices-state:crash") }])
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(pair.primary.runState == .running)
-        #expect(!pair.secondary.isAlive)
-        #expect(run.report.unresumed.isEmpty, "a dead secondary has nothing paused: \(run.report.unresumed)")
-        #expect(run.logs.contains("checkpoint failed"))
-        try expectNoTornFiles(run, series: "web-p+web-s")
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                colo.checkpoint(p, s)
+                test.fault()
+                local ok, err = pcall(colo.checkpoint, p, s)
+                assert(not ok and err.step == "restore" and err.class == "Disconnected", tostring(err))
+                assert(p:status().running, "the primary runs on")
+                """#, domains: pair.domains, hooks: ["fault": { try pair.secondary.addFaults(parsing: "xen-load-devices-state:crash") }])
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(pair.primary.runState == .running)
+            #expect(!pair.secondary.isAlive)
+            #expect(run.report.unresumed.isEmpty, "a dead secondary has nothing paused: \(run.report.unresumed)")
+            #expect(run.logs.contains("checkpoint failed"))
+            try expectNoTornFiles(run, series: "web-p+web-s")
+        }
     }
 
     /// The primary SIGKILLed while its whole-VM checkpoint is being written (real QEMU, a
@@ -99,21 +100,21 @@ import Glibc
     }
 
     @Test func stateDirectoryUnwritable() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let base = makeTempDirectory("colorun-ro")
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            local ok, err = pcall(colo.checkpoint, p, s)
-            assert(not ok and err.class == "StateDirError", tostring(err))
-            """#, domains: pair.domains, stateDirectory: base) { _ in
-            // Make the checkpoints directory a file: nothing can be created under it.
-            writeFile(base + "/checkpoints", [0x78])
+        try await withSimulatedPair { pair in
+            let base = makeTempDirectory("colorun-ro")
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local ok, err = pcall(colo.checkpoint, p, s)
+                assert(not ok and err.class == "StateDirError", tostring(err))
+                """#, domains: pair.domains, stateDirectory: base) { _ in
+                // Make the checkpoints directory a file: nothing can be created under it.
+                writeFile(base + "/checkpoints", [0x78])
+            }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            // Nothing was stopped: the state directory is checked first.
+            #expect(!pair.primary.commandLog.contains(where: { $0.name == "stop" }))
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
         }
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        // Nothing was stopped: the state directory is checked first.
-        #expect(!pair.primary.commandLog.contains(where: { $0.name == "stop" }))
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
     }
 
     /// The policy stops a VM, then errors, loops forever or exhausts memory: the run ends
@@ -124,24 +125,24 @@ import Glibc
         ("local t, s = {}, ('x'):rep(1 << 20) for i = 1, 1e9 do t[i] = s .. i end", "not enough memory"),
     ])
     func policyBreaksInsideACheckpointCallback(_ body: String, _ message: String) async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy("""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            policy.every("50ms", function()
-              colo.checkpoint(p, s)
-              qmp.stop(p)
-              \(body)
-            end)
-            """, domains: pair.domains) {
-                $0.lua.timeLimit = .milliseconds(300)
-                $0.lua.memoryLimit = 16 << 20
-            }
-        let failure = try #require(run.failure)
-        #expect(failure.contains(message), "\(failure)")
-        #expect(run.report.resumedAtExit == ["web-p"])
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
-        try expectNoTornFiles(run, series: "web-p+web-s")
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                policy.every("50ms", function()
+                  colo.checkpoint(p, s)
+                  qmp.stop(p)
+                  \(body)
+                end)
+                """, domains: pair.domains) {
+                    $0.lua.timeLimit = .milliseconds(300)
+                    $0.lua.memoryLimit = 16 << 20
+                }
+            let failure = try #require(run.failure)
+            #expect(failure.contains(message), "\(failure)")
+            #expect(run.report.resumedAtExit == ["web-p"])
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+            try expectNoTornFiles(run, series: "web-p+web-s")
+        }
     }
 
     /// A hostile monitor during a checkpoint: junk, an over-long line, a reply with an id
@@ -153,22 +154,22 @@ import Glibc
         ("xen-save-devices-state:flood=5000", true, "", 20),
     ])
     func hostilePeerDuringACheckpoint(_ fault: String, _ succeeds: Bool, _ errorClass: String, _ timeout: Int64) async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        try pair.primary.addFaults(parsing: fault + ",count=1")
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            local ok, r = pcall(colo.checkpoint, p, s)
-            if \#(succeeds) then
-              assert(ok, tostring(r))
-            else
-              assert(not ok and r.class == "\#(errorClass)", tostring(r))
-            end
-            assert(p:status().running and s:status().running)
-            local again = colo.checkpoint(p, s)   -- and the next one works
-            """#, domains: pair.domains) { $0.domainOptions.commandTimeout = .seconds(timeout) }
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
-        try expectNoTornFiles(run, series: "web-p+web-s")
+        try await withSimulatedPair { pair in
+            try pair.primary.addFaults(parsing: fault + ",count=1")
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local ok, r = pcall(colo.checkpoint, p, s)
+                if \#(succeeds) then
+                  assert(ok, tostring(r))
+                else
+                  assert(not ok and r.class == "\#(errorClass)", tostring(r))
+                end
+                assert(p:status().running and s:status().running)
+                local again = colo.checkpoint(p, s)   -- and the next one works
+                """#, domains: pair.domains) { $0.domainOptions.commandTimeout = .seconds(timeout) }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+            try expectNoTornFiles(run, series: "web-p+web-s")
+        }
     }
 }

@@ -1,14 +1,9 @@
+import ColorunTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
 @testable import Colorun
-
-func makeTempDirectory(_ tag: String = "colorun") -> String {
-    var template = Array("/tmp/\(tag)-XXXXXX".utf8CString)
-    let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-    return String(cString: path!)
-}
 
 func writeFile(_ path: String, _ bytes: [UInt8]) {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
@@ -18,7 +13,7 @@ func writeFile(_ path: String, _ bytes: [UInt8]) {
 
 let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
 
-@Suite struct GenerationStoreTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct GenerationStoreTests {
     @Test func commitsOnlyCompleteGenerationsAndKeepsN() throws {
         let dir = makeTempDirectory()
         let store = try GenerationStore(directory: dir + "/pair", fileExtension: "devstate", keep: 2)
@@ -75,7 +70,7 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
     }
 }
 
-@Suite struct StopJournalTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct StopJournalTests {
     @Test func recordsAndClearsStoppedDomains() throws {
         let dir = makeTempDirectory()
         let journal = try StopJournal(stateDirectory: dir)

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import QEMUSimulator
 import QMP
 import Testing
@@ -7,147 +8,132 @@ import Testing
 import Glibc
 #endif
 
-/// A pair of simulated domains, `web-p` and `web-s`, in a fresh directory.
-struct SimulatedPair {
-    let sim: QEMUSimulator
-    let primary: SimulatedDomain
-    let secondary: SimulatedDomain
-    let directory: String
-
-    static func start() async throws -> SimulatedPair {
-        let dir = makeTempDirectory("colorun-sim")
-        let sim = QEMUSimulator()
-        let p = try await sim.start(socketPath: dir + "/p.sock", name: "web-p")
-        let s = try await sim.start(socketPath: dir + "/s.sock", name: "web-s")
-        return SimulatedPair(sim: sim, primary: p, secondary: s, directory: dir)
-    }
-
-    var domains: [(String, String)] {
-        [("web-p", "unix:\(directory)/p.sock"), ("web-s", "unix:\(directory)/s.sock")]
-    }
-
-    func shutdown() async { await sim.shutdown() }
-}
-
-@Suite struct PolicyAPISimulatorTests {
+@Suite(.timeLimit(.minutes(3)), .machine(.shared)) struct PolicyAPISimulatorTests {
     @Test func stopStatusResumeFromLua() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local d = domain.get("web-p")
-            assert(d.name == "web-p")
-            assert(qmp.status(d).status == "running")
-            d:stop()
-            local st = d:status()
-            assert(st.status == "paused" and st.running == false, "expected paused, got " .. st.status)
-            qmp.resume(d)
-            assert(qmp.status(d).running == true)
-            local v = qmp.execute(d, "query-version")
-            assert(math.type(v.qemu.major) == "integer")
-            """#, domains: pair.domains)
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(pair.primary.runState == .running)
-        #expect(run.report.resumedAtExit.isEmpty)
-        #expect(run.logs.contains("simulated QEMU"), "a warning says the peer is simulated")
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local d = domain.get("web-p")
+                assert(d.name == "web-p")
+                assert(qmp.status(d).status == "running")
+                d:stop()
+                local st = d:status()
+                assert(st.status == "paused" and st.running == false, "expected paused, got " .. st.status)
+                qmp.resume(d)
+                assert(qmp.status(d).running == true)
+                local v = qmp.execute(d, "query-version")
+                assert(math.type(v.qemu.major) == "integer")
+                """#, domains: pair.domains)
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(pair.primary.runState == .running)
+            #expect(run.report.resumedAtExit.isEmpty)
+            #expect(run.logs.contains("simulated QEMU"), "a warning says the peer is simulated")
+        }
     }
 
     @Test func failedCommandRaisesAStructuredError() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local d = domain.get("web-s")
-            local ok, err = pcall(qmp.restore, d, "/tmp/whatever.state")
-            assert(not ok)
-            assert(err.domain == "web-s", tostring(err.domain))
-            assert(err.command == "xen-load-devices-state", tostring(err.command))
-            assert(err.class == "GenericError", tostring(err.class))
-            assert(err.desc == "Cannot update device state while vm is running", tostring(err.desc))
-            local text = tostring(err)
-            assert(text:find("policy.lua:2: web-s: xen-load-devices-state: GenericError: Cannot update device state while vm is running", 1, true), text)
-            local ok2, err2 = pcall(qmp.execute, d, "no-such-command")
-            assert(err2.class == "CommandNotFound", tostring(err2.class))
-            """#, domains: pair.domains)
-        #expect(run.failure == nil, "\(run.failure ?? "")")
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local d = domain.get("web-s")
+                local ok, err = pcall(qmp.restore, d, "/tmp/whatever.state")
+                assert(not ok)
+                assert(err.domain == "web-s", tostring(err.domain))
+                assert(err.command == "xen-load-devices-state", tostring(err.command))
+                assert(err.class == "GenericError", tostring(err.class))
+                assert(err.desc == "Cannot update device state while vm is running", tostring(err.desc))
+                local text = tostring(err)
+                assert(text:find("policy.lua:2: web-s: xen-load-devices-state: GenericError: Cannot update device state while vm is running", 1, true), text)
+                local ok2, err2 = pcall(qmp.execute, d, "no-such-command")
+                assert(err2.class == "CommandNotFound", tostring(err2.class))
+                """#, domains: pair.domains)
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+        }
     }
 
     @Test func unknownDomainNamesTheKnownOnes() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy("domain.get(\"web-x\")\n", domains: pair.domains)
-        let failure = try #require(run.failure)
-        #expect(failure.contains("policy.lua:1: unknown domain 'web-x' (known: web-p, web-s"))
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy("domain.get(\"web-x\")\n", domains: pair.domains)
+            let failure = try #require(run.failure)
+            #expect(failure.contains("policy.lua:1: unknown domain 'web-x' (known: web-p, web-s"))
+        }
     }
 
     @Test func connectionsReopenAfterThePeerDropsThem() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local d = domain.get("web-p")
-            assert(d:status().running)
-            test.drop()
-            sleep("50ms")
-            assert(d:status().running, "the next command opens a new connection")
-            local st = d:stats()
-            assert(st.connects == 2 and st.disconnects == 1, json.encode(st))
-            """#, domains: pair.domains, hooks: ["drop": { pair.primary.dropConnections() }])
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.logs.contains("monitor connection lost"))
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local d = domain.get("web-p")
+                assert(d:status().running)
+                test.drop()
+                -- wait until the client has seen the peer's EOF (a command sent before that
+                -- fails as Disconnected, which is not what this test is about)
+                local waited = 0
+                while d:stats().disconnects == 0 do
+                  assert(waited < 2000, "the client never saw the peer close the connection")
+                  sleep("5ms"); waited = waited + 1
+                end
+                assert(d:status().running, "the next command opens a new connection")
+                local st = d:stats()
+                assert(st.connects == 2 and st.disconnects == 1, json.encode(st))
+                """#, domains: pair.domains, hooks: ["drop": { pair.primary.dropConnections() }])
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.logs.contains("monitor connection lost"))
+        }
     }
 
     @Test func xenDomainsResolveLibxlSockets() async throws {
-        let dir = makeTempDirectory("colorun-xen")
-        let sim = QEMUSimulator()
-        defer { Task { await sim.shutdown() } }
-        _ = try await sim.start(socketPath: dir + "/qmp-libxl-7", name: "dom7")
-        let run = try await runPolicy(#"""
-            local d = domain.xen(7, {run_dir = "\#(dir)"})
-            assert(d.name == "xen-7" and d.endpoint == "unix:\#(dir)/qmp-libxl-7", d.endpoint)
-            assert(d:status().running)
-            assert(#domain.list() == 1 and domain.list()[1] == d)
-            local ok, err = pcall(domain.xen, "7")
-            assert(not ok and tostring(err):find("domain id expected"), tostring(err))
-            local ok2, err2 = pcall(domain.open, {name = "x", qmp = "udp:1.2.3.4"})
-            assert(not ok2 and tostring(err2):find("udp:1.2.3.4"), tostring(err2))
-            """#)
-        #expect(run.failure == nil, "\(run.failure ?? "")")
+        try await withSimulator("colorun-xen") { sim, dir in
+            _ = try await sim.start(socketPath: dir + "/qmp-libxl-7", name: "dom7")
+            let run = try await runPolicy(#"""
+                local d = domain.xen(7, {run_dir = "\#(dir)"})
+                assert(d.name == "xen-7" and d.endpoint == "unix:\#(dir)/qmp-libxl-7", d.endpoint)
+                assert(d:status().running)
+                assert(#domain.list() == 1 and domain.list()[1] == d)
+                local ok, err = pcall(domain.xen, "7")
+                assert(not ok and tostring(err):find("domain id expected"), tostring(err))
+                local ok2, err2 = pcall(domain.open, {name = "x", qmp = "udp:1.2.3.4"})
+                assert(not ok2 and tostring(err2):find("udp:1.2.3.4"), tostring(err2))
+                """#)
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+        }
     }
 
     @Test func xenCheckpointCycle() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            local r1 = colo.checkpoint(p, s)
-            local r2 = colo.checkpoint(p, s, {keep = 1})
-            assert(r1.generation == 1 and r2.generation == 2)
-            assert(r2.bytes > 0 and r2.pause_ms > 0 and r2.save_ms >= 0 and r2.restore_ms >= 0)
-            assert(qmp.status(p).running and qmp.status(s).running)
-            local gens = colo.generations(p, s)
-            assert(#gens == 1 and gens[1].generation == 2, "keep=1 keeps one generation")
-            """#, domains: pair.domains)
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.report.checkpoints == 2)
-        #expect(run.report.lastGood["web-p+web-s"] == 2)
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
-        // The secondary loaded exactly the primary's saves, in order.
-        #expect(pair.secondary.loadedStates.map(\.file.save) == [1, 2])
-        #expect(pair.secondary.loadedStates.allSatisfy { $0.file.domain == "web-p" })
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local r1 = colo.checkpoint(p, s)
+                local r2 = colo.checkpoint(p, s, {keep = 1})
+                assert(r1.generation == 1 and r2.generation == 2)
+                assert(r2.bytes > 0 and r2.pause_ms > 0 and r2.save_ms >= 0 and r2.restore_ms >= 0)
+                assert(qmp.status(p).running and qmp.status(s).running)
+                local gens = colo.generations(p, s)
+                assert(#gens == 1 and gens[1].generation == 2, "keep=1 keeps one generation")
+                """#, domains: pair.domains)
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.checkpoints == 2)
+            #expect(run.report.lastGood["web-p+web-s"] == 2)
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+            // The secondary loaded exactly the primary's saves, in order.
+            #expect(pair.secondary.loadedStates.map(\.file.save) == [1, 2])
+            #expect(pair.secondary.loadedStates.allSatisfy { $0.file.domain == "web-p" })
+        }
     }
 
     @Test func checkpointsOfOneDomainNeverOverlap() async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        try pair.primary.addFaults(parsing: "xen-save-devices-state:delay=200ms,count=1")
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            local first = task.spawn(function() return colo.checkpoint(p, s) end)
-            sleep("20ms")
-            local ok, err = pcall(remus.checkpoint, p)
-            assert(not ok and err.class == "Busy" and err.domain == "web-p", tostring(err))
-            assert(first:wait().generation == 1)
-            """#, domains: pair.domains)
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        try await withSimulatedPair { pair in
+            // The first checkpoint's save takes 1 s: the second is tried while it is in flight.
+            try pair.primary.addFaults(parsing: "xen-save-devices-state:delay=1s,count=1")
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local first = task.spawn(function() return colo.checkpoint(p, s) end)
+                test.wait("saving")   -- the first checkpoint has reached its save
+                local ok, err = pcall(remus.checkpoint, p)
+                assert(not ok and err.class == "Busy" and err.domain == "web-p", tostring(err))
+                assert(first:wait().generation == 1)
+                """#, domains: pair.domains,
+                checks: ["saving": { pair.primary.commandLog.contains { $0.name == "xen-save-devices-state" } }])
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        }
     }
 
     /// Each failure of the cycle ends with both domains running, the failed step named and
@@ -161,35 +147,35 @@ struct SimulatedPair {
         ("web-p", "xen-save-devices-state:crash-after-bytes=100", "save", "Disconnected"),
     ])
     func xenCheckpointFailures(_ target: String, _ fault: String, _ step: String, _ errorClass: String) async throws {
-        let pair = try await SimulatedPair.start()
-        defer { Task { await pair.shutdown() } }
-        let run = try await runPolicy(#"""
-            local p, s = domain.get("web-p"), domain.get("web-s")
-            local good = colo.checkpoint(p, s)
-            test.fault()
-            local ok, err = pcall(colo.checkpoint, p, s)
-            assert(not ok, "the checkpoint should fail")
-            assert(err.step == "\#(step)", "step: " .. tostring(err.step) .. " / " .. tostring(err))
-            assert(err.class == "\#(errorClass)", "class: " .. tostring(err.class) .. " / " .. tostring(err))
-            assert(err.last_good == good.generation)
-            assert(err.generation == good.generation + 1)
-            local gens = colo.generations(p, s)
-            assert(#gens == 1 and gens[1].generation == 1 and gens[1].bytes == good.bytes)
-            """#, domains: pair.domains,
-            hooks: ["fault": { try (target == "web-p" ? pair.primary : pair.secondary).addFaults(parsing: fault) }]
-        ) { options in
-            // Long enough for a loaded machine running the whole suite; the hang row waits it out.
-            options.domainOptions.commandTimeout = .seconds(2)
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local good = colo.checkpoint(p, s)
+                test.fault()
+                local ok, err = pcall(colo.checkpoint, p, s)
+                assert(not ok, "the checkpoint should fail")
+                assert(err.step == "\#(step)", "step: " .. tostring(err.step) .. " / " .. tostring(err))
+                assert(err.class == "\#(errorClass)", "class: " .. tostring(err.class) .. " / " .. tostring(err))
+                assert(err.last_good == good.generation)
+                assert(err.generation == good.generation + 1)
+                local gens = colo.generations(p, s)
+                assert(#gens == 1 and gens[1].generation == 1 and gens[1].bytes == good.bytes)
+                """#, domains: pair.domains,
+                hooks: ["fault": { try (target == "web-p" ? pair.primary : pair.secondary).addFaults(parsing: fault) }]
+            ) { options in
+                // Long enough for a loaded machine running the whole suite; the hang row waits it out.
+                options.domainOptions.commandTimeout = .seconds(2)
+            }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.failedCheckpoints == 1)
+            let crashed = fault.contains("crash")
+            if !crashed {
+                #expect(pair.primary.runState == .running)
+            }
+            #expect(pair.secondary.runState == .running)
+            // No partial or torn generation is left behind.
+            let files = try GenerationStore.list(run.stateDirectory + "/checkpoints/web-p+web-s")
+            #expect(files == ["gen-00000001.devstate"])
         }
-        #expect(run.failure == nil, "\(run.failure ?? "")")
-        #expect(run.report.failedCheckpoints == 1)
-        let crashed = fault.contains("crash")
-        if !crashed {
-            #expect(pair.primary.runState == .running)
-        }
-        #expect(pair.secondary.runState == .running)
-        // No partial or torn generation is left behind.
-        let files = try GenerationStore.list(run.stateDirectory + "/checkpoints/web-p+web-s")
-        #expect(files == ["gen-00000001.devstate"])
     }
 }

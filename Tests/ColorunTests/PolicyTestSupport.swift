@@ -1,8 +1,8 @@
+import ColorunTestSupport
 import Logging
 import NIOCore
 import NIOPosix
 import QMPClient
-import Synchronization
 import Testing
 @testable import Colorun
 @testable import LuaRuntime
@@ -10,40 +10,6 @@ import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A log handler that keeps every line, for tests that assert what the operator is told.
-final class LogCollector: Sendable {
-    let lines = Mutex<[String]>([])
-
-    func logger(_ label: String = "test") -> Logger {
-        var logger = Logger(label: label) { _ in CollectingHandler(collector: self) }
-        logger.logLevel = .debug
-        return logger
-    }
-
-    var text: String { lines.withLock { $0.joined(separator: "\n") } }
-
-    func contains(_ needle: String) -> Bool { lines.withLock { $0.contains { $0.contains(needle) } } }
-}
-
-struct CollectingHandler: LogHandler {
-    let collector: LogCollector
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .debug
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        var all = metadata
-        for (k, v) in event.metadata ?? [:] { all[k] = v }
-        let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let now = ContinuousClock.now
-        collector.lines.withLock { $0.append("\(now) \(event.level) \(event.message) \(fields)") }
-    }
-}
 
 /// The result of running a policy in a test.
 struct PolicyRun {
@@ -63,6 +29,7 @@ func runPolicy(
     domains: [(String, String)] = [],
     stateDirectory: String? = nil,
     hooks: [String: @Sendable () throws -> Void] = [:],
+    checks: [String: @Sendable () -> Bool] = [:],
     lab: Lab? = nil,
     configure: (inout PolicyOptions) -> Void = { _ in }
 ) async throws -> PolicyRun {
@@ -77,27 +44,63 @@ func runPolicy(
     let logs = LogCollector()
     let loop = MultiThreadedEventLoopGroup.singleton.next()
     let session = try await loop.submit { [options] in
-        try PolicySession(options: options, eventLoop: loop, logger: logs.logger(), extensions: [TestHooks(hooks)] + (lab.map { [$0] } ?? []))
+        try PolicySession(options: options, eventLoop: loop, logger: logs.logger("test", level: .debug), extensions: [TestHooks(hooks, checks: checks)] + (lab.map { [$0] } ?? []))
     }.get()
-    let report = try await session.run().get()
+    // A test cancelled (its time limit exceeded) stops its policy: the run ends, every domain
+    // it stopped is resumed, and the test returns instead of hanging.
+    let report = try await withTaskCancellationHandler {
+        try await session.run().get()
+    } onCancel: {
+        session.stop()
+    }
     return PolicyRun(report: report, logs: logs, stateDirectory: options.stateDirectory)
 }
 
-/// Exposes Swift closures to a test policy as `test.NAME()`.
+/// Exposes Swift closures to a test policy: `test.NAME()` runs hook NAME; `test.wait("CHECK")`
+/// returns once the Swift predicate CHECK holds (polled on the loop every 2 ms; an error after
+/// 10 s), so a policy waits for a state instead of sleeping for it.
 final class TestHooks: PolicyExtension {
     let hooks: [String: @Sendable () throws -> Void]
+    let checks: [String: @Sendable () -> Bool]
 
-    init(_ hooks: [String: @Sendable () throws -> Void]) { self.hooks = hooks }
+    init(_ hooks: [String: @Sendable () throws -> Void], checks: [String: @Sendable () -> Bool] = [:]) {
+        self.hooks = hooks
+        self.checks = checks
+    }
 
     func register(in session: PolicySession) throws {
         var functions: [String: LuaHostFunction] = [:]
         for (name, hook) in hooks {
             functions[name] = .sync { _ in try hook() }
         }
+        let checks = self.checks
+        functions["wait"] = .async { call, completion in
+            let name = try call.string(1)
+            guard let check = checks[name] else {
+                throw LuaHostError.message("test.wait: no check named '\(name)' (known: \(checks.keys.sorted().joined(separator: ", ")))")
+            }
+            CheckPoller(name: name, check: check, loop: call.runtime.eventLoop, completion: completion).poll()
+        }
         try session.runtime.registerModule("test", functions: functions)
     }
 
     func shutdown(session: PolicySession) -> EventLoopFuture<Void> {
         session.eventLoop.makeSucceededVoidFuture()
+    }
+}
+
+/// Completes `completion` on `loop` once `check` holds.
+private struct CheckPoller: Sendable {
+    let name: String
+    let check: @Sendable () -> Bool
+    let loop: any EventLoop
+    let completion: LuaCompletion
+    let deadline = NIODeadline.now() + .seconds(10)
+
+    func poll() {
+        if completion.isCancelled { return }
+        if check() { return completion.succeed() }
+        if NIODeadline.now() > deadline { return completion.fail(LuaHostError.message("test.wait: '\(name)' still false after 10 s")) }
+        loop.scheduleTask(in: .milliseconds(2)) { poll() }
     }
 }

@@ -1,44 +1,26 @@
+import ColorunTestSupport
 import Foundation
 import Logging
 import LuaRuntime
 import NIOCore
 import NIOPosix
-import Synchronization
 import Testing
 
 /// Every suite of this target runs serialized: several tests assert timing, and the machine
 /// has two cores.
-@Suite(.serialized) struct LuaRuntimeSuite {}
+@Suite(.serialized, .timeLimit(.minutes(5)), .machine(.exclusive)) struct LuaRuntimeSuite {}
 
 /// One single-threaded loop shared by the tests (each test makes its own runtime).
 let testGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
-/// Collects log lines.
-final class LogSink: Sendable {
-    let lines = Mutex<[String]>([])
-    var all: [String] { lines.withLock { $0 } }
-    func logger() -> Logger {
-        Logger(label: "test") { _ in CollectingHandler(sink: self) }
-    }
-}
-
-struct CollectingHandler: LogHandler {
-    let sink: LogSink
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) {
-        sink.lines.withLock { $0.append("\(event.level): \(event.message)") }
-    }
+extension LogCollector {
+    /// Every event as `LEVEL: MESSAGE` (what these tests compare).
+    var levelled: [String] { records.map { "\($0.level.map { "\($0)" } ?? "raw"): \($0.message)" } }
 }
 
 /// Writes `files` (name → source) to a fresh directory; returns its path.
 func makePolicyDir(_ files: [String: String]) throws -> String {
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lua-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let dir = URL(fileURLWithPath: makeTempDirectory("lua"))
     for (name, text) in files {
         let url = dir.appendingPathComponent(name)
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
@@ -78,16 +60,28 @@ struct PolicyResult {
 func runPolicy(_ source: String, files: [String: String] = [:], options: LuaRuntimeOptions = LuaRuntimeOptions(),
                setup: @escaping @Sendable (LuaRuntime) throws -> Void = { _ in }) async throws -> PolicyResult {
     let dir = try makePolicyDir(files.merging(["policy.lua": source]) { a, _ in a })
-    let sink = LogSink()
+    let sink = LogCollector()
     // a loop of its own, so timing assertions do not see other tests' work
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-    defer { group.shutdownGracefully { _ in } }
     let loop = group.next()
-    let runtime = try await loop.submit {
-        let rt = try LuaRuntime(eventLoop: loop, options: options, logger: sink.logger())
-        try setup(rt)
-        return rt
-    }.get()
-    let outcome = await runtime.run(policyAt: dir + "/policy.lua")
-    return PolicyResult(outcome: outcome, logs: sink.all, dir: dir)
+    let outcome: LuaRunOutcome
+    do {
+        let runtime = try await loop.submit {
+            let rt = try LuaRuntime(eventLoop: loop, options: options, logger: sink.logger())
+            try setup(rt)
+            return rt
+        }.get()
+        // A test cancelled (its time limit exceeded) stops its policy instead of hanging.
+        outcome = await withTaskCancellationHandler {
+            await runtime.run(policyAt: dir + "/policy.lua")
+        } onCancel: {
+            runtime.stop()
+        }
+    } catch {
+        try? await group.shutdownGracefully()
+        throw error
+    }
+    try? await group.shutdownGracefully()
+    removeDirectory(dir)
+    return PolicyResult(outcome: outcome, logs: sink.levelled, dir: dir)
 }

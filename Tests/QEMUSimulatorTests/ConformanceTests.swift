@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import Foundation
 import JSON
 import QMP
@@ -9,7 +10,7 @@ import Testing
 let realQEMUPath: String? = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"]
     .first { FileManager.default.isExecutableFile(atPath: $0) }
 
-/// A real QEMU 7.2 under TCG with a QMP socket, as qemu-facts.md starts it.
+/// A real QEMU 7.2 under TCG with a QMP socket, started as docs/qemu-notes.md describes.
 final class RealQEMU {
     let process = Process()
     let socketPath: String
@@ -47,7 +48,7 @@ extension URL {
 
 /// One scenario, run against real QEMU and against the simulator; the replies must match
 /// (ids, timestamps and version aside).
-@Suite struct ConformanceTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.exclusive)) struct ConformanceTests {
     struct Step: Equatable, CustomStringConvertible {
         var label: String
         var messages: [JSONValue]
@@ -148,8 +149,8 @@ extension URL {
 
     @Test(.enabled(if: realQEMUPath != nil, "needs qemu-system-x86_64"), .timeLimit(.minutes(1)))
     func simulatorAnswersAsRealQEMU() async throws {
-        let qemuDir = try TempDir("conf-q")
-        let simDir = try TempDir("conf-s")
+        let qemuDir = TempDir("conf-q")
+        let simDir = TempDir("conf-s")
         defer {
             qemuDir.cleanup()
             simDir.cleanup()
@@ -165,9 +166,15 @@ extension URL {
         }
 
         let simulator = QEMUSimulator()
-        let domain = try await simulator.start(socketPath: simDir.file("sim.sock"))
-        let simulated = try await Self.scenario(domain.address, dir: simDir)
-        await simulator.shutdown()
+        let simulated: [Step]
+        do {
+            let domain = try await simulator.start(socketPath: simDir.file("sim.sock"))
+            simulated = try await Self.scenario(domain.address, dir: simDir)
+            await simulator.shutdown()
+        } catch {
+            await simulator.shutdown()
+            throw error
+        }
 
         if ProcessInfo.processInfo.environment["SIM_CONFORMANCE_VERBOSE"] != nil { for r in real { print(r) } }
         #expect(real.count == simulated.count)

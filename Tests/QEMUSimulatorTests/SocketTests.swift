@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import Foundation
 import JSON
 import QMP
@@ -6,7 +7,7 @@ import Testing
 @testable import QEMUSimulator
 
 /// The simulator over real sockets, one fault at a time.
-@Suite struct SocketTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.shared)) struct SocketTests {
     @Test func servesOverUnixAndTCP() async throws {
         try await withSimulatedDomain { domain, dir in
             let client = try await TestQMPClient.connect(.unix(path: dir.file("dom0.sock")))
@@ -252,9 +253,9 @@ import Testing
 }
 
 /// 1,000 domains in one in-process simulator on one event loop.
-@Suite struct ScaleTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.exclusive)) struct ScaleTests {
     @Test func thousandDomainsOneQueryEach() async throws {
-        let dir = try TempDir("sim1k")
+        let dir = TempDir("sim1k")
         defer { dir.cleanup() }
         let simulator = QEMUSimulator()
         let startClock = ContinuousClock.now

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import Foundation
 import JSON
 import QMP
@@ -6,7 +7,7 @@ import Testing
 @testable import QEMUSimulator
 
 /// The QEMU state machine without sockets: one input in, QEMU 7.2's exact messages out.
-@Suite struct StateMachineTests {
+@Suite(.timeLimit(.minutes(2)), .machine(.shared)) struct StateMachineTests {
     /// A negotiated machine and session.
     struct Harness {
         var machine: SimulatedQEMU
@@ -108,7 +109,7 @@ import Testing
     }
 
     @Test func saveAndLoadRepeatedly() throws {
-        let dir = try TempDir("sm")
+        let dir = TempDir("sm")
         defer { dir.cleanup() }
         var h = Harness()
         // Saving a running VM stops and resumes it around the save, as QEMU does.
@@ -146,7 +147,7 @@ import Testing
     }
 
     @Test func guestCounterContinuesFromLoadedState() throws {
-        let dir = try TempDir("sm")
+        let dir = TempDir("sm")
         defer { dir.cleanup() }
         var h = Harness()
         h.now += 2  // two seconds of running
@@ -168,7 +169,7 @@ import Testing
     }
 
     @Test func migrateToFile() throws {
-        let dir = try TempDir("sm")
+        let dir = TempDir("sm")
         defer { dir.cleanup() }
         var h = Harness()
         #expect(try h.run(#"{"execute":"query-migrate"}"#) == [["return": [:]]])
@@ -208,7 +209,7 @@ import Testing
 }
 
 /// QEMU's JSON streamer: values end where braces balance; errors as QEMU words them.
-@Suite struct InputSplitterTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct InputSplitterTests {
     func split(_ chunks: [String]) -> [QMPInput] {
         var s = QMPInputSplitter()
         return chunks.flatMap { s.feed(Array($0.utf8)) }
@@ -240,7 +241,7 @@ import Testing
     }
 }
 
-@Suite struct FaultSyntaxTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct FaultSyntaxTests {
     @Test(arguments: [
         ("stop:delay=200ms", SimulatedFault("stop", .delay(.milliseconds(200)))),
         ("xen-save-devices-state:crash-after-bytes=4096", SimulatedFault("xen-save-devices-state", .crash(afterBytes: 4096))),
@@ -279,7 +280,7 @@ import Testing
     }
 }
 
-@Suite struct AddressTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct AddressTests {
     @Test func parsesAddresses() {
         #expect(SimulatorAddress(parsing: "unix:/tmp/a.sock") == .unix(path: "/tmp/a.sock"))
         #expect(SimulatorAddress(parsing: "/tmp/a.sock") == .unix(path: "/tmp/a.sock"))
@@ -295,7 +296,7 @@ import Testing
 }
 
 /// The domain layer without sockets: connections, faults, steps.
-@Suite struct DomainCoreTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct DomainCoreTests {
     static func core(_ faults: [SimulatedFault] = []) -> DomainCore {
         DomainCore(machine: SimulatedQEMU(name: "d", now: 100), faults: FaultSchedule(faults), startedAt: 100)
     }
@@ -314,7 +315,7 @@ import Testing
     }
 
     @Test func faultsBecomeSteps() throws {
-        let dir = try TempDir("core")
+        let dir = TempDir("core")
         defer { dir.cleanup() }
         var core = Self.core([
             SimulatedFault("stop", .delay(.seconds(1)), count: 1),

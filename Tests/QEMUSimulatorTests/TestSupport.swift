@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import Foundation
 import JSON
 import NIOCore
@@ -14,24 +15,6 @@ let testGroup = MultiThreadedEventLoopGroup.singleton
 struct TestTimeout: Error, CustomStringConvertible {
     var what: String
     var description: String { "timed out waiting for \(what)" }
-}
-
-/// A unique temporary directory, removed by `cleanup()`.
-struct TempDir {
-    let path: String
-
-    init(_ label: String = "sim") throws {
-        // UNIX socket paths are limited to 107 bytes: keep it short.
-        var template = Array("/tmp/\(label)-XXXXXX".utf8CString)
-        guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
-            throw POSIXError(.EIO)
-        }
-        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    func file(_ name: String) -> String { "\(path)/\(name)" }
-
-    func cleanup() { try? FileManager.default.removeItem(atPath: path) }
 }
 
 /// Lines received by a test client, with waiting and timeouts.
@@ -217,7 +200,7 @@ func withSimulatedDomain<T>(
     _ configuration: SimulatedDomainConfiguration = SimulatedDomainConfiguration(),
     _ body: (SimulatedDomain, TempDir) async throws -> T
 ) async throws -> T {
-    let dir = try TempDir()
+    let dir = TempDir()
     let simulator = QEMUSimulator()
     do {
         let domain = try await simulator.start(socketPath: dir.file("dom0.sock"), configuration: configuration)

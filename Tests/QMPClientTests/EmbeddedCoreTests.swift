@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import JSON
 import Logging
 import NIOCore
@@ -7,14 +8,14 @@ import QMP
 import Testing
 
 /// The connection core driven through an `EmbeddedChannel`: no sockets, virtual time.
-@Suite struct EmbeddedCoreTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct EmbeddedCoreTests {
     let endpoint = QMPEndpoint.unix(path: "/embedded/qmp.sock")
 
     private func makeChannel(enableOOB: Bool = true) throws -> (EmbeddedChannel, QMPConnectionCore) {
         let channel = EmbeddedChannel()
         let options = QMPConnectOptions(
             endpoint: endpoint, connectTimeout: .seconds(1), greetingTimeout: .seconds(3), commandTimeout: .seconds(30),
-            enableOOB: enableOOB, maxLineLength: 1024, logger: LogCapture().logger)
+            enableOOB: enableOOB, maxLineLength: 1024, logger: LogCollector().logger("qmp-test", level: .debug))
         let core = try QMPConnection.configurePipeline(channel, options: options)
         try channel.connect(to: SocketAddress(unixDomainSocketPath: "/embedded/qmp.sock")).wait()
         return (channel, core)

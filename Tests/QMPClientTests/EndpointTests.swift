@@ -1,10 +1,11 @@
+import ColorunTestSupport
 import NIOCore
 import QEMULab
 import QMP
 @testable import QMPClient
 import Testing
 
-@Suite struct EndpointTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct EndpointTests {
     @Test(arguments: [
         ("unix:/tmp/q.sock", QMPEndpoint.unix(path: "/tmp/q.sock")),
         ("unix:relative.sock", QMPEndpoint.unix(path: "relative.sock")),
@@ -39,7 +40,7 @@ import Testing
     }
 }
 
-@Suite struct RequestTableTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct RequestTableTests {
     @Test func routesByIDAndChargesIdlessErrorsToTheOldest() {
         var table = QMPRequestTable<String>()
         let now = NIODeadline.now()

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import JSON
 import Logging
 import NIOCore
@@ -98,9 +99,9 @@ private final class FakePeerHandler: ChannelInboundHandler {
 
 /// What a client does when the peer breaks the protocol: the connection closes, pending
 /// commands fail with `.protocolError`, the process goes on.
-@Suite struct FakePeerTests {
-    private func connect(_ peer: FakeQMPPeer, logs: LogCapture = LogCapture()) async throws -> QMPConnection {
-        try await QMPConnection.connect(to: peer.endpoint, on: testGroup, commandTimeout: .seconds(5), logger: logs.logger)
+@Suite(.timeLimit(.minutes(2)), .machine(.shared)) struct FakePeerTests {
+    private func connect(_ peer: FakeQMPPeer, logs: LogCollector = LogCollector()) async throws -> QMPConnection {
+        try await QMPConnection.connect(to: peer.endpoint, on: testGroup, commandTimeout: .seconds(5), logger: logs.logger("qmp-test", level: .debug))
     }
 
     @Test func malformedJSONFailsEveryPendingCommand() async throws {
@@ -110,7 +111,7 @@ private final class FakePeerHandler: ChannelInboundHandler {
         let connection = try await connect(peer)
         #expect(connection.greeting.package == "fake")
         let first = Task { await qmpError { _ = try await connection.execute("first") } }
-        try await Task.sleep(for: .milliseconds(20))
+        try await waitForPending(connection)   // "first" goes out before "second"
         let second = await qmpError { _ = try await connection.execute("second") }
         let firstError = await first.value
         guard case .protocolError(.malformedJSON, let command, let endpoint) = second else {
@@ -159,20 +160,20 @@ private final class FakePeerHandler: ChannelInboundHandler {
     }
 
     @Test func replyWithUnknownIDIsDroppedAndLogged() async throws {
-        let logs = LogCapture()
+        let logs = LogCollector()
         let peer = try await FakeQMPPeer.start { command in
             [#"{"return": {"stray": true}, "id": 987654}"#, #"{"return": {"ok": true}, "id": \#(command["id"]!)}"#]
         }
         let connection = try await connect(peer, logs: logs)
         #expect(try await connection.execute("anything") == ["ok": true])
-        #expect(logs.all.contains { $0.contains("unknown id") && $0.contains("987654") })
+        #expect(logs.lines.contains { $0.contains("unknown id") && $0.contains("987654") })
         #expect(connection.isActive)
         await connection.close()
         await peer.stop()
     }
 
     @Test func idlessErrorFailsTheOldestPendingCommand() async throws {
-        let logs = LogCapture()
+        let logs = LogCollector()
         let peer = try await FakeQMPPeer.start { command in
             command["execute"] == "second"
                 ? [#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#]
@@ -180,7 +181,7 @@ private final class FakePeerHandler: ChannelInboundHandler {
         }
         let connection = try await connect(peer, logs: logs)
         let first = Task { await qmpError { _ = try await connection.execute("first") } }
-        try await Task.sleep(for: .milliseconds(20))
+        try await waitForPending(connection)   // "first" goes out before "second"
         let second = Task { await qmpError { _ = try await connection.execute("second", timeout: .milliseconds(300)) } }
         let firstError = await first.value
         #expect(firstError == .commandFailed(
@@ -206,7 +207,7 @@ private final class FakePeerHandler: ChannelInboundHandler {
             [#"{"return": {"status": "running"}, "id": \#(command["id"]!)}"#]
         }
         let connection = try await QMPConnection.connect(
-            to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCapture().logger)
+            to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCollector().logger("qmp-test", level: .debug))
         #expect(try await connection.execute("query-status")["status"] == "running")
         await connection.close()
         await peer.stop()
@@ -219,7 +220,7 @@ private final class FakePeerHandler: ChannelInboundHandler {
         await probe.stop()
         let error = await qmpError {
             // Long enough that several attempts fit even on a loaded machine.
-            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .seconds(1), logger: LogCapture().logger)
+            _ = try await QMPConnection.connect(to: endpoint, on: testGroup, connectTimeout: .seconds(1), logger: LogCollector().logger("qmp-test", level: .debug))
         }
         guard case .connectFailed(endpoint, let reason) = error else {
             Issue.record("expected connectFailed, got \(String(describing: error))")

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import NIOCore
 import QEMULab
 import QMP
@@ -6,7 +7,7 @@ import Testing
 
 /// Round-trip latency of `query-status` through both APIs (printed; asserted only loosely,
 /// since the machine is shared). QEMU itself answers in about 0.25 ms under TCG.
-@Suite(.serialized) struct LatencyTests {
+@Suite(.serialized, .timeLimit(.minutes(2)), .machine(.exclusive)) struct LatencyTests {
     static let rounds = 1000
 
     private func percentiles(_ samples: [Int64]) -> (p50: Double, p99: Double) {

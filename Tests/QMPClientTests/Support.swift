@@ -1,41 +1,11 @@
+import ColorunTestSupport
 import Logging
 import NIOCore
 import NIOPosix
 import QEMULab
 import QMP
 import QMPClient
-import Synchronization
 import Testing
-
-/// Log lines captured for assertions (tests never bootstrap the logging system).
-final class LogCapture: Sendable {
-    private let lines = Mutex<[String]>([])
-
-    func append(_ line: String) { lines.withLock { $0.append(line) } }
-    var all: [String] { lines.withLock { $0 } }
-    func contains(_ text: String) -> Bool { all.contains { $0.contains(text) } }
-
-    var logger: Logger {
-        Logger(label: "qmp-test") { _ in CapturingLogHandler(capture: self) }
-    }
-}
-
-struct CapturingLogHandler: LogHandler {
-    let capture: LogCapture
-    var logLevel: Logger.Level = .debug
-    var metadata: Logger.Metadata = [:]
-    var metadataProvider: Logger.MetadataProvider?
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        let all = metadata.merging(event.metadata ?? [:]) { _, new in new }
-        capture.append("\(event.level) \(event.message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
-    }
-}
 
 /// One loop for all tests (tests run in parallel; each connection is bound to a loop of this group).
 let testGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
@@ -44,13 +14,13 @@ let testGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
 func withQEMU<T>(
     _ spec: QEMUSpec = QEMUSpec(),
     commandTimeout: TimeAmount = .seconds(10),
-    logs: LogCapture = LogCapture(),
+    logs: LogCollector = LogCollector(),
     _ body: (QEMUInstance, QMPConnection) async throws -> T
 ) async throws -> T {
     let qemu = try QEMUInstance.start(spec)
     let connection: QMPConnection
     do {
-        connection = try await qemu.connect(on: testGroup, commandTimeout: commandTimeout, logger: logs.logger)
+        connection = try await qemu.connect(on: testGroup, commandTimeout: commandTimeout, logger: logs.logger("qmp-test", level: .debug))
     } catch {
         let stderr = qemu.stderrText()
         await qemu.stop()
@@ -98,5 +68,13 @@ func qmpError(_ body: () async throws -> Void) async -> QMPClientError? {
     } catch {
         Issue.record("not a QMPClientError: \(error)")
         return nil
+    }
+}
+
+/// Waits until at least `count` commands are pending on `connection` (sent and unanswered):
+/// the signal that a command issued from another task has gone out before the next one.
+func waitForPending(_ connection: QMPConnection, count: Int = 1) async throws {
+    try await waitUntil("\(count) pending command(s) on \(connection.endpoint)") {
+        try await connection.eventLoop.submit { connection.syncOperations.pendingCount }.get() >= count
     }
 }

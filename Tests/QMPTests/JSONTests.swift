@@ -1,9 +1,10 @@
+import ColorunTestSupport
 import JSON
 import Testing
 import NIOCore
 @testable import QMP
 
-@Suite struct JSONTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct JSONTests {
     @Test func integersStayIntegers() throws {
         #expect(try JSONParser.parse("1") == .int(1))
         #expect(try JSONParser.parse("1.0") == .double(1))
@@ -37,7 +38,7 @@ import NIOCore
     }
 }
 
-@Suite struct LineCodecTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct LineCodecTests {
     @Test func framesCRLFLinesAcrossReads() throws {
         var decoder = QMPJSONLineDecoder()
         var buffer = ByteBuffer(string: "{\"return\": {}, \"id\": 1}\r\n{\"event\": \"ST")
