@@ -1,6 +1,7 @@
 import ColorunTestSupport
 import QEMUSimulator
 import QMP
+import Synchronization
 import Testing
 @testable import Colorun
 
@@ -20,6 +21,23 @@ import Testing
         #expect(run.failure == nil, "\(run.failure ?? "")")
         #expect(run.report.skippedTicks >= 4, "skipped \(run.report.skippedTicks)")
         #expect(run.logs.count("previous run was still going") == 1, "logged once")
+    }
+
+    /// A test cancelled (as its time limit does) stops its policy: a policy that never ends
+    /// fails its test instead of hanging the run.
+    @Test func aCancelledTestStopsItsPolicy() async throws {
+        let started = Mutex(false)
+        let run = Task {
+            try await runPolicy("test.started()\nwhile true do sleep('10ms') end\n",
+                                hooks: ["started": { started.withLock { $0 = true } }])
+        }
+        try await waitUntil("the policy to start") { started.withLock { $0 } }
+        run.cancel()
+        let outcome = try await run.value.report.outcome
+        guard case .stopped = outcome else {
+            Issue.record("expected a stopped run, got \(outcome)")
+            return
+        }
     }
 
     @Test func afterRunsOnceAndStopEndsTheRun() async throws {
