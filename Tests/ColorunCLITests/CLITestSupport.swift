@@ -1,5 +1,6 @@
-import Foundation
+import ColorunSystem
 import ColorunTestSupport
+import Foundation
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func colorunBinary() -> String? {
@@ -19,20 +20,24 @@ struct ProcessResult {
     var stderr: String
 }
 
-/// A running `colorun` (stdout and stderr read in the background).
+/// A running `colorun` (stdout and stderr read in the background). Started as an owned child
+/// (ColorunSystem): it dies with the test process, however that ends.
 final class ColorunProcess: @unchecked Sendable {
-    let process = Process()
+    let pid: pid_t
     private let out = Pipe(), err = Pipe()
     private let lock = NSLock()
     private var outData = Data(), errData = Data()
+    private var exitStatus: ChildExitStatus?
 
     init(_ arguments: [String]) throws {
         guard let binary = colorunBinary() else { throw CLITestError("the colorun binary is not built (swift build)") }
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        process.standardOutput = out
-        process.standardError = err
-        process.standardInput = FileHandle.nullDevice
+        pid = try spawnChild(
+            [binary] + arguments, lifetime: .owned,
+            standardOutput: .descriptor(out.fileHandleForWriting.fileDescriptor),
+            standardError: .descriptor(err.fileHandleForWriting.fileDescriptor))
+        // The child has its own copies: closing ours lets the reads end at its exit.
+        try out.fileHandleForWriting.close()
+        try err.fileHandleForWriting.close()
         out.fileHandleForReading.readabilityHandler = { [unowned self] h in
             let d = h.availableData
             lock.lock(); outData.append(d); lock.unlock()
@@ -41,7 +46,6 @@ final class ColorunProcess: @unchecked Sendable {
             let d = h.availableData
             lock.lock(); errData.append(d); lock.unlock()
         }
-        try process.run()
     }
 
     var stderrSoFar: String {
@@ -49,34 +53,57 @@ final class ColorunProcess: @unchecked Sendable {
         return String(decoding: errData, as: UTF8.self)
     }
 
-    func signal(_ signo: Int32) { kill(process.processIdentifier, signo) }
+    /// Whether it still runs (reaps it once it has exited).
+    var isRunning: Bool {
+        lock.withLock {
+            if exitStatus == nil { exitStatus = reapChild(pid, blocking: false) }
+            return exitStatus == nil
+        }
+    }
+
+    /// Sends `signo`, unless it has been reaped already (its pid may be reused).
+    func signal(_ signo: Int32) {
+        lock.withLock { if exitStatus == nil { _ = kill(pid, signo) } }
+    }
+
+    /// Kills it if it still runs, and reaps it.
+    private func killAndReap() -> ChildExitStatus {
+        lock.withLock {
+            if exitStatus == nil {
+                _ = kill(pid, SIGKILL)
+                exitStatus = reapChild(pid, blocking: true)
+            }
+            return exitStatus ?? .signaled(signal: SIGKILL)
+        }
+    }
 
     /// A test that ends (or throws) before `wait` leaves no colorun behind.
     deinit {
         out.fileHandleForReading.readabilityHandler = nil
         err.fileHandleForReading.readabilityHandler = nil
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
+        _ = killAndReap()
     }
 
     /// Waits for the exit (killing the process after `timeout` seconds, or at once if the
-    /// test is cancelled). Polls: Foundation's `Process` offers no awaitable exit.
+    /// test is cancelled). Polls: a child's exit offers nothing to await here.
     func wait(timeout: Double = 20) async -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline && !Task.isCancelled { try? await Task.sleep(for: .milliseconds(10)) }
-        if process.isRunning { process.interrupt(); kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
+        while isRunning && Date() < deadline && !Task.isCancelled { try? await Task.sleep(for: .milliseconds(10)) }
+        let status = killAndReap()
         // drain what is left in the pipes
         out.fileHandleForReading.readabilityHandler = nil
         err.fileHandleForReading.readabilityHandler = nil
         let restOut = out.fileHandleForReading.readDataToEndOfFile()
         let restErr = err.fileHandleForReading.readDataToEndOfFile()
+        let code: Int32
+        switch status {
+        case .exited(let c): code = c
+        case .signaled(let signal): code = 128 + signal
+        }
         return lock.withLock {
             outData.append(restOut)
             errData.append(restErr)
-            return ProcessResult(code: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+            return ProcessResult(code: code, stdout: String(decoding: outData, as: UTF8.self),
                                  stderr: String(decoding: errData, as: UTF8.self))
         }
     }

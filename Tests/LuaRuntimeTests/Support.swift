@@ -6,8 +6,9 @@ import NIOCore
 import NIOPosix
 import Testing
 
-/// Every suite of this target runs serialized: several tests assert timing, and the machine
-/// has two cores.
+/// Every suite of this target is nested here and runs serialized, alone on the machine
+/// (`.machine(.exclusive)`), within the time limit: several tests assert timing, and the
+/// machine has two cores.
 @Suite(.serialized, .timeLimit(.minutes(5)), .machine(.exclusive)) struct LuaRuntimeSuite {}
 
 /// One single-threaded loop shared by the tests (each test makes its own runtime).

@@ -1,3 +1,4 @@
+import ColorunSystem
 import ColorunTestSupport
 import Foundation
 import JSON
@@ -10,40 +11,39 @@ import Testing
 let realQEMUPath: String? = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"]
     .first { FileManager.default.isExecutableFile(atPath: $0) }
 
-/// A real QEMU 7.2 under TCG with a QMP socket, started as docs/qemu-notes.md describes.
+/// A real QEMU 7.2 under TCG with a QMP socket, started as docs/qemu-notes.md describes, as an
+/// owned child (ColorunSystem): it dies with the test process, however that ends.
 final class RealQEMU {
-    let process = Process()
+    let pid: pid_t
     let socketPath: String
+    private var reaped = false
 
     init(directory: TempDir) throws {
         socketPath = directory.file("qemu.sock")
-        process.executableURL = URL(fileURLWithPath: realQEMUPath!)
-        process.arguments = [
+        pid = try spawnChild([
+            realQEMUPath!,
             "-M", "pc,suppress-vmdesc=on", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
             "-global", "migration.send-configuration=off", "-global", "apic.vapic=off",
             "-qmp", "unix:\(socketPath),server=on,wait=off",
-        ]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: directory.file("qemu.stderr")).creatingEmpty())
-        try process.run()
+        ], lifetime: .owned, standardError: .appendingTo(directory.file("qemu.stderr")))
     }
 
-    /// Waits for it to exit (after `quit`); kills it if it does not.
+    /// Waits for it to exit (after `quit`); kills it if it has not within 2 s.
     func stop() async {
-        for _ in 0..<100 where process.isRunning { try? await Task.sleep(for: .milliseconds(20)) }
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+        for _ in 0..<100 where !reaped {
+            if reapChild(pid, blocking: false) != nil { reaped = true } else { try? await Task.sleep(for: .milliseconds(20)) }
         }
+        killAndReap()
     }
-}
 
-extension URL {
-    func creatingEmpty() -> URL {
-        _ = FileManager.default.createFile(atPath: path, contents: nil)
-        return self
+    private func killAndReap() {
+        guard !reaped else { return }
+        kill(pid, SIGKILL)
+        _ = reapChild(pid, blocking: true)
+        reaped = true
     }
+
+    deinit { killAndReap() }
 }
 
 /// One scenario, run against real QEMU and against the simulator; the replies must match

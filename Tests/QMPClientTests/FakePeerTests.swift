@@ -52,6 +52,22 @@ final class FakeQMPPeer: Sendable {
         return FakeQMPPeer(endpoint: .unix(path: path), path: path, serverChannel: channel, group: group)
     }
 
+    /// Runs `body` with a started peer; the peer is stopped (socket closed, its loop shut
+    /// down) before this returns, also when `body` throws.
+    static func with<T>(
+        tcp: Bool = false, respond: @escaping @Sendable (JSONValue) -> [String], body: (FakeQMPPeer) async throws -> T
+    ) async throws -> T {
+        let peer = try await start(tcp: tcp, respond: respond)
+        do {
+            let result = try await body(peer)
+            await peer.stop()
+            return result
+        } catch {
+            await peer.stop()
+            throw error
+        }
+    }
+
     func stop() async {
         try? await serverChannel.close()
         if let path { unlink(path) }
@@ -105,112 +121,108 @@ private final class FakePeerHandler: ChannelInboundHandler {
     }
 
     @Test func malformedJSONFailsEveryPendingCommand() async throws {
-        let peer = try await FakeQMPPeer.start { command in
+        try await FakeQMPPeer.with { command in
             command["execute"] == "second" ? ["this is { not JSON"] : []
+        } body: { peer in
+            let connection = try await connect(peer)
+            #expect(connection.greeting.package == "fake")
+            let first = Task { await qmpError { _ = try await connection.execute("first") } }
+            try await waitForPending(connection)   // "first" goes out before "second"
+            let second = await qmpError { _ = try await connection.execute("second") }
+            let firstError = await first.value
+            guard case .protocolError(.malformedJSON, let command, let endpoint) = second else {
+                Issue.record("expected protocolError(.malformedJSON), got \(String(describing: second))")
+                return
+            }
+            #expect(command == "second")
+            #expect(endpoint == peer.endpoint)
+            guard case .protocolError(.malformedJSON, "first", _) = firstError else {
+                Issue.record("the other pending command must fail too, got \(String(describing: firstError))")
+                return
+            }
+            guard case .protocolError(.malformedJSON) = try await connection.closeFuture.get() else {
+                Issue.record("close reason must be the protocol error")
+                return
+            }
+            #expect(!connection.isActive)
+            let after = await qmpError { _ = try await connection.execute("third") }
+            #expect(after?.command == "third")
         }
-        let connection = try await connect(peer)
-        #expect(connection.greeting.package == "fake")
-        let first = Task { await qmpError { _ = try await connection.execute("first") } }
-        try await waitForPending(connection)   // "first" goes out before "second"
-        let second = await qmpError { _ = try await connection.execute("second") }
-        let firstError = await first.value
-        guard case .protocolError(.malformedJSON, let command, let endpoint) = second else {
-            Issue.record("expected protocolError(.malformedJSON), got \(String(describing: second))")
-            await peer.stop()
-            return
-        }
-        #expect(command == "second")
-        #expect(endpoint == peer.endpoint)
-        guard case .protocolError(.malformedJSON, "first", _) = firstError else {
-            Issue.record("the other pending command must fail too, got \(String(describing: firstError))")
-            await peer.stop()
-            return
-        }
-        guard case .protocolError(.malformedJSON) = try await connection.closeFuture.get() else {
-            Issue.record("close reason must be the protocol error")
-            await peer.stop()
-            return
-        }
-        #expect(!connection.isActive)
-        let after = await qmpError { _ = try await connection.execute("third") }
-        #expect(after?.command == "third")
-        await peer.stop()
     }
 
     @Test func oversizedLineClosesTheConnection() async throws {
         let huge = String(decoding: [UInt8](repeating: UInt8(ascii: "x"), count: QMPJSONLineDecoder.defaultMaxLineLength + 1024), as: UTF8.self)
-        let peer = try await FakeQMPPeer.start { _ in [huge] }
-        let connection = try await connect(peer)
-        let error = await qmpError { _ = try await connection.execute("big") }
-        #expect(error == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength), command: "big", endpoint: peer.endpoint))
-        #expect(try await connection.closeFuture.get() == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength)))
-        await peer.stop()
+        try await FakeQMPPeer.with { _ in [huge] } body: { peer in
+            let connection = try await connect(peer)
+            let error = await qmpError { _ = try await connection.execute("big") }
+            #expect(error == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength), command: "big", endpoint: peer.endpoint))
+            #expect(try await connection.closeFuture.get() == .protocolError(.lineTooLong(limit: QMPJSONLineDecoder.defaultMaxLineLength)))
+        }
     }
 
     @Test func nonQMPMessageIsAProtocolError() async throws {
-        let peer = try await FakeQMPPeer.start { _ in [#"{"neither": "reply nor event"}"#] }
-        let connection = try await connect(peer)
-        let error = await qmpError { _ = try await connection.execute("odd") }
-        guard case .protocolError(.unexpectedMessage, "odd", _) = error else {
-            Issue.record("expected unexpectedMessage, got \(String(describing: error))")
-            await peer.stop()
-            return
+        try await FakeQMPPeer.with { _ in [#"{"neither": "reply nor event"}"#] } body: { peer in
+            let connection = try await connect(peer)
+            let error = await qmpError { _ = try await connection.execute("odd") }
+            guard case .protocolError(.unexpectedMessage, "odd", _) = error else {
+                Issue.record("expected unexpectedMessage, got \(String(describing: error))")
+                return
+            }
         }
-        await peer.stop()
     }
 
     @Test func replyWithUnknownIDIsDroppedAndLogged() async throws {
         let logs = LogCollector()
-        let peer = try await FakeQMPPeer.start { command in
+        try await FakeQMPPeer.with { command in
             [#"{"return": {"stray": true}, "id": 987654}"#, #"{"return": {"ok": true}, "id": \#(command["id"]!)}"#]
+        } body: { peer in
+            let connection = try await connect(peer, logs: logs)
+            #expect(try await connection.execute("anything") == ["ok": true])
+            #expect(logs.lines.contains { $0.contains("unknown id") && $0.contains("987654") })
+            #expect(connection.isActive)
+            await connection.close()
         }
-        let connection = try await connect(peer, logs: logs)
-        #expect(try await connection.execute("anything") == ["ok": true])
-        #expect(logs.lines.contains { $0.contains("unknown id") && $0.contains("987654") })
-        #expect(connection.isActive)
-        await connection.close()
-        await peer.stop()
     }
 
     @Test func idlessErrorFailsTheOldestPendingCommand() async throws {
         let logs = LogCollector()
-        let peer = try await FakeQMPPeer.start { command in
+        try await FakeQMPPeer.with { command in
             command["execute"] == "second"
                 ? [#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#]
                 : []
+        } body: { peer in
+            let connection = try await connect(peer, logs: logs)
+            let first = Task { await qmpError { _ = try await connection.execute("first") } }
+            try await waitForPending(connection)   // "first" goes out before "second"
+            let second = Task { await qmpError { _ = try await connection.execute("second", timeout: .milliseconds(300)) } }
+            let firstError = await first.value
+            #expect(firstError == .commandFailed(
+                command: "first", QMPErrorBody(errorClass: "GenericError", desc: "QMP input must be a JSON object"), endpoint: peer.endpoint))
+            // The second got no answer of its own.
+            #expect(await second.value == .timeout(command: "second", after: .milliseconds(300), endpoint: peer.endpoint))
+            #expect(logs.contains("without an id"))
+            await connection.close()
         }
-        let connection = try await connect(peer, logs: logs)
-        let first = Task { await qmpError { _ = try await connection.execute("first") } }
-        try await waitForPending(connection)   // "first" goes out before "second"
-        let second = Task { await qmpError { _ = try await connection.execute("second", timeout: .milliseconds(300)) } }
-        let firstError = await first.value
-        #expect(firstError == .commandFailed(
-            command: "first", QMPErrorBody(errorClass: "GenericError", desc: "QMP input must be a JSON object"), endpoint: peer.endpoint))
-        // The second got no answer of its own.
-        #expect(await second.value == .timeout(command: "second", after: .milliseconds(300), endpoint: peer.endpoint))
-        #expect(logs.contains("without an id"))
-        await connection.close()
-        await peer.stop()
     }
 
     @Test func peerClosingFailsPendingAsDisconnected() async throws {
-        let peer = try await FakeQMPPeer.start { _ in [FakeQMPPeer.close] }
-        let connection = try await connect(peer)
-        let error = await qmpError { _ = try await connection.execute("bye") }
-        #expect(error == .disconnected(command: "bye", reason: .endOfFile, endpoint: peer.endpoint))
-        #expect(try await connection.closeFuture.get() == .endOfFile)
-        await peer.stop()
+        try await FakeQMPPeer.with { _ in [FakeQMPPeer.close] } body: { peer in
+            let connection = try await connect(peer)
+            let error = await qmpError { _ = try await connection.execute("bye") }
+            #expect(error == .disconnected(command: "bye", reason: .endOfFile, endpoint: peer.endpoint))
+            #expect(try await connection.closeFuture.get() == .endOfFile)
+        }
     }
 
     @Test func tcpEndpoint() async throws {
-        let peer = try await FakeQMPPeer.start(tcp: true) { command in
+        try await FakeQMPPeer.with(tcp: true) { command in
             [#"{"return": {"status": "running"}, "id": \#(command["id"]!)}"#]
+        } body: { peer in
+            let connection = try await QMPConnection.connect(
+                to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCollector().logger("qmp-test", level: .debug))
+            #expect(try await connection.execute("query-status")["status"] == "running")
+            await connection.close()
         }
-        let connection = try await QMPConnection.connect(
-            to: try QMPEndpoint(parsing: peer.endpoint.description), on: testGroup, logger: LogCollector().logger("qmp-test", level: .debug))
-        #expect(try await connection.execute("query-status")["status"] == "running")
-        await connection.close()
-        await peer.stop()
     }
 
     @Test func tcpConnectionRefusedIsRetriedUntilTheTimeout() async throws {
