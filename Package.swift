@@ -112,7 +112,7 @@ let package = Package(
         .target(name: "ColorunTestSupport", dependencies: ["ColorunSystem", "QEMUSimulator", logging], path: "Tests/ColorunTestSupport"),
         .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP", "ColorunTestSupport"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
-        .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", logging]),
+        .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", "ColorunTestSupport", logging]),
         .testTarget(
             name: "QMPClientTests",
             dependencies: [

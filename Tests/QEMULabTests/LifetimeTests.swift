@@ -1,4 +1,5 @@
 import ColorunSystem
+import ColorunTestSupport
 import Foundation
 import Logging
 import Synchronization
@@ -12,9 +13,9 @@ import Glibc
 
 /// Nothing a test or colorun starts in owned mode outlives its owner, however the owner
 /// ends; a production standby (detached) does; and run directories left by dead owners are
-/// swept. Serialized: the kill tests time how fast QEMUs go, which a dozen others booting
-/// alongside would blur.
-@Suite(.serialized, .timeLimit(.minutes(2))) struct LifetimeTests {
+/// swept. Serialized, and alone on the machine: the kill tests time how fast QEMUs go, which
+/// others booting alongside would blur.
+@Suite(.serialized, .timeLimit(.minutes(2)), .machine(.exclusive)) struct LifetimeTests {
     /// SIGKILL `colorun --lab` in the middle of a run (its QEMUs up, a checkpoint generation
     /// on disk): within 5 s every QEMU it started is gone. `examples/remus.lua` runs one
     /// QEMU at a time; the second policy checkpoints both lab domains.
