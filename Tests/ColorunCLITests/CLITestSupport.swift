@@ -20,38 +20,69 @@ struct ProcessResult {
     var stderr: String
 }
 
+/// Everything written to one pipe, read by a thread of its own until EOF. No callbacks into
+/// the process object: a reader outlives it safely.
+private final class PipeCapture: @unchecked Sendable {
+    /// The write end, for the child; the parent closes it once the child has it.
+    let writeEnd: Int32
+    private let readEnd: Int32
+    private let lock = NSLock()
+    private var data = Data()
+    private var atEOF = false
+
+    init() throws {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw CLITestError("pipe failed: errno \(errno)") }
+        // Only our child gets the write end (spawnChild passes it as its stdout/stderr).
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        readEnd = fds[0]
+        writeEnd = fds[1]
+        Thread { [self] in readUntilEOF() }.start()
+    }
+
+    private func readUntilEOF() {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(readEnd, &buffer, buffer.count)
+            if n > 0 {
+                lock.withLock { data.append(contentsOf: buffer[0..<n]) }
+            } else if n < 0 && errno == EINTR {
+                continue
+            } else {
+                break
+            }
+        }
+        close(readEnd)
+        lock.withLock { atEOF = true }
+    }
+
+    var text: String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+    var finished: Bool { lock.withLock { atEOF } }
+}
+
 /// A running `colorun` (stdout and stderr read in the background). Started as an owned child
 /// (ColorunSystem): it dies with the test process, however that ends.
 final class ColorunProcess: @unchecked Sendable {
     let pid: pid_t
-    private let out = Pipe(), err = Pipe()
+    private let out: PipeCapture, err: PipeCapture
     private let lock = NSLock()
-    private var outData = Data(), errData = Data()
     private var exitStatus: ChildExitStatus?
 
     init(_ arguments: [String]) throws {
         guard let binary = colorunBinary() else { throw CLITestError("the colorun binary is not built (swift build)") }
-        pid = try spawnChild(
-            [binary] + arguments, lifetime: .owned,
-            standardOutput: .descriptor(out.fileHandleForWriting.fileDescriptor),
-            standardError: .descriptor(err.fileHandleForWriting.fileDescriptor))
+        let out = try PipeCapture(), err = try PipeCapture()
         // The child has its own copies: closing ours lets the reads end at its exit.
-        try out.fileHandleForWriting.close()
-        try err.fileHandleForWriting.close()
-        out.fileHandleForReading.readabilityHandler = { [unowned self] h in
-            let d = h.availableData
-            lock.lock(); outData.append(d); lock.unlock()
+        defer {
+            close(out.writeEnd)
+            close(err.writeEnd)
         }
-        err.fileHandleForReading.readabilityHandler = { [unowned self] h in
-            let d = h.availableData
-            lock.lock(); errData.append(d); lock.unlock()
-        }
+        pid = try spawnChild([binary] + arguments, lifetime: .owned,
+                             standardOutput: .descriptor(out.writeEnd), standardError: .descriptor(err.writeEnd))
+        self.out = out
+        self.err = err
     }
 
-    var stderrSoFar: String {
-        lock.lock(); defer { lock.unlock() }
-        return String(decoding: errData, as: UTF8.self)
-    }
+    var stderrSoFar: String { err.text }
 
     /// Whether it still runs (reaps it once it has exited).
     var isRunning: Bool {
@@ -78,34 +109,25 @@ final class ColorunProcess: @unchecked Sendable {
     }
 
     /// A test that ends (or throws) before `wait` leaves no colorun behind.
-    deinit {
-        out.fileHandleForReading.readabilityHandler = nil
-        err.fileHandleForReading.readabilityHandler = nil
-        _ = killAndReap()
-    }
+    deinit { _ = killAndReap() }
 
     /// Waits for the exit (killing the process after `timeout` seconds, or at once if the
-    /// test is cancelled). Polls: a child's exit offers nothing to await here.
+    /// test is cancelled) and for the end of its output. Polls: a child's exit offers nothing
+    /// to await here.
     func wait(timeout: Double = 20) async -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)
         while isRunning && Date() < deadline && !Task.isCancelled { try? await Task.sleep(for: .milliseconds(10)) }
         let status = killAndReap()
-        // drain what is left in the pipes
-        out.fileHandleForReading.readabilityHandler = nil
-        err.fileHandleForReading.readabilityHandler = nil
-        let restOut = out.fileHandleForReading.readDataToEndOfFile()
-        let restErr = err.fileHandleForReading.readDataToEndOfFile()
+        // The pipes reach EOF once every holder of their write ends is gone (5 s at most, in
+        // case something colorun started still holds one).
+        let drained = Date().addingTimeInterval(5)
+        while !(out.finished && err.finished) && Date() < drained { try? await Task.sleep(for: .milliseconds(5)) }
         let code: Int32
         switch status {
         case .exited(let c): code = c
         case .signaled(let signal): code = 128 + signal
         }
-        return lock.withLock {
-            outData.append(restOut)
-            errData.append(restErr)
-            return ProcessResult(code: code, stdout: String(decoding: outData, as: UTF8.self),
-                                 stderr: String(decoding: errData, as: UTF8.self))
-        }
+        return ProcessResult(code: code, stdout: out.text, stderr: err.text)
     }
 }
 
