@@ -90,8 +90,10 @@ public func listDirectory(_ path: String) throws(SystemError) -> [String] {
     defer { closedir(dir) }
     var names: [String] = []
     while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        // Read the name in place: a copy of `d_name` copies all 256 bytes, past the end of a
+        // short record, which can be past the end of readdir's buffer (a crash).
+        let name = withUnsafeMutablePointer(to: &entry.pointee.d_name) { field in
+            String(cString: UnsafeRawPointer(field).assumingMemoryBound(to: CChar.self))
         }
         if name != "." && name != ".." { names.append(name) }
     }
