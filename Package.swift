@@ -128,7 +128,7 @@ let package = Package(
                 "ColorunTestSupport", logging, metrics, prometheus,
             ] + nio
         ),
-        .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", logging] + nio),
+        .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", "ColorunTestSupport", logging] + nio),
         .testTarget(
             name: "ColorunTests",
             dependencies: [

@@ -1,8 +1,9 @@
+import ColorunTestSupport
 import Testing
 @testable import Colorun
 
 /// `exec.run`: a colorun binding (site hooks), off unless the run allows it.
-@Suite(.timeLimit(.minutes(1))) struct ExecTests {
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct ExecTests {
     @Test func execRunCapturesOutputStatusAndTimesOut() async throws {
         let run = try await runPolicy(#"""
             local r = exec.run{"/bin/echo", "hello", "world"}

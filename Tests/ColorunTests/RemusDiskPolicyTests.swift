@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import ColorunSystem
 import QEMULab
 import Testing
@@ -11,7 +12,7 @@ import Glibc
 /// the options reach the engine, a standby command line that opens a checkpointed disk
 /// itself is refused, and the standby colorun starts runs on a fresh overlay over the
 /// generation's frozen image. Real QEMU under TCG.
-@Suite(.serialized, .timeLimit(.minutes(3))) struct RemusDiskPolicyTests {
+@Suite(.serialized, .timeLimit(.minutes(3)), .machine(.exclusive)) struct RemusDiskPolicyTests {
     @Test func policyCheckpointsAndRestoresADisk() async throws {
         let rig = try RemusDiskTests.Rig()
         let guestImage = rig.directory + "/guest.img"

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import ColorunSystem
 import Logging
 import NIOPosix
@@ -16,7 +17,7 @@ import Glibc
 /// written from the test with HMP's qemu-io) and a NIC: the disk is consistent with each
 /// generation, torn generations are never listed, and output commit holds packets until the
 /// checkpoint is durable. Real QEMU under TCG.
-@Suite(.serialized, .timeLimit(.minutes(5))) struct RemusDiskTests {
+@Suite(.serialized, .timeLimit(.minutes(5)), .machine(.exclusive)) struct RemusDiskTests {
     /// Where the pattern writes go (past the boot sector).
     static let offset = 1 << 20
 

@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import JSON
 import Logging
 import NIOCore
@@ -21,7 +22,7 @@ private let haveGuestTools =
 ///
 /// Serialized: each test boots a Linux kernel under TCG, which keeps a core busy for ten
 /// seconds or more; two at once on two cores only make both slower.
-@Suite(.serialized, .timeLimit(.minutes(10)), .enabled(if: haveGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
+@Suite(.serialized, .timeLimit(.minutes(10)), .machine(.exclusive), .enabled(if: haveGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
 struct LinuxGuestTests {
     @Test(.timeLimit(.minutes(4)))
     func ledgerAcksRecordsThatSurviveACleanRestart() async throws {
@@ -213,7 +214,7 @@ private func sampledDirtyRate(_ qmp: QMPConnection) async throws -> Int64 {
 }
 
 /// The command line the Linux guest gets (no QEMU started).
-@Suite(.timeLimit(.minutes(1)))
+@Suite(.timeLimit(.minutes(1)), .machine(.shared))
 struct LinuxGuestArgumentsTests {
     @Test func diskAndNICAreNamedNodesAndCommasAreEscaped() async throws {
         var options = LinuxGuestOptions()
