@@ -73,8 +73,13 @@ struct RunCommand: ColorunSubcommand {
     var timeLimit: DurationArgument?
 
     @Flag(name: .customLong("lab"), help: ArgumentHelp(
-        "Run against lab domains 'primary' and 'secondary': real QEMU processes (TCG, a guest that counts in memory) started on first use and removed, with their files, at the end. The state directory is a temporary one unless --state-dir is given."))
+        "Run against lab domains 'primary' and 'secondary': real QEMU processes (TCG; the guest is chosen with --guest) started on first use and removed, with their files, at the end. The state directory is a temporary one unless --state-dir is given."))
     var lab = false
+
+    @Option(name: .customLong("guest"), help: ArgumentHelp(
+        "With --lab, what the lab's QEMU runs: 'counting' (a boot sector counting in memory, the default) or 'linux' (the Linux lab guest of guest/README.md, built by scripts/build-guest: a qcow2 disk, a NIC forwarding a host port to its ledger; the lab then offers 'primary' alone and the lab module talks to the ledger).",
+        valueName: "KIND"))
+    var guest: LabGuestKind = .counting
 
     @Argument(parsing: .postTerminator, help: ArgumentHelp("Arguments for the policy (after --).", valueName: "ARGS"))
     var policyArguments: [String] = []
@@ -90,6 +95,9 @@ struct RunCommand: ColorunSubcommand {
         }
         if let timeLimit, timeLimit.duration.seconds <= 0 {
             throw ValidationError("--time-limit '\(timeLimit.duration)': must be longer than 0")
+        }
+        if guest != .counting && !lab {
+            throw ValidationError("--guest \(guest.rawValue): only with --lab")
         }
         if let metricsListen {
             do { _ = try MetricsServer.parseListenAddress(metricsListen) } catch { throw ValidationError(error.description) }
@@ -134,7 +142,10 @@ struct RunCommand: ColorunSubcommand {
             RunDirectorySweep.sweepOnce(Lab.runDirectoryParent, logger: logger)
             let lab: Lab
             do {
-                lab = try Lab()
+                switch guest {
+                case .counting: lab = try Lab()
+                case .linux: lab = try await Lab.linux()
+                }
             } catch {
                 writeStandardError("colorun: --lab: \(error)")
                 throw ExitCode(2)
@@ -153,6 +164,11 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+/// `--guest`: what the lab's QEMU runs.
+enum LabGuestKind: String, ExpressibleByArgument, CaseIterable {
+    case counting, linux
+}
 
 /// A new directory under the lab's parent directory (/tmp).
 func temporaryDirectory(_ prefix: String) throws -> String {

@@ -2,6 +2,7 @@ import ColorunSystem
 import JSON
 import LuaRuntime
 import NIOCore
+import NIOPosix
 import QEMULab
 import QMP
 import QMPClient
@@ -10,15 +11,42 @@ import QMPClient
 import Glibc
 #endif
 
-/// `colorun --lab`: real QEMU processes (TCG, the counting guest) started for a demo or a
-/// test, handed to the policy as domains `primary` and `secondary`, and removed with their
-/// sockets and files when the run ends. The `lab` Lua module lets a policy kill or freeze a
-/// domain, read the guest's counter, and name a lab-managed standby for `remus.restore`.
+/// Where the lab's ledger connections run.
+private let ledgerGroup = MultiThreadedEventLoopGroup.singleton
+
+/// `colorun --lab`: real QEMU processes (TCG) started for a demo or a test, handed to the
+/// policy as domains `primary` and `secondary`, and removed with their sockets and files
+/// when the run ends. The `lab` Lua module lets a policy kill or freeze a domain, read the
+/// guest's counter, and name a lab-managed standby for `remus.restore`.
+///
+/// The guest is the counting boot sector, or (`--guest linux`) the Linux lab guest of
+/// guest/README.md with its qcow2 disk and a NIC forwarding a host port to its ledger: then
+/// the lab offers `primary` alone (one disk), a restored standby is that guest's QEMU on the
+/// disk remus.restore provides and on a new host port, and the `lab` module also talks to
+/// the ledgers (`lab.ready`, `lab.record`, `lab.ledger`, `lab.reboot`).
 ///
 /// A lab domain's QEMU starts when the policy first asks for it (`domain.get("secondary")`),
 /// so a policy that protects one VM does not pay for a second one spinning under TCG.
 public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
+    /// What the lab's domains run.
+    public enum Guest: Sendable {
+        /// The counting boot sector (no disk, no NIC).
+        case counting
+        /// The Linux lab guest with its disk and NIC.
+        case linux(LinuxGuest)
+    }
+
     let spec: QEMUSpec
+    let guest: Guest
+    /// The Linux guest's QEMUs, by domain name: their ledger port and serial log (boots and
+    /// standbys), and the disk file each one writes.
+    private var linuxBoots: [String: LinuxGuestBoot] = [:]
+    private var diskFiles: [String: String] = [:]
+    /// `lab.record`'s connection per domain, and the domains with a record in flight.
+    private var writers: [String: LedgerClient] = [:]
+    private var writing: Set<String> = []
+    /// QEMUs `lab.reboot` started on a domain's disk.
+    private var checkBoots = 0
     /// Where the lab's QEMU run directories (and `colorun --lab`'s state directory) are made.
     public static let runDirectoryParent = QEMUSpec().runDirectoryParent
     /// The names the lab offers.
@@ -29,7 +57,33 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     /// Offers one lab domain per name; `startNow` starts them all at once.
     public init(names: [String] = ["primary", "secondary"], memoryMiB: Int = 64, startNow: Bool = false) throws(QEMULabError) {
         spec = QEMUSpec(memoryMiB: memoryMiB, countingGuest: true)
+        guest = .counting
         self.names = names
+        try startAll(startNow)
+    }
+
+    /// Offers the Linux lab guest `linux` as domain `primary` (the only name: it has one disk).
+    public init(linux: LinuxGuest, startNow: Bool = false) throws(QEMULabError) {
+        spec = QEMUSpec(memoryMiB: linux.options.memoryMiB)
+        guest = .linux(linux)
+        names = ["primary"]
+        try startAll(startNow)
+    }
+
+    /// Builds the Linux guest's image (scripts/build-guest) and makes it a fresh disk under
+    /// `parent`: the lab of `colorun --lab --guest linux`.
+    public static func linux(parent: String = Lab.runDirectoryParent) async throws(QEMULabError) -> Lab {
+        let guest = try await LinuxGuest.create(parent: parent)
+        // Owned by this process: the start-up sweep removes it if this process is killed.
+        do {
+            try RunDirectoryOwner.current().write(to: guest.directory)
+        } catch {
+            throw QEMULabError("\(error)")
+        }
+        return try Lab(linux: guest)
+    }
+
+    private func startAll(_ startNow: Bool) throws(QEMULabError) {
         if startNow {
             do {
                 for name in names { _ = try start(name) }
@@ -44,7 +98,16 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     @discardableResult
     func start(_ name: String) throws(QEMULabError) -> QEMUInstance {
         if let running = instance(for: name) { return running }
-        let instance = try QEMUInstance.start(spec)
+        let instance: QEMUInstance
+        switch guest {
+        case .counting:
+            instance = try QEMUInstance.start(spec)
+        case .linux(let linux):
+            let boot = try linux.boot()
+            instance = boot.qemu
+            linuxBoots[name] = boot
+            diskFiles[name] = linux.diskPath
+        }
         instances.append((name, instance))
         return instance
     }
@@ -63,10 +126,21 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     func launch(name: String, spec restoreSpec: JSONValue, incoming: String, stateDirectory: String) throws -> LaunchedStandby {
         var standbySpec = spec
         standbySpec.incoming = incoming
-        standbySpec.extraArguments += restoreSpec[PolicySession.standbyDiskArgumentsKey]?.arrayValue?.compactMap(\.stringValue) ?? []
+        let diskArguments = restoreSpec[PolicySession.standbyDiskArgumentsKey]?.arrayValue?.compactMap(\.stringValue) ?? []
+        standbySpec.extraArguments += diskArguments
         let instance: QEMUInstance
         do {
-            instance = try QEMUInstance.start(standbySpec)
+            switch guest {
+            case .counting:
+                instance = try QEMUInstance.start(standbySpec)
+            case .linux(let linux):
+                // The same machine on a new host port, its disk the overlay remus.restore made.
+                let boot = try linux.boot(base: QEMUSpec(incoming: incoming, extraArguments: diskArguments), disk: .providedElsewhere)
+                instance = boot.qemu
+                linuxBoots[name] = boot
+                diskFiles[name] = Self.overlayFile(diskArguments)
+                restoredNames.insert(name)
+            }
         } catch {
             throw LuaHostError.message("lab: cannot start the standby: \(error)")
         }
@@ -104,7 +178,189 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
                 guard let instance = instance(for: name) else { throw LuaHostError.message("lab: '\(name)' is not a lab domain") }
                 call.push(Int64(instance.pid))
             },
+            "ready": .async { [unowned self] call, completion in
+                let name = try call.string(1)
+                let timeout = call.isNil(2) ? Duration.seconds(120) : Duration.nanoseconds(try call.duration(2).timeAmount.nanoseconds)
+                let boot = try linuxBoot(name, "lab.ready")
+                // A boot prints its READY line on its own console; a restored standby's guest
+                // printed it before the checkpoint (its console is new): its ledger answers.
+                let booted = !restoredNames.contains(name)
+                session.track({ () async -> Result<Double, any Error> in
+                    let clock = ContinuousClock()
+                    let start = clock.now
+                    do {
+                        if booted { try await boot.waitUntilReady(timeout: timeout) }
+                        let client = try await boot.ledger(on: ledgerGroup, timeout: max(timeout - (clock.now - start), .seconds(1)))
+                        client.close()
+                        return .success(Self.milliseconds(clock.now - start))
+                    } catch {
+                        return .failure(error)
+                    }
+                }) { result in
+                    switch result {
+                    case .success(let ms): completion.succeed([.number(ms)])
+                    case .failure(let error): completion.fail(LuaHostError.message("lab.ready: '\(name)': \(error)"))
+                    }
+                }
+            },
+            "record": .async { [unowned self] call, completion in
+                let name = try call.string(1)
+                let number = Int(try call.integer(2))
+                let timeout = call.isNil(3) ? Duration.seconds(10) : Duration.nanoseconds(try call.duration(3).timeAmount.nanoseconds)
+                let boot = try linuxBoot(name, "lab.record")
+                guard !writing.contains(name) else {
+                    throw LuaHostError.message("lab.record: a record to '\(name)' is in flight (one at a time per domain)")
+                }
+                writing.insert(name)
+                let existing = writers[name]
+                session.track({ () async -> Result<LedgerClient, LedgerError> in
+                    let client: LedgerClient
+                    do throws(LedgerError) {
+                        if let existing {
+                            client = existing
+                        } else {
+                            client = try await boot.ledger(on: ledgerGroup, timeout: min(timeout, .seconds(5)))
+                        }
+                    } catch {
+                        return .failure(error)
+                    }
+                    do throws(LedgerError) {
+                        try await client.record(number, timeout: timeout)
+                        return .success(client)
+                    } catch {
+                        client.close()
+                        return .failure(error)
+                    }
+                }) { [unowned self] result in
+                    writing.remove(name)
+                    switch result {
+                    case .success(let client):
+                        writers[name] = client
+                        completion.succeed()
+                    case .failure(let error):
+                        writers[name] = nil
+                        completion.fail(LuaHostError.structured(["class": "LedgerError", "desc": .string(error.description)],
+                                                                message: "lab.record: '\(name)': \(error)"))
+                    }
+                }
+            },
+            "ledger": .async { [unowned self] call, completion in
+                let name = try call.string(1)
+                let boot = try linuxBoot(name, "lab.ledger")
+                session.track({ () async -> Result<JSONValue, LedgerError> in
+                    do throws(LedgerError) {
+                        let client = try await boot.ledger(on: ledgerGroup)
+                        defer { client.close() }
+                        return .success(Self.ledgerFields(try await client.dump(), fsck: try await client.fsck()))
+                    } catch {
+                        return .failure(error)
+                    }
+                }) { result in
+                    switch result {
+                    case .success(let fields): completion.succeed([.json(fields)])
+                    case .failure(let error): completion.fail(LuaHostError.message("lab.ledger: '\(name)': \(error)"))
+                    }
+                }
+            },
+            "reboot": .async { [unowned self] call, completion in
+                let name = try call.string(1)
+                let boot = try linuxBoot(name, "lab.reboot")
+                guard case .linux(let linux) = guest, let disk = diskFiles[name] else {
+                    throw LuaHostError.message("lab.reboot: '\(name)' has no disk the lab knows")
+                }
+                writers.removeValue(forKey: name)?.close()
+                session.track({ () async -> Result<Void, any Error> in
+                    // Cleanly off if it still runs: its disk is then what the guest left.
+                    guard boot.qemu.exitStatus == nil else { return .success(()) }
+                    do {
+                        let client = try await boot.ledger(on: ledgerGroup)
+                        try await client.powerOff()
+                        client.close()
+                        guard let status = await boot.qemu.waitForExit(timeout: .seconds(60)) else {
+                            throw QEMULabError("the guest did not power off within 60 s")
+                        }
+                        guard status == .exited(code: 0) else { throw QEMULabError("its QEMU \(status) at power-off") }
+                        return .success(())
+                    } catch {
+                        return .failure(error)
+                    }
+                }) { [unowned self] result in
+                    if case .failure(let error) = result {
+                        completion.fail(LuaHostError.message("lab.reboot: '\(name)': power-off: \(error)"))
+                        return
+                    }
+                    let check: LinuxGuestBoot
+                    do {
+                        check = try linux.boot(disk: .image(disk))
+                    } catch {
+                        completion.fail(LuaHostError.message("lab.reboot: '\(name)': \(error)"))
+                        return
+                    }
+                    checkBoots += 1
+                    instances.append(("\(name)-reboot-\(checkBoots)", check.qemu))
+                    session.track({ () async -> Result<JSONValue, any Error> in
+                        do {
+                            try await check.waitUntilReady()
+                            let client = try await check.ledger(on: ledgerGroup)
+                            let fields = Self.ledgerFields(try await client.dump(), fsck: try await client.fsck())
+                            try await client.powerOff()
+                            client.close()
+                            _ = await check.qemu.waitForExit(timeout: .seconds(60))
+                            return .success(fields)
+                        } catch {
+                            return .failure(QEMULabError("\(error)\n\(check.diagnostics())"))
+                        }
+                    }) { result in
+                        check.qemu.kill(SIGKILL)
+                        switch result {
+                        case .success(let fields): completion.succeed([.json(fields)])
+                        case .failure(let error): completion.fail(LuaHostError.message("lab.reboot: '\(name)': \(error)"))
+                        }
+                    }
+                }
+            },
         ], luaSource: labPrelude)
+    }
+
+    /// The boot (or restored standby) of the Linux guest that domain `name` runs.
+    private func linuxBoot(_ name: String, _ function: String) throws -> LinuxGuestBoot {
+        guard case .linux = guest else { throw LuaHostError.message("\(function): the lab's guest has no ledger (run with --guest linux)") }
+        guard let boot = linuxBoots[name] else { throw LuaHostError.message("\(function): '\(name)' is not a lab domain") }
+        return boot
+    }
+
+    /// The domains that are restored standbys (their guest booted before the checkpoint).
+    private var restoredNames: Set<String> = []
+
+    /// The overlay file in the `-blockdev` arguments remus.restore gives a standby.
+    static func overlayFile(_ arguments: [String]) -> String? {
+        for argument in arguments where argument.hasPrefix("driver=") {
+            // Option values double their commas: split on single ones only.
+            var fields: [String] = [""]
+            var iterator = argument.makeIterator()
+            while let character = iterator.next() {
+                if character == "," {
+                    if let after = iterator.next() {
+                        if after == "," { fields[fields.count - 1].append(",") } else { fields.append(String(after)) }
+                    }
+                } else {
+                    fields[fields.count - 1].append(character)
+                }
+            }
+            if let file = fields.first(where: { $0.hasPrefix("file.filename=") }) { return String(file.dropFirst("file.filename=".count)) }
+        }
+        return nil
+    }
+
+    static func ledgerFields(_ contents: LedgerContents, fsck: String) -> JSONValue {
+        [
+            "records": .array(contents.records.map { .int(Int64($0)) }), "count": .int(Int64(contents.records.count)),
+            "bad": .int(Int64(contents.bad)), "fsck": .string(fsck),
+        ]
+    }
+
+    static func milliseconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) * 1000 + Double(duration.components.attoseconds) / 1e15
     }
 
     public func shutdown(session: PolicySession) -> EventLoopFuture<Void> {
@@ -160,6 +416,11 @@ L.counter = function(d)
   local hex = out:match("0x(%x+)%s*$")
   if hex == nil then error("lab.counter: unexpected monitor output: " .. out, 2) end
   return tonumber(hex, 16)
+end
+-- The Linux guest's ledger (--guest linux).
+for _, f in ipairs({"ready", "record", "ledger", "reboot"}) do
+  local raw = L[f]
+  L[f] = function(d, ...) return raw(name_of(d, "lab." .. f), ...) end
 end
 -- A restore spec for a lab-managed standby: remus.restore(lab.standby("standby", primary))
 L.standby = function(name, from)
