@@ -59,6 +59,7 @@ struct RemusLedgerTests {
             previous = acked
         }
         let summary = try #require(Self.fields(run, "remus-ledger summary").first, "\(run.logs.text)")
+        print("remus-ledger rounds: \(rounds)\nsummary: \(summary)")
         #expect(summary["fsck"] == "clean", "\(summary)")
         #expect(summary["lost"] == "0" && summary["lost_at_reboot"] == "0" && summary["bad"] == "0", "\(summary)")
         #expect((Int(summary["acked"] ?? "") ?? 0) > previous, "the last standby's ledger went on taking records: \(summary)")

@@ -134,11 +134,15 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
             case .counting:
                 instance = try QEMUInstance.start(standbySpec)
             case .linux(let linux):
-                // The same machine on a new host port, its disk the overlay remus.restore made.
-                let boot = try linux.boot(base: QEMUSpec(incoming: incoming, extraArguments: diskArguments), disk: .providedElsewhere)
+                // The same machine on a new host port, its disk the overlay remus.restore made;
+                // a generation without disks (`disks = false`) leaves the standby the live
+                // disk, writes made after the checkpoint included, as such a restore would.
+                let overlay = Self.overlayFile(diskArguments)
+                let boot = try linux.boot(base: QEMUSpec(incoming: incoming, extraArguments: diskArguments),
+                                          disk: overlay == nil ? .own : .providedElsewhere)
                 instance = boot.qemu
                 linuxBoots[name] = boot
-                diskFiles[name] = Self.overlayFile(diskArguments)
+                diskFiles[name] = overlay ?? linux.diskPath
                 restoredNames.insert(name)
             }
         } catch {
