@@ -1,6 +1,7 @@
 import JSON
 import LuaRuntime
 import NIOCore
+import NIOPosix
 import QMP
 
 /// The Remus options and restore plumbing: disks, generation manifests, output commit.
@@ -44,28 +45,38 @@ extension PolicySession {
         return GenerationManifest.good(in: store).map(\.0)
     }
 
-    /// Checks generation `number` again and, when it has disks, makes the standby's fresh
-    /// overlays; returns the spec with the `-blockdev` arguments for the launcher.
-    func standbyDisks(spec: JSONValue, name: String, series: String, generation number: Int, store: GenerationStore) throws -> JSONValue {
+    /// Checks generation `number` again; when it has disks, checks that the standby's
+    /// command line does not open them itself and returns the manifest (its overlays are
+    /// made off the event loop: `standbyOverlays`).
+    func standbyManifest(spec: JSONValue, generation number: Int, store: GenerationStore) throws -> GenerationManifest? {
         let manifest: GenerationManifest
         do {
             manifest = try GenerationManifest.load(from: store, number)
         } catch {
             throw LuaHostError.structured(["class": "TornCheckpoint", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
         }
-        guard case .object(var members) = spec else { return spec }
-        members[Self.standbyDiskArgumentsKey] = nil
-        guard !manifest.disks.isEmpty else { return .object(members) }
-        do {
-            if spec["lab"]?.boolValue != true {
+        guard !manifest.disks.isEmpty else { return nil }
+        if spec["lab"]?.boolValue != true {
+            do {
                 try RemusDisks.checkStandbyArguments(spec["qemu"]?.arrayValue?.compactMap(\.stringValue) ?? [], manifest: manifest)
+            } catch {
+                throw Self.restoreFailed(error)
             }
-            let arguments = try RemusDisks.prepareStandby(manifest, directory: options.stateDirectory + "/standby/" + name)
-            members[Self.standbyDiskArgumentsKey] = .array(arguments.map { .string($0) })
-        } catch {
-            throw LuaHostError.structured(["class": "RestoreFailed", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
         }
-        return .object(members)
+        return manifest
+    }
+
+    /// Makes the standby's fresh overlays (`qemu-img create`, on the blocking I/O pool) and
+    /// returns the `-blockdev` arguments that open them.
+    static func standbyOverlays(_ manifest: GenerationManifest?, directory: String, io: NIOThreadPool) async throws(GenerationStoreError) -> [String] {
+        guard let manifest else { return [] }
+        return try await CheckpointEngine.blocking(io) { () throws(GenerationStoreError) -> [String] in
+            try RemusDisks.prepareStandby(manifest, directory: directory)
+        }
+    }
+
+    static func restoreFailed(_ error: GenerationStoreError) -> LuaHostError {
+        LuaHostError.structured(["class": "RestoreFailed", "desc": .string(error.description), "step": "restore"], message: "remus.restore: \(error)")
     }
 
     /// At the end of a run: removes the output buffers colorun installed (`object-del`

@@ -92,8 +92,45 @@ extension PolicySession {
                 ["class": "NoCheckpoint", "desc": .string("no generation \(wanted.map(String.init) ?? "at all") of \(series) (have: \(have.isEmpty ? "none" : have))"), "step": "restore"],
                 message: "remus.restore: no good checkpoint of \(series)\(wanted.map { " numbered \($0)" } ?? "") (have: \(have.isEmpty ? "none" : have))")
         }
-        let spec = try standbyDisks(spec: spec, name: name, series: series, generation: generation.number, store: store)
+        let manifest = try standbyManifest(spec: spec, generation: generation.number, store: store)
         guard !generation.path.contains("'") else { throw LuaHostError.message("remus.restore: the state path contains a quote") }
+        let directory = options.stateDirectory + "/standby/" + name
+        let io = blockingIO
+        // qemu-img runs off the event loop: the other domains' checkpoints go on meanwhile.
+        track({ () async -> Result<[String], GenerationStoreError> in
+            do throws(GenerationStoreError) {
+                return .success(try await Self.standbyOverlays(manifest, directory: directory, io: io))
+            } catch {
+                return .failure(error)
+            }
+        }) { [self] result in
+            switch result {
+            case .failure(let error):
+                completion.fail(Self.restoreFailed(error))
+            case .success(let diskArguments):
+                do {
+                    try launchStandby(name: name, series: series, spec: spec, diskArguments: diskArguments, generation: generation, completion: completion)
+                } catch {
+                    RemusDisks.removeOverlays(diskArguments)
+                    completion.fail(error)
+                }
+            }
+        }
+    }
+
+    /// Starts the standby's QEMU on the generation (its overlays made), adds it as a domain
+    /// and resumes it once loaded. A standby that fails to come up is killed and its overlays
+    /// deleted: they hold nothing but what its failed load wrote.
+    private func launchStandby(
+        name: String, series: String, spec: JSONValue, diskArguments: [String], generation: Generation, completion: LuaCompletion
+    ) throws {
+        guard !stopping else { throw LuaHostError.message("the run is stopping: no standby is restored") }
+        guard domains[name] == nil else { throw LuaHostError.message("remus.restore: a domain named '\(name)' already exists") }
+        var spec = spec
+        if case .object(var members) = spec {
+            members[Self.standbyDiskArgumentsKey] = diskArguments.isEmpty ? nil : .array(diskArguments.map { .string($0) })
+            spec = .object(members)
+        }
         let launcher: any StandbyLauncher = spec["lab"]?.boolValue == true ? (labLauncher ?? detachedLauncher) : detachedLauncher
         let launched = try launcher.launch(name: name, spec: spec, incoming: "exec:cat '\(generation.path)'", stateDirectory: options.stateDirectory)
         let domain: Domain
@@ -119,6 +156,7 @@ extension PolicySession {
                 ])])
             case .failure(let error):
                 kill(launched.pid, SIGKILL)
+                RemusDisks.removeOverlays(diskArguments)
                 let stderr = String(decoding: (try? readFile(launched.stderrPath)) ?? [], as: UTF8.self)
                 let detail = stderr.split(separator: "\n").suffix(3).joined(separator: " | ")
                 var fields = error.fields

@@ -263,6 +263,33 @@ enum RemusDisks {
     }
 }
 
+extension RemusDisks {
+    /// The overlay files named in `-blockdev ...,file.filename=FILE` arguments (commas in a
+    /// value are doubled).
+    static func overlayFiles(_ arguments: [String]) -> [String] {
+        arguments.compactMap { argument -> String? in
+            guard argument.hasPrefix("driver=") else { return nil }
+            var fields: [String] = [""]
+            var iterator = argument.makeIterator()
+            while let character = iterator.next() {
+                if character == "," {
+                    guard let after = iterator.next() else { break }
+                    if after == "," { fields[fields.count - 1].append(",") } else { fields.append(String(after)) }
+                } else {
+                    fields[fields.count - 1].append(character)
+                }
+            }
+            return fields.first { $0.hasPrefix("file.filename=") }.map { String($0.dropFirst("file.filename=".count)) }
+        }
+    }
+
+    /// Deletes a failed standby's overlays (never a frozen image: only the files named in
+    /// its own `-blockdev` arguments).
+    static func removeOverlays(_ arguments: [String]) {
+        for file in overlayFiles(arguments) { unlink(file) }
+    }
+}
+
 /// Wall-clock nanoseconds, for unique file names.
 func realtimeNanoseconds() -> UInt64 {
     var spec = timespec()

@@ -137,7 +137,7 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
                 // The same machine on a new host port, its disk the overlay remus.restore made;
                 // a generation without disks (`disks = false`) leaves the standby the live
                 // disk, writes made after the checkpoint included, as such a restore would.
-                let overlay = Self.overlayFile(diskArguments)
+                let overlay = RemusDisks.overlayFiles(diskArguments).first
                 let boot = try linux.boot(base: QEMUSpec(incoming: incoming, extraArguments: diskArguments),
                                           disk: overlay == nil ? .own : .providedElsewhere)
                 instance = boot.qemu
@@ -335,26 +335,6 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
 
     /// The domains that are restored standbys (their guest booted before the checkpoint).
     private var restoredNames: Set<String> = []
-
-    /// The overlay file in the `-blockdev` arguments remus.restore gives a standby.
-    static func overlayFile(_ arguments: [String]) -> String? {
-        for argument in arguments where argument.hasPrefix("driver=") {
-            // Option values double their commas: split on single ones only.
-            var fields: [String] = [""]
-            var iterator = argument.makeIterator()
-            while let character = iterator.next() {
-                if character == "," {
-                    if let after = iterator.next() {
-                        if after == "," { fields[fields.count - 1].append(",") } else { fields.append(String(after)) }
-                    }
-                } else {
-                    fields[fields.count - 1].append(character)
-                }
-            }
-            if let file = fields.first(where: { $0.hasPrefix("file.filename=") }) { return String(file.dropFirst("file.filename=".count)) }
-        }
-        return nil
-    }
 
     static func ledgerFields(_ contents: LedgerContents, fsck: String) -> JSONValue {
         [
