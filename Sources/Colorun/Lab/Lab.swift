@@ -348,6 +348,8 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
     }
 
     public func shutdown(session: PolicySession) -> EventLoopFuture<Void> {
+        for client in writers.values { client.close() }
+        writers = [:]
         let promise = session.eventLoop.makePromise(of: Void.self)
         let all = instances.map(\.instance)
         promise.completeWithTask {
