@@ -128,14 +128,17 @@ for round = 1, opts.rounds do
   target = standby
   lab.ready(target, "60s")
   local ledger = lab.ledger(target)
+  -- Every record acknowledged so far (all rounds) must be in this standby's ledger.
   local lost = lost_from(ledger.records)
-  total_lost = total_lost + #lost
+  local new_lost = #lost - total_lost
+  total_lost = #lost
   restores[#restores + 1] = info.restore_ms
   print(string.format("round %d: %d records acknowledged before the kill, %d present after the failover, %d lost "
-    .. "(standby restored from generation %d in %.0f ms)", round, acked_count, acked_count - #lost, #lost, info.generation, info.restore_ms))
-  log.info("failover round", {round = round, acked = acked_count, present = acked_count - #lost, lost = #lost,
+    .. "(%d in this round; standby restored from generation %d in %.0f ms)",
+    round, acked_count, acked_count - #lost, #lost, new_lost, info.generation, info.restore_ms))
+  log.info("failover round", {round = round, acked = acked_count, present = acked_count - #lost, lost = #lost, lost_now = new_lost,
     bad = ledger.bad, generation = info.generation, restore_ms = info.restore_ms})
-  if #lost > 0 then log.error("acknowledged records missing from the standby's ledger", {records = table.concat(lost, ",")}) end
+  if new_lost > 0 then log.error("acknowledged records missing from the standby's ledger", {records = table.concat(lost, ",", #lost - new_lost + 1)}) end
   writing_to = target
 end
 
@@ -156,7 +159,7 @@ log.info("remus-ledger summary", {rounds = opts.rounds, acked = #acked, lost = t
   restore_p50_ms = percentile(restores, 0.5), restore_max_ms = percentile(restores, 1.0),
   disks = opts.disks, output_commit = opts.output_commit, kill = opts.kill})
 if total_lost > 0 or lost_at_reboot > 0 then
-  error(string.format("%d acknowledged record(s) lost", total_lost + lost_at_reboot))
+  error(string.format("%d acknowledged record(s) lost", math.max(total_lost, lost_at_reboot)))
 end
 if final.fsck ~= "clean" or final.bad > 0 then
   error("the standby's filesystem is not clean at its next boot: fsck " .. final.fsck .. ", " .. final.bad .. " bad record(s)")
