@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import Foundation
 import Testing
 
@@ -6,9 +7,9 @@ private let haveLinuxGuestTools =
     && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img") && FileManager.default.isExecutableFile(atPath: "/bin/busybox")
 
 /// `colorun --lab --guest linux`, as the README tells a reader to run it.
-@Suite(.serialized, .timeLimit(.minutes(4))) struct LabGuestBinaryTests {
+@Suite(.serialized, .timeLimit(.minutes(4)), .machine(.exclusive)) struct LabGuestBinaryTests {
     @Test func guestNeedsTheLab() async throws {
-        let dir = temporaryDirectory("colorun-cli-guest")
+        let dir = makeTempDirectory("colorun-cli-guest")
         let policy = writePolicy("print('hi')\n", in: dir)
         let result = try await runColorun([policy, "--guest", "linux"])
         #expect(result.code == 2, "exit \(result.code)")

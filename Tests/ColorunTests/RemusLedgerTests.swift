@@ -1,3 +1,4 @@
+import ColorunTestSupport
 import QEMULab
 import Testing
 @testable import Colorun
@@ -21,19 +22,12 @@ private let haveLinuxGuestTools =
 ///
 /// Here and not in GuestTests because it needs colorun itself (the session, the lab,
 /// remus.checkpoint/restore); GuestTests covers the guest alone.
-@Suite(.serialized, .timeLimit(.minutes(8)), .enabled(if: haveLinuxGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
+@Suite(.serialized, .timeLimit(.minutes(8)), .machine(.exclusive), .enabled(if: haveLinuxGuestTools, "needs qemu-system-x86_64, qemu-img and busybox-static (scripts/setup)"))
 struct RemusLedgerTests {
-    /// The `key=value` fields of the log lines whose message is `message`.
+    /// The fields of the log events whose message is `message`.
     static func fields(_ run: PolicyRun, _ message: String) -> [[String: String]] {
-        run.logs.lines.withLock { lines in
-            lines.filter { $0.contains(" \(message) ") }.map { line in
-                var fields: [String: String] = [:]
-                for part in line.split(separator: " ") {
-                    let pair = part.split(separator: "=", maxSplits: 1)
-                    if pair.count == 2 { fields[String(pair[0])] = String(pair[1]) }
-                }
-                return fields
-            }
+        run.logs.records.filter { $0.message == message }.map { record in
+            Dictionary(record.metadata.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
         }
     }
 

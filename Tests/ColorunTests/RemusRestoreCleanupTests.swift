@@ -1,4 +1,5 @@
 import ColorunSystem
+import ColorunTestSupport
 import QEMULab
 import Testing
 @testable import Colorun
@@ -9,7 +10,7 @@ import Glibc
 
 /// What remus.restore leaves in `<state-dir>/standby/<name>/`: the overlays of a standby
 /// that runs (its disk), and nothing of one that failed to come up.
-@Suite(.serialized, .timeLimit(.minutes(3))) struct RemusRestoreCleanupTests {
+@Suite(.serialized, .timeLimit(.minutes(3)), .machine(.exclusive)) struct RemusRestoreCleanupTests {
     @Test func overlayFilesAreReadFromTheBlockdevArguments() {
         let arguments = [
             "-blockdev", "driver=qcow2,node-name=d0,file.driver=file,file.filename=/s/standby/a,,b/d0-gen00000001-x.qcow2",
@@ -46,7 +47,7 @@ import Glibc
                 assert(info.generation == r.generation)
                 """#, domains: [("primary", "unix:\(primary.qmpSocketPath)")], stateDirectory: rig.directory + "/state",
                 hooks: ["kill": { primary.kill(SIGKILL) }])
-            standbyPID = RemusDiskPolicyTests.standbyPID(run.logs.lines.withLock { $0.filter { $0.contains("domain=good") }.joined(separator: "\n") })
+            standbyPID = RemusDiskPolicyTests.standbyPID(run.logs.lines.filter { $0.contains("domain=good") }.joined(separator: "\n"))
             #expect(run.failure == nil, "\(run.failure ?? "")\n\(run.logs.text)")
             let bad = try listDirectory(rig.directory + "/state/standby/bad")
             #expect(bad.filter { $0.hasSuffix(".qcow2") }.isEmpty, "\(bad)")
