@@ -1,3 +1,4 @@
+import ColorunSystem
 import Synchronization
 
 #if canImport(Glibc)
@@ -196,19 +197,11 @@ final class GenerationStore: Sendable {
     }
 
     static func list(_ directory: String) throws(GenerationStoreError) -> [String] {
-        guard let dir = opendir(directory) else {
-            throw GenerationStoreError(path: directory, reason: "cannot list: \(errnoText())")
+        do {
+            return try listDirectory(directory)
+        } catch {
+            throw GenerationStoreError(path: directory, reason: "cannot list: \(ColorunSystem.errnoText(error.code))")
         }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            // In place: a copy of `d_name` reads past a short record (see listDirectory).
-            let name = withUnsafeMutablePointer(to: &entry.pointee.d_name) { field in
-                String(cString: UnsafeRawPointer(field).assumingMemoryBound(to: CChar.self))
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
     }
 
     static func syncDirectory(_ directory: String) {
