@@ -13,7 +13,9 @@ local lab = rawget(_G, "lab")          -- the lab module exists only under --lab
 local STANDBY = {
   name = "standby",
   from = primary,
-  -- qemu = {"qemu-system-x86_64", "-M", "pc", "-m", "2048", "-drive", "file=/vm/web.qcow2",
+  -- qemu = {"qemu-system-x86_64", "-M", "pc", "-m", "2048",
+  --         "-device", "virtio-blk-pci,drive=disk0",   -- colorun adds -blockdev disk0: a fresh
+  --                                                    -- overlay on the checkpoint's frozen disk
   --         "-qmp", "unix:/run/qemu/standby.qmp,server=on,wait=off", "-display", "none"},
   -- qmp = "unix:/run/qemu/standby.qmp",
   lab = lab ~= nil,

@@ -64,6 +64,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     private(set) var stats = DomainStats()
     /// The greeting of the current (or last) connection.
     private(set) var greeting: QMPGreeting?
+    /// Who started this domain's QEMU (the lab) says here what became of it, for a connect
+    /// failure's message: exited with what on stderr, or running with its socket gone.
+    var connectFailureContext: (@Sendable () -> String?)?
 
     init(name: String, endpoint: QMPEndpoint, eventLoop: any EventLoop, options: DomainOptions = DomainOptions(),
                 journal: StopJournal? = nil, logger: Logger) {
@@ -106,7 +109,8 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             on: eventLoop)
         future.assumeIsolated().whenComplete { result in
             self.connectFinished(result.mapError { error in
-                let text = (error as? QMPClientError)?.description ?? "\(error)"
+                var text = (error as? QMPClientError)?.description ?? "\(error)"
+                if let context = self.connectFailureContext?() { text += "; \(context)" }
                 return DomainError(domain: self.name, command: "connect", errorClass: DomainError.connectFailed, desc: text)
             })
         }

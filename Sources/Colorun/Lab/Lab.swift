@@ -165,7 +165,8 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
                 guard names.contains(name), session.domains[name] == nil else { return }
                 do {
                     let instance = try start(name)
-                    _ = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: session.options.domainOptions)
+                    let domain = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: session.options.domainOptions)
+                    domain.connectFailureContext = { Self.whatBecameOf(instance) }
                     session.logger.info("lab: started QEMU", metadata: ["domain": .string(name), "pid": .stringConvertible(instance.pid)])
                 } catch {
                     throw LuaHostError.message("lab: cannot start '\(name)': \(error)")
@@ -358,6 +359,20 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
             }
         }
         return promise.futureResult
+    }
+
+    /// For a lab domain's connect failure: whether its QEMU exited (and what it said on
+    /// stderr) or runs with its monitor socket gone.
+    static func whatBecameOf(_ instance: QEMUInstance) -> String {
+        if let status = instance.exitStatus {
+            let stderr = instance.stderrText().split(separator: "\n").suffix(5).joined(separator: " | ")
+            return "its QEMU (pid \(instance.pid)) \(status)" + (stderr.isEmpty ? "" : "; stderr: \(stderr)")
+        }
+        if access(instance.qmpSocketPath, F_OK) != 0 {
+            let directory = access(instance.runDirectory, F_OK) == 0 ? "" : " (its run directory \(instance.runDirectory) is gone too)"
+            return "its QEMU (pid \(instance.pid)) runs but its socket \(instance.qmpSocketPath) does not exist\(directory)"
+        }
+        return "its QEMU (pid \(instance.pid)) runs"
     }
 
     /// Removes a directory tree (the lab's temporary state directory).
