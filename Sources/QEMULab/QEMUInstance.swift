@@ -165,12 +165,7 @@ public final class QEMUInstance: Sendable {
     private func reap(blocking: Bool) -> QEMUExitStatus? {
         state.withLock { state in
             if let status = state.exitStatus { return status }
-            let status: QEMUExitStatus
-            switch reapChild(pid, blocking: blocking) {
-            case nil: return nil
-            case .exited(let code): status = .exited(code: code)
-            case .signaled(let signal): status = .signaled(signal: signal)
-            }
+            guard let status = reapChild(pid, blocking: blocking) else { return nil }
             state.exitStatus = status
             return status
         }

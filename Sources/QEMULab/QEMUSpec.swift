@@ -1,3 +1,5 @@
+import ColorunSystem
+
 /// What to start: the fixed machine that answers QMP under TCG (the QEMU facts it relies on
 /// are in docs/qemu-notes.md), plus the knobs tests and `colorun --lab` need.
 public struct QEMUSpec: Sendable, Hashable {
@@ -57,15 +59,5 @@ public struct QEMULabError: Error, Sendable, Hashable, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// How a QEMU process ended.
-public enum QEMUExitStatus: Sendable, Hashable, CustomStringConvertible {
-    case exited(code: Int32)
-    case signaled(signal: Int32)
-
-    public var description: String {
-        switch self {
-        case .exited(let code): return "exited with status \(code)"
-        case .signaled(let signal): return "killed by signal \(signal)"
-        }
-    }
-}
+/// How a QEMU process ended (a child process's exit, as `ColorunSystem` reports it).
+public typealias QEMUExitStatus = ChildExitStatus
