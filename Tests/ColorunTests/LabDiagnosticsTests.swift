@@ -13,13 +13,14 @@ import Testing
             local p = domain.get("primary")
             assert(p:status().running)
             policy.on_lost(p, function()
+              test.wait("qemu reaped")   -- the kernel has finished the kill: no race with a dying QEMU
               local ok, err = pcall(qmp.status, p)
               assert(not ok, "the status of a killed QEMU")
               log.warn("after the kill: " .. tostring(err))
               policy.stop()
             end)
             lab.kill(p)
-            """#, lab: lab)
+            """#, checks: ["qemu reaped": { lab.instance(for: "primary")?.exitStatus != nil }], lab: lab)
         #expect(run.failure == nil, "\(run.failure ?? "")\n\(run.logs.text)")
         let line = run.logs.lines.first { $0.contains("after the kill:") } ?? ""
         #expect(line.contains("ConnectFailed"), "\(run.logs.text)")
