@@ -145,16 +145,7 @@ import Testing
     @Test func aSecondSignalStillResumesAndExits() async throws {
         try await withSimulatedPair { pair in
             // Every save takes 3 s: a checkpoint is in flight when the signals come.
-            pair.primary.addFault(SimulatedFault("xen-save-devices-state", .delay(.seconds(3))))
-            let dir = makeTempDirectory("colorun-cli-e2e2")
-            let policy = writePolicy("""
-                local p, s = domain.get("web-p"), domain.get("web-s")
-                policy.every("100ms", function() colo.checkpoint(p, s) end)
-                """, in: dir)
-            let process = try ColorunProcess([policy, "--state-dir", dir + "/state"] + pair.domainArguments)
-            try await waitUntil("the checkpoint stopped the primary", timeout: .seconds(20)) {
-                pair.primary.runState != .running
-            }
+            let (process, _) = try await colorunMidCheckpoint(pair, saveDelay: .seconds(3), tag: "colorun-cli-e2e2")
             process.signal(SIGTERM)
             // The second signal must find the first one handled (a graceful stop under way).
             try await waitUntil("colorun's answer to the first SIGTERM", timeout: .seconds(10)) {

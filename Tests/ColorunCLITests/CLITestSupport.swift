@@ -1,6 +1,7 @@
 import ColorunSystem
 import ColorunTestSupport
 import Foundation
+import QEMUSimulator
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func colorunBinary() -> String? {
@@ -138,6 +139,22 @@ func runColorun(_ arguments: [String], timeout: Double = 20) async throws -> Pro
 struct CLITestError: Error, CustomStringConvertible {
     var description: String
     init(_ text: String) { description = text }
+}
+
+/// colorun checkpointing `pair` every 100 ms (state in `<dir>/state`), each save taking
+/// `saveDelay`; returns once a checkpoint has stopped the primary, with the directory.
+func colorunMidCheckpoint(_ pair: SimulatedPair, saveDelay: Duration, tag: String) async throws -> (ColorunProcess, String) {
+    pair.primary.addFault(SimulatedFault("xen-save-devices-state", .delay(saveDelay)))
+    let dir = makeTempDirectory(tag)
+    let policy = writePolicy("""
+        local p, s = domain.get("web-p"), domain.get("web-s")
+        policy.every("100ms", function() colo.checkpoint(p, s) end)
+        """, in: dir)
+    let process = try ColorunProcess([policy, "--state-dir", dir + "/state"] + pair.domainArguments)
+    try await waitUntil("the checkpoint stopped the primary", timeout: .seconds(20)) {
+        pair.primary.runState != .running
+    }
+    return (process, dir)
 }
 
 func writePolicy(_ source: String, in dir: String, name: String = "policy.lua") -> String {

@@ -77,22 +77,8 @@ import Testing
                 pcall(qmp.execute, p, "no-such-command")
                 policy.count_failover_for_test()
                 """, in: dir)
-            let registry = PrometheusCollectorRegistry()
-            var options = PolicyOptions(policyPath: path)
-            options.stateDirectory = dir + "/state"
-            options.domains = [
-                DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
-                DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
-            ]
-            options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
-            let loop = MultiThreadedEventLoopGroup.singleton.next()
-            let session = try await loop.submit { [options] in
-                try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },
-                                  extensions: [FailoverHook()])
-            }.get()
-            let report = try await session.run().get()
+            let (report, text) = try await runWithMetrics(path, pair: pair, stateDirectory: dir + "/state", failoverHook: true)
             #expect(report.checkpoints == 3)
-            let text = registry.emitToString()
             // (failures by step: see failedCheckpointsCountByStep; this run has none)
             for name in ColorunMetrics.Name.all where name != ColorunMetrics.Name.checkpointFailures {
                 #expect(text.contains(name), "missing \(name)")
@@ -113,22 +99,34 @@ import Testing
                 local p, s = domain.get("web-p"), domain.get("web-s")
                 pcall(colo.checkpoint, p, s)
                 """, in: dir)
-            let registry = PrometheusCollectorRegistry()
-            var options = PolicyOptions(policyPath: path)
-            options.stateDirectory = dir + "/state"
-            options.domains = [
-                DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
-                DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
-            ]
-            options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
-            let loop = MultiThreadedEventLoopGroup.singleton.next()
-            let session = try await loop.submit { [options] in
-                try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() })
-            }.get()
-            let report = try await session.run().get()
+            let (report, text) = try await runWithMetrics(path, pair: pair, stateDirectory: dir + "/state")
             #expect(report.failedCheckpoints == 1)
-            #expect(registry.emitToString().contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
+            #expect(text.contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
         }
+    }
+}
+
+extension MetricsTests {
+    /// Runs the policy at `path` against the pair with Prometheus metrics; returns the
+    /// report and the metrics as Prometheus prints them.
+    func runWithMetrics(_ path: String, pair: SimulatedPair, stateDirectory: String, failoverHook: Bool = false)
+        async throws -> (PolicyReport, String)
+    {
+        let registry = PrometheusCollectorRegistry()
+        var options = PolicyOptions(policyPath: path)
+        options.stateDirectory = stateDirectory
+        options.domains = [
+            DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+            DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+        ]
+        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let session = try await loop.submit { [options] in
+            try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },
+                              extensions: failoverHook ? [FailoverHook()] : [])
+        }.get()
+        let report = try await session.run().get()
+        return (report, registry.emitToString())
     }
 }
 

@@ -46,16 +46,7 @@ import Testing
     /// SIGTERM mid-checkpoint: the checkpoint finishes (or rolls back), both run, exit 0.
     @Test func sigtermMidCheckpointLetsItFinish() async throws {
         try await withSimulatedPair { pair in
-            pair.primary.addFault(SimulatedFault("xen-save-devices-state", .delay(.milliseconds(800))))
-            let dir = makeTempDirectory("colorun-term")
-            let policy = writePolicy("""
-                local p, s = domain.get("web-p"), domain.get("web-s")
-                policy.every("100ms", function() colo.checkpoint(p, s) end)
-                """, in: dir)
-            let process = try ColorunProcess([policy, "--state-dir", dir + "/state"] + pair.domainArguments)
-            try await waitUntil("the checkpoint stopped the primary", timeout: .seconds(20)) {
-                pair.primary.runState != .running
-            }
+            let (process, dir) = try await colorunMidCheckpoint(pair, saveDelay: .milliseconds(800), tag: "colorun-term")
             process.signal(SIGTERM)
             let result = await process.wait(timeout: 15)
             #expect(result.code == 0, "\(result.stderr)")

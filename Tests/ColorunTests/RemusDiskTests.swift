@@ -32,6 +32,17 @@ import Glibc
 
         static let diskDevice = ["-device", "ide-hd,drive=d0,id=vd0"]
 
+        /// A standby's QEMU command line for `remus.restore{qemu = ...}`, as a Lua table
+        /// literal (the disk device, no disk node: colorun adds it), and the monitor socket it opens.
+        func standbyCommandLine() -> (lua: String, socket: String) {
+            let guestImage = directory + "/guest.img"
+            writeFile(guestImage, CountingGuest.bootSector)
+            let socket = directory + "/standby.qmp"
+            let argv = ["qemu-system-x86_64"]
+                + QEMUSpec(countingGuest: true, extraArguments: Self.diskDevice).arguments(qmpSocket: socket, guestImage: guestImage)
+            return ("{" + argv.map { "\"\($0)\"" }.joined(separator: ", ") + "}", socket)
+        }
+
         init(keep: Int = 2, nic: Bool = false) throws {
             directory = makeTempDirectory("colorun-rdisk")
             base = directory + "/base.qcow2"

@@ -25,12 +25,7 @@ import Glibc
     /// directory exists), and a later restore of the same generation works.
     @Test func aStandbyThatFailsToComeUpLeavesNoOverlay() async throws {
         let rig = try RemusDiskTests.Rig()
-        let guestImage = rig.directory + "/guest.img"
-        writeFile(guestImage, CountingGuest.bootSector)
-        let socket = rig.directory + "/standby.qmp"
-        let argv = ["qemu-system-x86_64"]
-            + QEMUSpec(countingGuest: true, extraArguments: RemusDiskTests.Rig.diskDevice).arguments(qmpSocket: socket, guestImage: guestImage)
-        let lua = "{" + argv.map { "\"\($0)\"" }.joined(separator: ", ") + "}"
+        let (lua, socket) = rig.standbyCommandLine()
         let primary = rig.primary
         var standbyPID: pid_t?
         do {
