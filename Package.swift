@@ -13,8 +13,10 @@ import PackageDescription
 //   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run
-//   ColorunOperator  the operator's side: summary, status line, JSON logs, metrics endpoint, one-shot qmp, check
-//   ColorunCLI       the `colorun` command (swift-argument-parser), a thin layer over Colorun and ColorunOperator
+//   ColorunOperator  the operator's side: summary, status line, JSON logs, metrics endpoint and its Prometheus
+//                    export (HELP texts), one-shot qmp, check
+//   ColorunCLI       the `colorun` command (swift-argument-parser), a thin layer over Colorun and ColorunOperator;
+//                    a run's services (policy, metrics server) under swift-service-lifecycle
 //   QEMUSimCLI       the `qemu-sim` command: simulated domains on UNIX sockets
 //   QEMULabProbe     a process for QEMULabTests to kill: it starts lab QEMUs, or a child, and waits
 //   QMPBench         the `qmp-bench` command: query-status latency through both QMPClient APIs
@@ -84,7 +86,7 @@ let package = Package(
         ),
         .target(
             name: "ColorunOperator",
-            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, http] + nio
+            dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus, http] + nio
         ),
         .executableTarget(
             name: "ColorunCLI",
@@ -93,6 +95,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ] + nio
         ),
         .executableTarget(

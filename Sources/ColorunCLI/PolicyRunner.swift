@@ -5,6 +5,9 @@ import Logging
 import LuaRuntime
 import NIOCore
 import NIOPosix
+import ServiceLifecycle
+import Synchronization
+import UnixSignals
 
 #if canImport(Glibc)
 import Glibc
@@ -12,7 +15,17 @@ import Glibc
 import Darwin
 #endif
 
-/// One `colorun run`: the session, the signals, the live status and the summary.
+/// One `colorun run`: the session, its services under swift-service-lifecycle, the signals,
+/// the live status and the summary.
+///
+/// The run is a `ServiceGroup`: the services given to `run(alongside:)` (the metrics server)
+/// first, the policy last. The group turns the first SIGTERM or SIGINT into a graceful
+/// shutdown, in reverse order: the policy stops (no new checkpoint starts, in-flight ones
+/// finish or roll back, every domain the run stopped is resumed, the summary is printed),
+/// then the metrics server closes. A policy that ends by itself (finished, `policy.stop()`,
+/// failed, `--duration`) shuts the group down the same way. ServiceGroup acts on the first
+/// signal only; the second one ("stop waiting") is colorun's own, read from a
+/// `UnixSignalsSequence` of the same package that also names the signal in the log.
 struct PolicyRunner {
     var options: PolicyOptions
     var logger: Logger
@@ -23,10 +36,10 @@ struct PolicyRunner {
     /// the session's event loop.
     var makeExtensions: @Sendable () throws -> [any PolicyExtension] = { [] }
 
-    /// Runs the policy and returns the exit code.
-    func run() async -> Int32 {
+    /// Runs the policy, with `services` started before it and stopped after it, and returns
+    /// the exit code.
+    func run(alongside services: [any Service] = []) async -> Int32 {
         let loop = MultiThreadedEventLoopGroup.singleton.next()
-        let started = NIODeadline.now()
         let session: PolicySession
         do {
             session = try await loop.submit { [options, logger, makeExtensions] in
@@ -36,54 +49,111 @@ struct PolicyRunner {
             writeStandardError("colorun: \(error)")
             return 2
         }
+        // Trapped before the group starts, so no signal goes by unnamed.
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let policy = PolicyService(runner: self, session: session, signals: signals)
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: services.map {
+                // A metrics server that fails leaves the policy running.
+                ServiceGroupConfiguration.ServiceConfiguration(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
+            } + [
+                ServiceGroupConfiguration.ServiceConfiguration(
+                    service: policy, successTerminationBehavior: .gracefullyShutdownGroup, failureTerminationBehavior: .gracefullyShutdownGroup),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            logger.error("the run's services ended with an error", metadata: ["error": .string("\(error)")])
+        }
+        return policy.exitCode ?? 1
+    }
 
-        let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { [logger, hardDeadline] name, count in
-            if count == 1 {
-                logger.notice("\(name): stopping; in-flight checkpoints finish or roll back, stopped domains are resumed (send it again to stop waiting)")
-                session.stop()
-            } else if count == 2 {
-                logger.warning("\(name) again: not waiting for in-flight checkpoints; resuming stopped domains now, exiting within \(hardDeadline)")
-                session.stop()
-                _ = session.resumeStoppedDomainsNow()
-                DispatchQueue.global().asyncAfter(deadline: .now() + hardDeadline) {
-                    Self.giveUp(session: session, started: started, policy: options.policyPath)
+    /// The policy run as a service: runs the session until the policy ends; a graceful
+    /// shutdown stops it cleanly; a second signal stops waiting.
+    final class PolicyService: Service, CustomStringConvertible {
+        let runner: PolicyRunner
+        let session: PolicySession
+        let signals: UnixSignalsSequence
+        private let result = Mutex<Int32?>(nil)
+
+        init(runner: PolicyRunner, session: PolicySession, signals: UnixSignalsSequence) {
+            self.runner = runner
+            self.session = session
+            self.signals = signals
+        }
+
+        var description: String { "policy \(runner.options.policyPath)" }
+        var exitCode: Int32? { result.withLock { $0 } }
+
+        func run() async throws {
+            let code = await runPolicy()
+            result.withLock { $0 = code }
+        }
+
+        private func runPolicy() async -> Int32 {
+            let (options, logger, session) = (runner.options, runner.logger, self.session)
+            let started = NIODeadline.now()
+            let watcher = Task { [signals, hardDeadline = runner.hardDeadline] in
+                var count = 0
+                for await signal in signals {
+                    count += 1
+                    let name = signal == .sigterm ? "SIGTERM" : signal == .sigint ? "SIGINT" : "\(signal)"
+                    if count == 1 {
+                        logger.notice("\(name): stopping; in-flight checkpoints finish or roll back, stopped domains are resumed (send it again to stop waiting)")
+                        // The group's graceful shutdown stops the session too; whichever comes first.
+                        session.stop()
+                    } else if count == 2 {
+                        logger.warning("\(name) again: not waiting for in-flight checkpoints; resuming stopped domains now, exiting within \(hardDeadline)")
+                        session.stop()
+                        _ = session.resumeStoppedDomainsNow()
+                        DispatchQueue.global().asyncAfter(deadline: .now() + hardDeadline) {
+                            PolicyRunner.giveUp(session: session, started: started, policy: options.policyPath)
+                        }
+                    }
                 }
             }
-        }
+            defer { watcher.cancel() }
 
-        let ticker = liveStatus ? loop.scheduleRepeatedTask(initialDelay: .milliseconds(250), delay: .milliseconds(250)) { _ in
-            session.status().whenSuccess { status in
-                let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-                writeStandardOutput("\r\u{1B}[2K" + status.line(elapsedSeconds: elapsed))
+            let loop = session.eventLoop
+            let ticker = runner.liveStatus ? loop.scheduleRepeatedTask(initialDelay: .milliseconds(250), delay: .milliseconds(250)) { _ in
+                session.status().whenSuccess { status in
+                    let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+                    writeStandardOutput("\r\u{1B}[2K" + status.line(elapsedSeconds: elapsed))
+                }
+            } : nil
+
+            let report: PolicyReport
+            do {
+                report = try await withGracefulShutdownHandler {
+                    try await session.run().get()
+                } onGracefulShutdown: {
+                    session.stop()
+                }
+            } catch {
+                // The run future does not fail; be safe anyway.
+                ticker?.cancel()
+                writeStandardError("colorun: \(error)")
+                return 1
             }
-        } : nil
-
-        let report: PolicyReport
-        do {
-            report = try await session.run().get()
-        } catch {
-            // The run future does not fail; be safe anyway.
             ticker?.cancel()
-            writeStandardError("colorun: \(error)")
-            return 1
-        }
-        ticker?.cancel()
-        signals.cancel()
-        if liveStatus { writeStandardOutput("\r\u{1B}[2K") }
+            if runner.liveStatus { writeStandardOutput("\r\u{1B}[2K") }
 
-        let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-        writeStandardOutput(PolicySummary.format(report, policy: options.policyPath, elapsedSeconds: elapsed) + "\n")
-        switch report.outcome {
-        case .finished, .stopped:
-            return 0
-        case .failed(let failure):
-            if failure.task == "main" && failure.traceback.isEmpty {
-                // The file did not load (it changed since the check before the run).
-                writeStandardError("colorun: cannot load the policy: \(failure.message)")
-                return 2
+            let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+            writeStandardOutput(PolicySummary.format(report, policy: options.policyPath, elapsedSeconds: elapsed) + "\n")
+            switch report.outcome {
+            case .finished, .stopped:
+                return 0
+            case .failed(let failure):
+                if failure.task == "main" && failure.traceback.isEmpty {
+                    // The file did not load (it changed since the check before the run).
+                    writeStandardError("colorun: cannot load the policy: \(failure.message)")
+                    return 2
+                }
+                writeStandardError("colorun: the policy failed: \(failure.message)" + (failure.traceback.isEmpty ? "" : "\n\(failure.traceback)"))
+                return 1
             }
-            writeStandardError("colorun: the policy failed: \(failure.message)" + (failure.traceback.isEmpty ? "" : "\n\(failure.traceback)"))
-            return 1
         }
     }
 
@@ -100,32 +170,5 @@ struct PolicyRunner {
         }
         writeStandardError("colorun: exiting before the session ended; NOT RESUMED: \(stillStopped.joined(separator: ", ")) -- these VMs may still be paused; the next colorun run with the same --state-dir resumes them")
         exit(1)
-    }
-}
-
-/// SIGTERM/SIGINT through Dispatch signal sources; `handler(name, count)` runs on a private queue.
-final class SignalWatcher: @unchecked Sendable {
-    private let queue = DispatchQueue(label: "colorun.signals")
-    private var sources: [any DispatchSourceSignal] = []
-    private var count = 0
-
-    init(signals: [Int32], handler: @escaping @Sendable (String, Int) -> Void) {
-        for signo in signals {
-            signal(signo, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: signo, queue: queue)
-            let name = signo == SIGTERM ? "SIGTERM" : signo == SIGINT ? "SIGINT" : "signal \(signo)"
-            source.setEventHandler { [unowned self] in
-                count += 1
-                handler(name, count)
-            }
-            source.resume()
-            sources.append(source)
-        }
-    }
-
-    func cancel() {
-        queue.sync {
-            for source in sources { source.cancel() }
-        }
     }
 }

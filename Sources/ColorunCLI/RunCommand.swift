@@ -6,6 +6,7 @@ import Logging
 import LuaRuntime
 import NIOCore
 import QEMULab
+import ServiceLifecycle
 
 struct RunCommand: ColorunSubcommand {
     static let configuration = CommandConfiguration(
@@ -26,7 +27,7 @@ struct RunCommand: ColorunSubcommand {
 
             Signals: SIGTERM or SIGINT stops the run cleanly: no new checkpoint starts, \
             in-flight checkpoints finish or roll back, every domain this run stopped is \
-            resumed, the summary is printed, exit 0. A second signal stops waiting for \
+            resumed, the summary is printed, the metrics endpoint closes, exit 0. A second signal stops waiting for \
             in-flight checkpoints: colorun resumes the stopped domains at once and exits within \
             5 s whatever happens (exit 1 if a domain may still be paused; the next run resumes \
             it from the journal).
@@ -129,11 +130,10 @@ struct RunCommand: ColorunSubcommand {
         try policy.validatePolicyLoads()
         Bootstrap.logging(format: logFormat, level: logLevel)
         let logger = Logger(label: "colorun")
-        let metricsServer: MetricsServer?
+        // Listening before the run starts: a port that is taken is a usage error (exit 2).
+        var services: [any Service] = []
         if let metricsListen {
-            metricsServer = try await Bootstrap.metrics(listen: metricsListen, logger: logger)
-        } else {
-            metricsServer = nil
+            services.append(MetricsService(server: try await Bootstrap.metrics(listen: metricsListen, logger: logger)))
         }
         var runner = PolicyRunner(options: options, logger: logger, liveStatus: isatty(1) != 0)
         if lab {
@@ -152,8 +152,7 @@ struct RunCommand: ColorunSubcommand {
             }
             runner.makeExtensions = { [lab] in [lab] }
         }
-        let code = await runner.run()
-        await metricsServer?.close()
+        let code = await runner.run(alongside: services)
         if lab && stateDirectory == nil { Lab.removeDirectory(options.stateDirectory) }
         throw ExitCode(code)
     }
@@ -176,5 +175,22 @@ func temporaryDirectory(_ prefix: String) throws -> String {
         return try makeTemporaryDirectory(in: Lab.runDirectoryParent, prefix: prefix)
     } catch {
         throw ValidationError(error.description)
+    }
+}
+
+/// The metrics endpoint as a service of the run: serves until the run's graceful shutdown
+/// (after the policy has stopped) or cancellation, then closes its socket.
+struct MetricsService: Service, CustomStringConvertible {
+    let server: MetricsServer
+
+    var description: String { "metrics server on \(server.localAddress.map { "\($0)" } ?? "?")" }
+
+    func run() async throws {
+        let channel = server.channel
+        try await withTaskCancellationOrGracefulShutdownHandler {
+            try await channel.closeFuture.get()
+        } onCancelOrGracefulShutdown: {
+            channel.close(promise: nil)
+        }
     }
 }

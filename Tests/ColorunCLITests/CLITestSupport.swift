@@ -61,23 +61,28 @@ private final class PipeCapture: @unchecked Sendable {
     var finished: Bool { lock.withLock { atEOF } }
 }
 
-/// A running `colorun` (stdout and stderr read in the background). Started as an owned child
-/// (ColorunSystem): it dies with the test process, however that ends.
+/// A running `colorun` (stdout and stderr read in the background), or any other command line.
+/// Started as an owned child (ColorunSystem): it dies with the test process, however that ends.
 final class ColorunProcess: @unchecked Sendable {
     let pid: pid_t
     private let out: PipeCapture, err: PipeCapture
     private let lock = NSLock()
     private var exitStatus: ChildExitStatus?
 
-    init(_ arguments: [String]) throws {
+    /// The built colorun with `arguments`.
+    convenience init(_ arguments: [String]) throws {
         guard let binary = colorunBinary() else { throw CLITestError("the colorun binary is not built (swift build)") }
+        try self.init(commandLine: [binary] + arguments)
+    }
+
+    init(commandLine: [String]) throws {
         let out = try PipeCapture(), err = try PipeCapture()
         // The child has its own copies: closing ours lets the reads end at its exit.
         defer {
             close(out.writeEnd)
             close(err.writeEnd)
         }
-        pid = try spawnChild([binary] + arguments, lifetime: .owned,
+        pid = try spawnChild(commandLine, lifetime: .owned,
                              standardOutput: .descriptor(out.writeEnd), standardError: .descriptor(err.writeEnd))
         self.out = out
         self.err = err
@@ -134,6 +139,26 @@ final class ColorunProcess: @unchecked Sendable {
 
 func runColorun(_ arguments: [String], timeout: Double = 20) async throws -> ProcessResult {
     try await ColorunProcess(arguments).wait(timeout: timeout)
+}
+
+/// Runs any command line (the executable looked up in PATH) to its end.
+func runCommand(_ commandLine: [String], timeout: Double = 20) async throws -> ProcessResult {
+    try await ColorunProcess(commandLine: commandLine).wait(timeout: timeout)
+}
+
+/// `promtool check metrics` (Debian's prometheus package) on a Prometheus text exposition:
+/// exit 0 and no output when it has no complaint.
+func promtoolCheckMetrics(_ exposition: String) async throws -> ProcessResult {
+    let dir = makeTempDirectory("colorun-promtool")
+    defer { removeDirectory(dir) }
+    let file = writePolicy(exposition, in: dir, name: "metrics.txt")
+    return try await runCommand(["sh", "-c", #"exec promtool check metrics < "$1""#, "sh", file])
+}
+
+/// The body of an HTTP response.
+func httpBody(_ response: String) -> String {
+    guard let range = response.range(of: "\r\n\r\n") else { return "" }
+    return String(response[range.upperBound...])
 }
 
 struct CLITestError: Error, CustomStringConvertible {

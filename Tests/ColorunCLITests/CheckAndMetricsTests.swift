@@ -88,6 +88,35 @@ import Testing
             #expect(text.contains(#"colorun_checkpoints_total{series="web-p+web-s"} 3"#))
             #expect(text.contains(#"colorun_domain_up{domain="web-p"}"#))
             #expect(text.contains("colorun_failovers_total 1"))
+            // Every metric says what it is, and promtool has nothing to say about any.
+            for name in ColorunMetrics.Name.all where name != ColorunMetrics.Name.checkpointFailures {
+                #expect(text.contains("# HELP \(name) \(ColorunMetrics.help[name] ?? "-")\n"), "no HELP for \(name)")
+            }
+            let lint = try await promtoolCheckMetrics(text)
+            #expect(lint.code == 0 && lint.stdout.isEmpty && lint.stderr.isEmpty, "promtool: \(lint.code) \(lint.stdout) \(lint.stderr)")
+        }
+    }
+
+    @Test func everyMetricHasHelpText() {
+        for name in ColorunMetrics.Name.all {
+            let help = ColorunMetrics.help[name] ?? ""
+            #expect(help.count > 10 && !help.contains("\n"), "\(name): '\(help)'")
+        }
+        #expect(Set(ColorunMetrics.help.keys) == Set(ColorunMetrics.Name.all))
+    }
+
+    /// The gauge says 1 while colorun holds a domain's monitor, and 0 once the run has ended.
+    @Test func domainUpGoesToZeroAtTheEndOfARun() async throws {
+        try await withSimulatedPair { pair in
+            let dir = makeTempDirectory("colorun-metrics")
+            let path = writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                colo.checkpoint(p, s)
+                """, in: dir)
+            let (report, text) = try await runWithMetrics(path, pair: pair, stateDirectory: dir + "/state")
+            #expect(report.checkpoints == 1)
+            #expect(text.contains(#"colorun_domain_up{domain="web-p"} 0.0"#), "\(text)")
+            #expect(text.contains(#"colorun_domain_up{domain="web-s"} 0.0"#), "\(text)")
         }
     }
 
@@ -102,6 +131,9 @@ import Testing
             let (report, text) = try await runWithMetrics(path, pair: pair, stateDirectory: dir + "/state")
             #expect(report.failedCheckpoints == 1)
             #expect(text.contains(#"colorun_checkpoint_failures_total{series="web-p+web-s",step="restore"} 1"#))
+            #expect(text.contains("# HELP colorun_checkpoint_failures_total \(ColorunMetrics.help[ColorunMetrics.Name.checkpointFailures] ?? "-")\n"))
+            let lint = try await promtoolCheckMetrics(text)
+            #expect(lint.code == 0 && lint.stdout.isEmpty && lint.stderr.isEmpty, "promtool: \(lint.code) \(lint.stdout) \(lint.stderr)")
         }
     }
 }
@@ -119,7 +151,8 @@ extension MetricsTests {
             DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
             DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
         ]
-        options.domainOptions.metrics = ColorunMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        // What `--metrics-listen` serves: swift-prometheus with colorun's HELP texts.
+        options.domainOptions.metrics = ColorunMetrics(factory: ColorunPrometheusFactory(registry: registry))
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let session = try await loop.submit { [options] in
             try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() },

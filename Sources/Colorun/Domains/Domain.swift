@@ -155,8 +155,11 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Closes the monitor connection (the next command opens a new one). On the loop.
     func dropConnection() {
-        connection?.close(promise: nil)
-        connection = nil
+        guard let connection else { return }
+        // connectionClosed ignores a connection that is no longer ours: say it here.
+        options.metrics.domain(name, up: false)
+        connection.close(promise: nil)
+        self.connection = nil
     }
 
     // MARK: - Commands (callback API, on the loop)

@@ -7,28 +7,42 @@ import CoreMetrics
 /// (read at each record, so a bootstrap after the options are built still counts). Tests pass
 /// their own factory instead of bootstrapping the process-wide one.
 public final class ColorunMetrics: Sendable {
-    enum Name {
+    /// The metric names. Each has a HELP text in `help`, which docs/operations.md repeats.
+    public enum Name {
         /// Timer: a checkpoint from its first command to its commit. Dimension `series`.
-        static let checkpointDuration = "colorun_checkpoint_duration_seconds"
+        public static let checkpointDuration = "colorun_checkpoint_duration_seconds"
         /// Timer: how long the guest(s) were paused by a good checkpoint. Dimension `series`.
-        static let pauseDuration = "colorun_checkpoint_pause_seconds"
+        public static let pauseDuration = "colorun_checkpoint_pause_seconds"
         /// Counter: good checkpoints. Dimension `series`.
-        static let checkpoints = "colorun_checkpoints_total"
+        public static let checkpoints = "colorun_checkpoints_total"
         /// Counter: failed checkpoints. Dimensions `series`, `step`.
-        static let checkpointFailures = "colorun_checkpoint_failures_total"
+        public static let checkpointFailures = "colorun_checkpoint_failures_total"
         /// Counter: failovers the policy performed.
-        static let failovers = "colorun_failovers_total"
+        public static let failovers = "colorun_failovers_total"
         /// Timer: QMP command latency, request to reply. Dimension `command`.
-        static let qmpLatency = "colorun_qmp_command_duration_seconds"
+        public static let qmpLatency = "colorun_qmp_command_duration_seconds"
         /// Counter: QMP commands that failed (error reply, timeout, lost connection). Dimension `command`.
-        static let qmpFailures = "colorun_qmp_command_failures_total"
-        /// Gauge: 1 while the domain's monitor connection is open, 0 after it failed or closed. Dimension `domain`.
-        static let domainUp = "colorun_domain_up"
+        public static let qmpFailures = "colorun_qmp_command_failures_total"
+        /// Gauge: 1 while the domain's monitor connection is open, 0 after it failed or closed
+        /// (and for every domain at the end of a run). Dimension `domain`.
+        public static let domainUp = "colorun_domain_up"
 
-        static let all = [
+        public static let all = [
             checkpointDuration, pauseDuration, checkpoints, checkpointFailures, failovers, qmpLatency, qmpFailures, domainUp,
         ]
     }
+
+    /// The HELP text of each metric in `Name.all` (what a Prometheus exporter prints as `# HELP`).
+    public static let help: [String: String] = [
+        Name.checkpointDuration: "Duration of a good checkpoint, from its first command to its commit, by checkpoint series.",
+        Name.pauseDuration: "How long a good checkpoint kept the guests paused, by checkpoint series.",
+        Name.checkpoints: "Good checkpoints, by checkpoint series.",
+        Name.checkpointFailures: "Failed checkpoints, by checkpoint series and the step that failed (stop, save, verify, restore, migrate, resume, commit).",
+        Name.failovers: "Failovers the policy performed.",
+        Name.qmpLatency: "QMP command latency from request to reply, by command.",
+        Name.qmpFailures: "QMP commands that failed (an error reply, a timeout or a lost connection), by command.",
+        Name.domainUp: "1 while colorun's monitor connection to the domain is open; 0 after it failed, was lost, or the run ended.",
+    ]
 
     private let explicitFactory: (any MetricsFactory)?
 

@@ -185,7 +185,12 @@ public final class PolicySession: @unchecked Sendable {
                 domain = Domain(name: entry.domain, endpoint: endpoint, eventLoop: eventLoop, options: options.domainOptions,
                                 journal: journal, logger: logger)
             }
-            futures.append(recover(entry, domain: domain))
+            let recovered = recover(entry, domain: domain)
+            if domains[entry.domain] !== domain {
+                // A domain only the journal names: its monitor is not the run's to keep.
+                recovered.assumeIsolated().whenComplete { _ in domain.dropConnection() }
+            }
+            futures.append(recovered)
         }
         return EventLoopFuture.andAllComplete(futures, on: eventLoop)
     }
