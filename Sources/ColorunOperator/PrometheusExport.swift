@@ -58,15 +58,15 @@ public struct ColorunPrometheusFactory: MetricsFactory {
     }
 
     public func destroyCounter(_ handler: any CounterHandler) {
-        if let counter = handler as? Counter { registry.unregisterCounter(counter) }
+        if let counter = handler as? Prometheus.Counter { registry.unregisterCounter(counter) }
     }
 
     public func destroyFloatingPointCounter(_ handler: any FloatingPointCounterHandler) {
-        if let counter = handler as? Counter { registry.unregisterCounter(counter) }
+        if let counter = handler as? Prometheus.Counter { registry.unregisterCounter(counter) }
     }
 
     public func destroyRecorder(_ handler: any RecorderHandler) {
-        if let gauge = handler as? Gauge {
+        if let gauge = handler as? Prometheus.Gauge {
             registry.unregisterGauge(gauge)
         } else if let histogram = handler as? ValueHistogram {
             registry.unregisterValueHistogram(histogram)
@@ -74,7 +74,7 @@ public struct ColorunPrometheusFactory: MetricsFactory {
     }
 
     public func destroyMeter(_ handler: any MeterHandler) {
-        if let gauge = handler as? Gauge { registry.unregisterGauge(gauge) }
+        if let gauge = handler as? Prometheus.Gauge { registry.unregisterGauge(gauge) }
     }
 
     public func destroyTimer(_ handler: any TimerHandler) {

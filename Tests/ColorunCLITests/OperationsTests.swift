@@ -77,6 +77,14 @@ import Testing
         let manual = (try? String(contentsOfFile: prefix + "/share/man/man1/colorun.1", encoding: .utf8)) ?? ""
         #expect(manual.contains(".Dt COLORUN 1"), "\(manual.prefix(300))")
         #expect(manual.contains("metrics-listen") && manual.contains("Exit codes"))
+        // man renders it without a warning; systemd accepts the unit (an instance of it, with the
+        // installed binary and manual).
+        let man = try await runCommand(["sh", "-c", #"MANWIDTH=80 exec man -l "$1""#, "sh", prefix + "/share/man/man1/colorun.1"])
+        #expect(man.code == 0 && man.stderr.isEmpty && man.stdout.contains("COLORUN(1)"), "man: \(man.stderr)")
+        let instance = dir + "/colorun@web.service"
+        try FileManager.default.copyItem(atPath: prefix + "/lib/systemd/system/colorun@.service", toPath: instance)
+        let verify = try await runCommand(["sh", "-c", #"MANPATH="$1" exec systemd-analyze verify "$2""#, "sh", prefix + "/share/man", instance])
+        #expect(verify.code == 0 && verify.stderr.isEmpty, "systemd-analyze verify: \(verify.stdout)\(verify.stderr)")
         let bash = (try? String(contentsOfFile: prefix + "/share/bash-completion/completions/colorun", encoding: .utf8)) ?? ""
         #expect(bash.contains("--metrics-listen"))
 
