@@ -176,3 +176,32 @@ final class FailoverHook: PolicyExtension {
 
     func shutdown(session: PolicySession) -> EventLoopFuture<Void> { session.eventLoop.makeSucceededVoidFuture() }
 }
+
+@Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct ShutdownTests {
+    /// A stop that comes before the run starts (a SIGTERM at start-up) ends the run at once:
+    /// the policy never starts.
+    @Test func aStopBeforeTheRunEndsItBeforeThePolicyStarts() async throws {
+        try await withSimulatedPair { pair in
+            let dir = makeTempDirectory("colorun-early-stop")
+            var options = PolicyOptions(policyPath: writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                policy.every("100ms", function() colo.checkpoint(p, s) end)
+                """, in: dir))
+            options.stateDirectory = dir + "/state"
+            options.domains = [
+                DomainSpec(name: "web-p", endpoint: .unix(path: pair.directory + "/p.sock")),
+                DomainSpec(name: "web-s", endpoint: .unix(path: pair.directory + "/s.sock")),
+            ]
+            let loop = MultiThreadedEventLoopGroup.singleton.next()
+            let session = try await loop.submit { [options] in
+                try PolicySession(options: options, eventLoop: loop, logger: Logger(label: "t") { _ in SwiftLogNoOpLogHandler() })
+            }.get()
+            session.stop()
+            let report = try await session.run().get()
+            guard case .stopped = report.outcome else { Issue.record("outcome \(report.outcome)"); return }
+            #expect(report.checkpoints == 0)
+            #expect(pair.primary.saveCounter == 0)
+            #expect(pair.primary.runState == .running)
+        }
+    }
+}

@@ -143,7 +143,12 @@ public final class PolicySession: @unchecked Sendable {
     /// the run has ended and every domain it stopped runs again. Callable from any thread.
     public func run() -> EventLoopFuture<PolicyReport> {
         eventLoop.flatSubmit { [self] in
-            recoverJournal().flatMap { [self] in
+            recoverJournal().flatMap { [self] () -> EventLoopFuture<LuaRunOutcome> in
+                // stop() came first (a SIGTERM at start-up): the policy never starts, and the
+                // end of the run still does its work (what the recovery connected is closed).
+                if stopping {
+                    return shutdown(.stopped).map { LuaRunOutcome.stopped }
+                }
                 if let duration = options.duration {
                     eventLoop.scheduleTask(in: duration) { [self] in
                         logger.info("--duration reached; stopping")
