@@ -12,7 +12,8 @@ import PackageDescription
 //   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
 //   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
-//   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run
+//   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run, the
+//                    API table behind the editor stubs, the lab (--lab) and simulated domains (--sim)
 //   ColorunOperator  the operator's side: summary, status line, JSON logs, metrics endpoint and its Prometheus
 //                    export (HELP texts), one-shot qmp, check
 //   ColorunCLI       the `colorun` command (swift-argument-parser), a thin layer over Colorun and ColorunOperator;
@@ -80,7 +81,7 @@ let package = Package(
         .target(
             name: "Colorun",
             dependencies: [
-                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", logging, metrics,
+                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", "QEMUSimulator", logging, metrics,
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ] + nio
         ),

@@ -110,9 +110,13 @@ void clua_pushhostfunction(lua_State *L, void *box) {
 }
 
 void clua_pushwhere(lua_State *L) {
+    clua_pushwhere_from(L, 1, L);
+}
+
+void clua_pushwhere_from(lua_State *co, int first, lua_State *L) {
     lua_Debug ar;
-    for (int level = 1; lua_getstack(L, level, &ar); level++) {
-        if (!lua_getinfo(L, "Sl", &ar)) break;
+    for (int level = first; lua_getstack(co, level, &ar); level++) {
+        if (!lua_getinfo(co, "Sl", &ar)) break;
         if (ar.currentline <= 0) continue;
         if (strncmp(ar.source, "=[host", 6) == 0) continue;
         lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);

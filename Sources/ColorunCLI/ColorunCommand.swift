@@ -19,7 +19,7 @@ struct ColorunCommand: AsyncParsableCommand {
             error (bad option, missing file, syntax error).
             """,
         version: colorunVersion,
-        subcommands: [RunCommand.self, CheckCommand.self, QMPCommand.self],
+        subcommands: [RunCommand.self, CheckCommand.self, QMPCommand.self, StubsCommand.self],
         defaultSubcommand: RunCommand.self
     )
 

@@ -63,6 +63,24 @@ struct DurationArgument: ExpressibleByArgument, Sendable {
     static var defaultCompletionKind: CompletionKind { .default }
 }
 
+/// `--memory-limit 64MiB`: a size with a unit (B, KiB/K, MiB/M, GiB/G, TiB/T, kB, MB, GB,
+/// TB), or a bare number of MiB.
+struct SizeArgument: ExpressibleByArgument, Sendable {
+    var bytes: Int
+    var text: String
+    init(bytes: Int) {
+        self.bytes = bytes
+        text = LuaSize(bytes: bytes).description
+    }
+    init?(argument: String) {
+        guard let size = try? LuaSize(parsing: argument, defaultUnit: 1 << 20) else { return nil }
+        bytes = size.bytes
+        text = argument
+    }
+    var defaultValueDescription: String { text }
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
 extension Logger.Level: @retroactive ExpressibleByArgument {
     public static var allValueStrings: [String] { allCases.map(\.rawValue) }
 }

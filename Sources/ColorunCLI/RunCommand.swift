@@ -66,8 +66,9 @@ struct RunCommand: ColorunSubcommand {
         "Checkpoint generations kept per series unless the policy says otherwise.", valueName: "N"))
     var keep: Int = 3
 
-    @Option(name: .customLong("memory-limit"), help: ArgumentHelp("Memory cap of the Lua state.", valueName: "MiB"))
-    var memoryLimit: Int = 64
+    @Option(name: .customLong("memory-limit"), help: ArgumentHelp(
+        "Memory cap of the Lua state: a size (64MiB, 1GiB, 512K) or a number of MiB.", valueName: "SIZE"))
+    var memoryLimit: SizeArgument = SizeArgument(bytes: 64 << 20)
 
     @Option(name: .customLong("time-limit"), help: ArgumentHelp(
         "How long policy code may run between two host calls before it fails.", valueName: "D"))
@@ -76,6 +77,15 @@ struct RunCommand: ColorunSubcommand {
     @Flag(name: .customLong("lab"), help: ArgumentHelp(
         "Run against lab domains 'primary' and 'secondary': real QEMU processes (TCG; the guest is chosen with --guest) started on first use and removed, with their files, at the end. The state directory is a temporary one unless --state-dir is given."))
     var lab = false
+
+    @Flag(name: .customLong("sim"), help: ArgumentHelp(
+        "Run against simulated domains: every domain the policy asks for is a simulated QEMU in this process (docs/simulator.md), with the faults of --fault. The state directory is a temporary one unless --state-dir is given."))
+    var sim = false
+
+    @Option(name: .customLong("fault"), help: ArgumentHelp(
+        "With --sim, a fault in the simulator's language for domain NAME (or every domain without NAME=), e.g. web-p=@3s:crash or web-s=xen-load-devices-state:error=GenericError (repeatable).",
+        valueName: "[NAME=]SPEC"))
+    var faults: [String] = []
 
     @Option(name: .customLong("guest"), help: ArgumentHelp(
         "With --lab, what the lab's QEMU runs: 'counting' (a boot sector counting in memory, the default) or 'linux' (the Linux lab guest of guest/README.md, built by scripts/build-guest: a qcow2 disk, a NIC forwarding a host port to its ledger; the lab then offers 'primary' alone and the lab module talks to the ledger).",
@@ -88,8 +98,16 @@ struct RunCommand: ColorunSubcommand {
     func validate() throws {
         _ = try policy.makeOptions()
         guard keep >= 1 else { throw ValidationError("--keep '\(keep)': keep at least 1 generation") }
-        guard (1...1 << 20).contains(memoryLimit) else {
-            throw ValidationError("--memory-limit '\(memoryLimit)': give MiB from 1 to 1048576")
+        guard (1 << 20...1 << 40).contains(memoryLimit.bytes) else {
+            throw ValidationError("--memory-limit '\(memoryLimit.text)': give from 1MiB to 1TiB")
+        }
+        if sim && lab { throw ValidationError("--sim and --lab: choose one") }
+        if !faults.isEmpty && !sim { throw ValidationError("--fault: only with --sim") }
+        for fault in faults {
+            do { _ = try SimulatedDomains.Fault(parsing: fault) } catch { throw ValidationError(error.description) }
+        }
+        if sim, let given = policy.domains.first {
+            throw ValidationError("--sim simulates every domain the policy asks for; do not name any with --domain (got '\(given)')")
         }
         if let duration, duration.duration.seconds <= 0 {
             throw ValidationError("--duration '\(duration.duration)': must be longer than 0")
@@ -110,14 +128,14 @@ struct RunCommand: ColorunSubcommand {
         options.arguments = policyArguments
         if let stateDirectory {
             options.stateDirectory = stateDirectory
-        } else if lab {
-            options.stateDirectory = try temporaryDirectory("colorun-lab-state")
+        } else if lab || sim {
+            options.stateDirectory = try temporaryDirectory(lab ? "colorun-lab-state" : "colorun-sim-state")
             // Owned by this process: swept by a later run if this one is killed.
             do { try RunDirectoryOwner.current().write(to: options.stateDirectory) } catch { throw ValidationError(error.description) }
         }
         options.keepGenerations = keep
         options.allowExec = allowExec
-        options.lua.memoryLimit = memoryLimit << 20
+        options.lua.memoryLimit = memoryLimit.bytes
         if let timeLimit { options.lua.timeLimit = timeLimit.duration.timeAmount }
         options.duration = duration?.duration.timeAmount
         return options
@@ -128,6 +146,16 @@ struct RunCommand: ColorunSubcommand {
     func execute() async throws {
         let options = try makeOptions()
         try policy.validatePolicyLoads()
+        // --lab refuses the Xen cycle up front: it aborts a plain QEMU's incoming state.
+        if lab, case .success(let scan) = LuaGlobalScan.scan(fileAt: options.policyPath) {
+            let uses = Lab.xenCycleUses(scan)
+            if !uses.isEmpty {
+                let places = uses.map { "\(options.policyPath):\($0.line): \($0.name)" }.joined(separator: "\n")
+                writeStandardError("colorun: --lab refuses this policy:\n\(places)\n\(Lab.xenCycleRefusal)")
+                if stateDirectory == nil { Lab.removeDirectory(options.stateDirectory) }
+                throw ExitCode(2)
+            }
+        }
         Bootstrap.logging(format: logFormat, level: logLevel)
         let logger = Logger(label: "colorun")
         // Listening before the run starts: a port that is taken is a usage error (exit 2).
@@ -152,8 +180,22 @@ struct RunCommand: ColorunSubcommand {
             }
             runner.makeExtensions = { [lab] in [lab] }
         }
+        if sim {
+            RunDirectorySweep.sweepOnce(Lab.runDirectoryParent, logger: logger)
+            let parsed = try faults.map { text in
+                do { return try SimulatedDomains.Fault(parsing: text) } catch { throw ValidationError("\(error)") }
+            }
+            let simulated: SimulatedDomains
+            do {
+                simulated = try SimulatedDomains(faults: parsed)
+            } catch {
+                writeStandardError("colorun: \(error)")
+                throw ExitCode(2)
+            }
+            runner.makeExtensions = { [simulated] in [simulated] }
+        }
         let code = await runner.run(alongside: services)
-        if lab && stateDirectory == nil { Lab.removeDirectory(options.stateDirectory) }
+        if (lab || sim) && stateDirectory == nil { Lab.removeDirectory(options.stateDirectory) }
         throw ExitCode(code)
     }
 }

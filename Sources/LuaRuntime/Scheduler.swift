@@ -243,7 +243,7 @@ extension LuaRuntime {
         switch status {
         case LUA_YIELD: suspended(task, co, results: nres)
         case LUA_OK: returned(task, co, results: nres)
-        default: raised(task, co)
+        default: raised(task, co, status: status)
         }
     }
 
@@ -357,9 +357,15 @@ extension LuaRuntime {
     }
 
     /// The task raised an error: keeps the error value if asked, and fails the task.
-    private func raised(_ task: LuaTask, _ co: OpaquePointer) {
+    private func raised(_ task: LuaTask, _ co: OpaquePointer, status: Int32) {
         lua_xmove(co, L, 1)
-        let message = describeError(at: -1)
+        var message = describeError(at: -1)
+        if status == LUA_ERRMEM {
+            // Lua's "not enough memory" carries no position: name the line that allocated.
+            clua_pushwhere_from(co, 0, L)
+            message = (String(lua: L, at: -1) ?? "") + message
+            clua_pop(L, 1)
+        }
         if task.keepResults { task.resultRef = makeRef(L, -1) }
         clua_pop(L, 1)
         fail(task, message: message, co: co, errorRefSet: true)

@@ -32,6 +32,9 @@ void clua_pushhostfunction(lua_State *L, void *box);
 /* Pushes "chunk:line: " for the innermost Lua caller that is not host code
  * (chunk names beginning with "=[host"), or "" if none. Never raises. */
 void clua_pushwhere(lua_State *L);
+/* The same for the stack of `co` from level `first` (0: the running function), pushed on
+ * `to`: for a thread that ended with an error (its stack is not unwound). */
+void clua_pushwhere_from(lua_State *co, int first, lua_State *to);
 int64_t clua_monotonic_ns(void);
 /* Arms the count hook on a thread (threads inherit it from their creator). */
 void clua_sethook(lua_State *L);

@@ -14,7 +14,7 @@ C.version = raw.version()
 
 local type, error, tostring, pairs, ipairs, select, setmetatable, rawget, pcall =
   type, error, tostring, pairs, ipairs, select, setmetatable, rawget, pcall
-local pack, unpack = table.pack, table.unpack
+local pack, unpack, sort, concat = table.pack, table.unpack, table.sort, table.concat
 local floor, min, random = math.floor, math.min, math.random
 
 -- Domains -------------------------------------------------------------------------------
@@ -44,11 +44,36 @@ local function name_of(d, fname, i)
   error("bad argument #" .. (i or 1) .. " to '" .. fname .. "' (domain expected, got " .. type(d) .. ")", 3)
 end
 
+-- The fields each table argument accepts, from colorun's API table (LuaAPI.swift): one
+-- place per function, "FUNCTION#ARG" -> {field = true}.
+local accepted = {}
+for fname, list in pairs(raw.accepted_fields()) do
+  local set = {}
+  for _, k in ipairs(list) do set[k] = true end
+  accepted[fname] = set
+end
+
+-- Raises at the policy line (level: of the caller of the function that called this one's
+-- caller) when table t, argument #i of fname, has a field the API does not know.
+local function check_fields(t, fname, i, level)
+  local known = accepted[fname .. "#" .. i]
+  if known == nil then return end
+  for k in pairs(t) do
+    if not known[k] and not (fname == "exec.run" and math.type(k) == "integer") then
+      local names = {}
+      for n in pairs(known) do names[#names + 1] = n end
+      sort(names)
+      error(fname .. ": unknown field '" .. tostring(k) .. "' (known: " .. concat(names, ", ") .. ")", level + 1)
+    end
+  end
+end
+
 local function opt_table(t, fname, i)
   if t == nil then return {} end
   if type(t) ~= "table" then
     error("bad argument #" .. i .. " to '" .. fname .. "' (table of options expected, got " .. type(t) .. ")", 3)
   end
+  check_fields(t, fname, i, 3)
   return t
 end
 
@@ -228,6 +253,7 @@ policy.on_lost = function(d, fn, opts)
 end
 policy.stop = function() raw.stop_run() end
 policy.seconds = raw.seconds
+policy.bytes = raw.bytes
 
 -- retry(opts, fn): attempts with exponential backoff and jitter.
 local retry_keys = { attempts = "number", backoff = "duration", max_backoff = "duration", jitter = "number",
@@ -286,16 +312,21 @@ raw.set_declarative(function(spec)
       log.error("checkpoint failed: " .. tostring(result))
     end
   end)
+  -- A failover ends this pair's checkpointing, not the run: the run ends when no pair (and
+  -- nothing else) is left, or at policy.stop(). Every failover is counted once (a handler
+  -- that restores a standby has counted it already).
   watch = policy.on_lost(p, function(_, reason)
     ticker.cancel()
     log.warn("primary lost (" .. tostring(reason) .. "): failing over to " .. s.name)
+    local before = raw.failover_count()
+    local ok, err = true, nil
     if spec.on_failover then
-      spec.on_failover(p, s, reason)
-    else
-      raw.count_failover()
-      if mode == "xen" then s:resume() end
+      ok, err = pcall(spec.on_failover, p, s, reason)
+    elseif mode == "xen" then
+      ok, err = pcall(s.resume, s)
     end
-    policy.stop()
+    if raw.failover_count() == before then raw.count_failover() end
+    if not ok then error(err, 0) end
   end, { heartbeat = spec.heartbeat, timeout = spec.heartbeat_timeout })
 end)
 colo.policy = raw.colo_policy

@@ -35,6 +35,23 @@ extension PolicySession {
         [
             "version": .sync { call in call.push(colorunVersion) },
             "seconds": .sync { call in call.push(try call.duration(1).seconds) },
+            "bytes": .sync { call in
+                if call.type(1) == .number, let n = try? call.integer(1) {
+                    guard n >= 0 else { throw call.argumentError(1, "bad size \(n): must not be negative") }
+                    call.push(n)
+                } else {
+                    let text = try call.string(1)
+                    do throws(LuaHostError) {
+                        call.push(Int64(try LuaSize(parsing: text).bytes))
+                    } catch {
+                        throw call.argumentError(1, error.message)
+                    }
+                }
+            },
+            "accepted_fields": .sync { call in
+                call.push(json: .object(LuaAPI.acceptedFields.mapValues { .array($0.map { .string($0) }) }))
+            },
+            "failover_count": .sync { [unowned self] call in call.push(Int64(report.failovers)) },
 
             // Domains
             "domain_get": .sync { [unowned self] call in
@@ -120,6 +137,10 @@ extension PolicySession {
             "set_declarative": .sync { [unowned self] call in declarative = try call.function(1) },
             "colo_policy": .sync { [unowned self] call in
                 try DeclarativePolicy.validate(call)
+                if (try call.field(1, "mode"))?.stringValue ?? "xen" == "xen",
+                   let name = try call.field(1, "secondary")?["name"]?.stringValue, let secondary = domains[name] {
+                    try refuseXenCycle(on: secondary, in: "colo.policy")
+                }
                 guard let declarative else { throw LuaHostError.message("colo.policy is not available") }
                 let spec = call.ref(1)
                 try runtime.spawn(declarative, arguments: [.ref(spec)], name: "colo.policy \(call.callerPosition)")

@@ -16,6 +16,7 @@ extension PolicySession {
         let primary = try domain(named: try call.string(1))
         let secondary = try domain(named: try call.string(2))
         guard primary !== secondary else { throw LuaHostError.message("colo.checkpoint: primary and secondary are the same domain '\(primary.name)'") }
+        try refuseXenCycle(on: secondary, in: "colo.checkpoint")
         let keep = try keepOption(call, 3)
         let series = "\(primary.name)+\(secondary.name)"
         let store = try store(series: series, fileExtension: "devstate", keep: keep)
@@ -47,6 +48,14 @@ extension PolicySession {
                     domain, store: store, io: io, disks: disks, outputCommit: outputCommit, state: remusState)
             }
         }
+    }
+
+    /// Raises before anything is stopped when `secondary` refuses the Xen cycle's load (a lab
+    /// domain: plain QEMU).
+    func refuseXenCycle(on secondary: Domain, in function: String) throws {
+        guard let why = secondary.options.refusedCommands["xen-load-devices-state"] else { return }
+        let error = DomainError(domain: secondary.name, command: "xen-load-devices-state", errorClass: DomainError.refused, desc: why)
+        throw LuaHostError.structured(error.fields, message: "\(function): \(error)")
     }
 
     private func keepOption(_ call: LuaCall, _ index: Int) throws -> Int {

@@ -15,6 +15,9 @@ public struct DomainOptions: Sendable {
     /// When set, no connection is ever opened: every command fails with class `DryRun` and
     /// this text (`colorun check` runs a policy's main chunk this way).
     public var refuseConnections: String?
+    /// Commands this domain refuses before sending them (class `Refused`, the text as `desc`):
+    /// the lab's plain QEMU refuses Xen's `xen-load-devices-state`.
+    public var refusedCommands: [String: String] = [:]
 
     public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
         self.connectTimeout = connectTimeout
@@ -167,6 +170,11 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     /// Sends one command; `completion` runs on the loop.
     func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
                      _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
+        if let why = options.refusedCommands[command] {
+            stats.failures += 1
+            completion(.failure(DomainError(domain: name, command: command, errorClass: DomainError.refused, desc: why)))
+            return
+        }
         let started = NIODeadline.now()
         withConnection { result in
             switch result {

@@ -34,6 +34,8 @@ struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
             && (desc.contains("Connection refused") || desc.contains("No such file or directory"))
     }
 
+    /// The domain refused the command before sending it (`DomainOptions.refusedCommands`).
+    static let refused = "Refused"
     static let timeout = "Timeout"
     static let disconnected = "Disconnected"
     static let connectFailed = "ConnectFailed"

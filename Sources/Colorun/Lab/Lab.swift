@@ -165,7 +165,9 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
                 guard names.contains(name), session.domains[name] == nil else { return }
                 do {
                     let instance = try start(name)
-                    let domain = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: session.options.domainOptions)
+                    var domainOptions = session.options.domainOptions
+                    domainOptions.refusedCommands["xen-load-devices-state"] = Self.xenCycleRefusal
+                    let domain = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: domainOptions)
                     domain.connectFailureContext = { Self.whatBecameOf(instance) }
                     session.logger.info("lab: started QEMU", metadata: ["domain": .string(name), "pid": .stringConvertible(instance.pid)])
                 } catch {
@@ -373,6 +375,15 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
             return "its QEMU (pid \(instance.pid)) runs but its socket \(instance.qmpSocketPath) does not exist\(directory)"
         }
         return "its QEMU (pid \(instance.pid)) runs"
+    }
+
+    /// Why a lab domain refuses `xen-load-devices-state` (before sending it).
+    public static let xenCycleRefusal = "the lab's QEMU is plain QEMU, not Xen's: xen-load-devices-state would abort its incoming state and every later checkpoint would fail; run the Xen cycle (colo.checkpoint, qmp.restore, colo.policy in mode \"xen\") with --sim, or use remus.checkpoint in the lab"
+
+    /// The places a policy uses the Xen cycle (`colo.checkpoint`, `qmp.restore`, or a
+    /// `xen-load-devices-state` it sends itself), which `--lab` refuses up front.
+    public static func xenCycleUses(_ scan: LuaGlobalScan) -> [LuaGlobalScan.Access] {
+        scan.accesses.filter { $0.kind == .read && ["colo.checkpoint", "qmp.restore"].contains($0.name) }
     }
 
     /// Removes a directory tree (the lab's temporary state directory).

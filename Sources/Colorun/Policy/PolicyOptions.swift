@@ -70,6 +70,9 @@ public struct PolicyOptions: Sendable {
     public var domainOptions = DomainOptions()
     /// End the run (as a clean stop) after this long.
     public var duration: TimeAmount?
+    /// `colorun check` without `--domain`: any domain name the policy asks for is accepted
+    /// (bound to a monitor that is never connected) and listed in the check's report.
+    public var acceptAnyDomain = false
 
     public init(policyPath: String) {
         self.policyPath = policyPath

@@ -129,12 +129,34 @@ public final class PolicySession: @unchecked Sendable {
         return domain
     }
 
+    /// Makes a domain the policy asks for by a name nobody gave (simulated domains of `--sim`).
+    var domainProvider: ((String) throws(LuaHostError) -> Domain)?
+
     func domain(named name: String) throws(LuaHostError) -> Domain {
+        if domains[name] == nil, DomainSpec.isValidName(name) {
+            if let domainProvider {
+                return try domainProvider(name)
+            }
+            if options.acceptAnyDomain, let dry = try? addDomain(
+                name: name, endpoint: .unix(path: "/nonexistent/colorun-check/\(name)"), options: options.domainOptions) {
+                return dry
+            }
+        }
         guard let domain = domains[name] else {
             let known = domainOrder.isEmpty ? "none" : domainOrder.joined(separator: ", ")
             throw LuaHostError.message("unknown domain '\(name)' (known: \(known); name domains with --domain NAME=unix:PATH)")
         }
         return domain
+    }
+
+    /// The domains of this run, in the order they were added. Callable from any thread.
+    public func domainNames() -> EventLoopFuture<[String]> {
+        eventLoop.submit { [self] in domainOrder }
+    }
+
+    /// The policy's global environment now (for `colorun check`). Callable from any thread.
+    public func environmentSnapshot() -> EventLoopFuture<LuaEnvironmentSnapshot> {
+        eventLoop.submit { [self] in runtime.environmentSnapshot() }
     }
 
     // MARK: - Running
