@@ -31,6 +31,7 @@ func runPolicy(
     hooks: [String: @Sendable () throws -> Void] = [:],
     checks: [String: @Sendable () -> Bool] = [:],
     lab: Lab? = nil,
+    extensions: [any PolicyExtension & Sendable] = [],
     configure: (inout PolicyOptions) -> Void = { _ in }
 ) async throws -> PolicyRun {
     let dir = makeTempDirectory("colorun-policy")
@@ -44,7 +45,7 @@ func runPolicy(
     let logs = LogCollector()
     let loop = MultiThreadedEventLoopGroup.singleton.next()
     let session = try await loop.submit { [options] in
-        try PolicySession(options: options, eventLoop: loop, logger: logs.logger("test", level: .debug), extensions: [TestHooks(hooks, checks: checks)] + (lab.map { [$0] } ?? []))
+        try PolicySession(options: options, eventLoop: loop, logger: logs.logger("test", level: .debug), extensions: [TestHooks(hooks, checks: checks)] + (lab.map { [$0] } ?? []) + extensions)
     }.get()
     // A test cancelled (its time limit exceeded) stops its policy: the run ends, every domain
     // it stopped is resumed, and the test returns instead of hanging.

@@ -219,8 +219,9 @@ native.start = function(p, s, opts)
 end
 native.status = function(d) return raw.execute(name_of(d, "colo.native.status"), "query-colo-status") end
 native.failover = function(s)
-  raw.execute(name_of(s, "colo.native.failover"), "x-colo-lost-heartbeat")
-  raw.count_failover()
+  local name = name_of(s, "colo.native.failover")
+  raw.execute(name, "x-colo-lost-heartbeat")
+  raw.count_failover(name)
 end
 native.on_exit = function(d, fn)
   if not isdomain(d) then d = wrap(raw.domain_get(name_of(d, "colo.native.on_exit"))) end
@@ -318,14 +319,14 @@ raw.set_declarative(function(spec)
   watch = policy.on_lost(p, function(_, reason)
     ticker.cancel()
     log.warn("primary lost (" .. tostring(reason) .. "): failing over to " .. s.name)
-    local before = raw.failover_count()
+    local window = raw.failover_begin(p.name, s.name)
     local ok, err = true, nil
     if spec.on_failover then
       ok, err = pcall(spec.on_failover, p, s, reason)
     elseif mode == "xen" then
       ok, err = pcall(s.resume, s)
     end
-    if raw.failover_count() == before then raw.count_failover() end
+    raw.failover_end(window)
     if not ok then error(err, 0) end
   end, { heartbeat = spec.heartbeat, timeout = spec.heartbeat_timeout })
 end)

@@ -14,13 +14,13 @@ extension PolicySession {
     }
 
     private func execRun(_ call: LuaCall, _ completion: LuaCompletion) throws {
-        guard options.allowExec else {
-            throw LuaHostError.message("exec.run is disabled: start colorun with --allow-exec to let policies run commands")
-        }
         guard call.type(1) == .table else { throw call.typeError(1, "table {argv..., timeout=}") }
         let accepted = LuaAPI.acceptedFields["exec.run#1"] ?? []
         for field in try call.fields(1) where !field.key.hasPrefix("[") && !accepted.contains(field.key) {
             throw LuaHostError.message("exec.run: unknown field '\(field.key)' (known: \(accepted.sorted().joined(separator: ", ")))")
+        }
+        guard options.allowExec else {
+            throw LuaHostError.message("exec.run is disabled: start colorun with --allow-exec to let policies run commands")
         }
         let argv = try call.stringArray(1, name: "argv")
         guard let program = argv.first, !program.isEmpty else { throw call.argumentError(1, "empty argv") }

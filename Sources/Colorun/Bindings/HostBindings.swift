@@ -36,22 +36,22 @@ extension PolicySession {
             "version": .sync { call in call.push(colorunVersion) },
             "seconds": .sync { call in call.push(try call.duration(1).seconds) },
             "bytes": .sync { call in
+                let bad = { (text: String) in LuaHostError.message("bad argument #1 to 'policy.bytes' (\(text))") }
                 if call.type(1) == .number, let n = try? call.integer(1) {
-                    guard n >= 0 else { throw call.argumentError(1, "bad size \(n): must not be negative") }
+                    guard n >= 0 else { throw bad("bad size \(n): must not be negative") }
                     call.push(n)
                 } else {
                     let text = try call.string(1)
                     do throws(LuaHostError) {
                         call.push(Int64(try LuaSize(parsing: text).bytes))
                     } catch {
-                        throw call.argumentError(1, error.message)
+                        throw bad(error.message)
                     }
                 }
             },
             "accepted_fields": .sync { call in
                 call.push(json: .object(LuaAPI.acceptedFields.mapValues { .array($0.map { .string($0) }) }))
             },
-            "failover_count": .sync { [unowned self] call in call.push(Int64(report.failovers)) },
 
             // Domains
             "domain_get": .sync { [unowned self] call in
@@ -146,7 +146,25 @@ extension PolicySession {
                 try runtime.spawn(declarative, arguments: [.ref(spec)], name: "colo.policy \(call.callerPosition)")
                 call.push(.ref(spec))
             },
-            "count_failover": .sync { [unowned self] _ in countFailover() },
+            "count_failover": .sync { [unowned self] call in
+                countFailover(of: call.isNil(1) ? [] : [try call.string(1)])
+            },
+            "failover_begin": .sync { [unowned self] call in
+                nextFailoverWindow += 1
+                let window = nextFailoverWindow
+                windowCounted[window] = false
+                for name in [try call.string(1), try call.string(2)] { failoverWindows[name] = window }
+                call.push(Int64(window))
+            },
+            "failover_end": .sync { [unowned self] call in
+                let window = Int(try call.integer(1))
+                if windowCounted[window] == false {
+                    windowCounted[window] = true
+                    countFailover()
+                }
+                windowCounted[window] = nil
+                failoverWindows = failoverWindows.filter { $0.value != window }
+            },
 
             // Timers and the run
             "every": .sync { [unowned self] call in
@@ -180,7 +198,14 @@ extension PolicySession {
         ]
     }
 
-    func countFailover() {
+    /// Counts a failover, once per failover: within a declarative pair's failover window
+    /// (`failover_begin`/`failover_end`, keyed by the pair's domain names) a standby restored
+    /// or a native failover of one of its domains is the same failover as the pair's.
+    func countFailover(of names: [String] = []) {
+        if let window = names.lazy.compactMap({ self.failoverWindows[$0] }).first {
+            guard windowCounted[window] == false else { return }
+            windowCounted[window] = true
+        }
         report.failovers += 1
         options.domainOptions.metrics.failover()
     }

@@ -15,9 +15,10 @@ public enum LuaAPIStubs {
         "string": ["byte", "char", "find", "format", "gmatch", "gsub", "len", "lower", "match", "pack", "packsize",
                    "rep", "reverse", "sub", "unpack", "upper"],
         "table": ["concat", "insert", "move", "pack", "remove", "sort", "unpack"],
-        "math": ["abs", "acos", "asin", "atan", "ceil", "cos", "deg", "exp", "floor", "fmod", "huge", "log", "max",
-                 "maxinteger", "min", "mininteger", "modf", "pi", "rad", "random", "randomseed", "sin", "sqrt", "tan",
-                 "tointeger", "type", "ult"],
+        // Debian's Lua 5.4 keeps 5.3's compatibility functions (atan2, cosh, frexp, ldexp, log10, pow, sinh, tanh).
+        "math": ["abs", "acos", "asin", "atan", "atan2", "ceil", "cos", "cosh", "deg", "exp", "floor", "fmod", "frexp",
+                 "huge", "ldexp", "log", "log10", "max", "maxinteger", "min", "mininteger", "modf", "pi", "pow", "rad",
+                 "random", "randomseed", "sin", "sinh", "sqrt", "tan", "tanh", "tointeger", "type", "ult"],
         "utf8": ["char", "charpattern", "codepoint", "codes", "len", "offset"],
         "coroutine": ["close", "create", "isyieldable", "resume", "running", "status", "wrap", "yield"],
         "os": ["clock", "date", "getenv", "time"],
@@ -72,7 +73,7 @@ public enum LuaAPIStubs {
         out += "allow_defined_top = true\n"
         out += "-- Callbacks often ignore some of their arguments (on_failover(primary, secondary, reason)).\n"
         out += "unused_args = false\n"
-        out += "max_line_length = 140\n"
+        out += "max_line_length = false\n"
         return out
     }
 

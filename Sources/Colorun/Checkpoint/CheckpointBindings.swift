@@ -157,7 +157,7 @@ extension PolicySession {
             switch result {
             case .success(let milliseconds):
                 if !resume { try? domain.adoptPaused() }
-                report.failovers += 1
+                countFailover(of: [series, name])
                 logger.warning("standby running", metadata: ["domain": .string(name), "restore_ms": .stringConvertible(milliseconds)])
                 completion.succeed([.json([
                     "name": .string(name), "endpoint": .string(launched.endpoint.description),

@@ -70,6 +70,11 @@ public final class PolicySession: @unchecked Sendable {
     /// The Lua half of `colo.policy` (set by the prelude).
     var declarative: LuaRef?
     var stopping = false
+    /// Declarative failovers in progress: domain name -> window, and whether a window's
+    /// failover has been counted (`countFailover(of:)`).
+    var failoverWindows: [String: Int] = [:]
+    var windowCounted: [Int: Bool] = [:]
+    var nextFailoverWindow = 0
     /// Extra Lua modules and shutdown work (the lab adds its own).
     var extensions: [any PolicyExtension] = []
     /// Starts standbys for `remus.restore` specs marked `lab = true` (set by the lab).
