@@ -12,7 +12,10 @@ struct ColorunCommand: AsyncParsableCommand {
         commandName: "colorun",
         abstract: "Run VM-replication checkpoint policies (Remus/COLO) written in Lua against QEMU's QMP monitor.",
         discussion: """
-            `colorun POLICY.lua` is short for `colorun run POLICY.lua`.
+            `colorun POLICY.lua` is short for `colorun run POLICY.lua`. Before deploying a \
+            policy: `colorun check POLICY.lua` (no VM touched), `colorun --sim POLICY.lua \
+            --fault primary=@3s:crash` (simulated domains), and `colorun stubs DIR` for the \
+            editor.
 
             Exit codes: 0 clean end (the policy finished, called policy.stop(), reached \
             --duration, or SIGTERM/SIGINT), 1 the policy failed at run time, 2 usage or load \

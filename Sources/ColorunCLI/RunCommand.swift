@@ -15,7 +15,10 @@ struct RunCommand: ColorunSubcommand {
         discussion: """
             Domains are named with --domain NAME=unix:PATH (QEMU's -qmp unix socket) or \
             NAME=tcp:HOST:PORT; the policy gets them with domain.get("NAME"). Arguments after \
-            `--` are passed to the policy's main chunk as `...`.
+            `--` are passed to the policy's main chunk as `...`. With --lab they are real lab \
+            QEMUs (the Xen cycle, colo.checkpoint and qmp.restore, is refused up front: the \
+            lab's QEMU is not Xen's); with --sim, simulated ones (any name) with the faults \
+            of --fault, to rehearse a policy's failover logic.
 
             Before the policy starts, colorun resumes any domain a previous, killed run left \
             paused (its stop journal is in STATE-DIR/journal). Checkpoint generations are kept \
