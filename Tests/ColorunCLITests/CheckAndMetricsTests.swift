@@ -45,8 +45,8 @@ import Testing
         #expect(passed.notes.joined().contains("first VM access"))
     }
 
-    @Test func unknownDomainFails() async throws {
-        let result = try await check("local p = domain.get('web-p')\n")
+    @Test func unknownDomainFailsWhenDomainsAreNamed() async throws {
+        let result = try await check("local p = domain.get('web-p')\n", domains: ["web-s"])
         guard case .failure(let failure) = result else { Issue.record("passed"); return }
         #expect(failure.message.contains("unknown domain 'web-p'"))
     }
