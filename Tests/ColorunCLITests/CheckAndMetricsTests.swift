@@ -40,7 +40,7 @@ import Testing
     }
 
     @Test func firstVMAccessEndsTheDryRun() async throws {
-        let result = try await check("local p = domain.get('web-p')\nlocal st = qmp.status(p)\nprnt(st)\n", domains: ["web-p"])
+        let result = try await check("local p = domain.get('web-p')\nlocal st = qmp.status(p)\nprint(st)\n", domains: ["web-p"])
         guard case .success(let passed) = result else { Issue.record("\(result)"); return }
         #expect(passed.notes.joined().contains("first VM access"))
     }

@@ -150,18 +150,17 @@ extension PolicySession {
                 countFailover(of: call.isNil(1) ? [] : [try call.string(1)])
             },
             "failover_begin": .sync { [unowned self] call in
+                // Counted now (a handler cut short by policy.stop() was a failover too);
+                // what the handler does for the same pair is not counted again.
+                countFailover()
                 nextFailoverWindow += 1
                 let window = nextFailoverWindow
-                windowCounted[window] = false
+                windowCounted[window] = true
                 for name in [try call.string(1), try call.string(2)] { failoverWindows[name] = window }
                 call.push(Int64(window))
             },
             "failover_end": .sync { [unowned self] call in
                 let window = Int(try call.integer(1))
-                if windowCounted[window] == false {
-                    windowCounted[window] = true
-                    countFailover()
-                }
                 windowCounted[window] = nil
                 failoverWindows = failoverWindows.filter { $0.value != window }
             },
@@ -199,8 +198,9 @@ extension PolicySession {
     }
 
     /// Counts a failover, once per failover: within a declarative pair's failover window
-    /// (`failover_begin`/`failover_end`, keyed by the pair's domain names) a standby restored
-    /// or a native failover of one of its domains is the same failover as the pair's.
+    /// (`failover_begin`, which counts it, to `failover_end`, keyed by the pair's domain
+    /// names) a standby restored or a native failover of one of its domains is the same
+    /// failover as the pair's.
     func countFailover(of names: [String] = []) {
         if let window = names.lazy.compactMap({ self.failoverWindows[$0] }).first {
             guard windowCounted[window] == false else { return }

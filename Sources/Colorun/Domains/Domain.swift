@@ -15,8 +15,11 @@ public struct DomainOptions: Sendable {
     /// When set, no connection is ever opened: every command fails with class `DryRun` and
     /// this text (`colorun check` runs a policy's main chunk this way).
     public var refuseConnections: String?
-    /// Commands this domain refuses before sending them (class `Refused`, the text as `desc`):
-    /// the lab's plain QEMU refuses Xen's `xen-load-devices-state`.
+    /// Commands this domain refuses, while this run has it stopped, before sending them
+    /// (class `Refused`, the text as `desc`): the lab's plain QEMU refuses Xen's
+    /// `xen-load-devices-state`, which aborts a paused QEMU's incoming state (on a running
+    /// one QEMU answers an error and nothing breaks). `colo.checkpoint` and `colo.policy`
+    /// refuse such a secondary before they stop anything.
     public var refusedCommands: [String: String] = [:]
 
     public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
@@ -170,7 +173,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     /// Sends one command; `completion` runs on the loop.
     func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
                      _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
-        if let why = options.refusedCommands[command] {
+        if let why = options.refusedCommands[command], stoppedByUs {
             stats.failures += 1
             completion(.failure(DomainError(domain: name, command: command, errorClass: DomainError.refused, desc: why)))
             return
