@@ -72,6 +72,8 @@ public enum PolicyCheck {
         dry.lua.uncaughtErrors = .logAndContinue
         dry.acceptAnyDomain = options.domains.isEmpty
         if lab {
+            // Every domain is a lab domain: the Xen cycle is refused as --lab refuses it.
+            dry.domainOptions.refusedCommands["xen-load-devices-state"] = Lab.xenCycleRefusal
             // The lab's names exist whatever else --domain names.
             for name in ["primary", "secondary"] where !dry.domains.contains(where: { $0.name == name }) && !dry.domains.isEmpty {
                 dry.domains.append(DomainSpec(name: name, endpoint: .unix(path: "/nonexistent/colorun-check/\(name)")))

@@ -1,6 +1,7 @@
 import ColorunSystem
 import ColorunTestSupport
 import Foundation
+import JSON
 import Logging
 import LuaRuntime
 import NIOCore
@@ -107,6 +108,15 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
         #expect(passed.domains == ["primary"])
     }
 
+    @Test func labRefusesTheDeclarativeXenMode() async {
+        let source = "return colo.policy{primary = domain.get('primary'), secondary = domain.get('secondary'), interval = '1s'}\n"
+        guard case .failure(let failure) = await check(source, lab: true) else { Issue.record("passed"); return }
+        #expect(failure.message.contains("policy.lua:1: colo.policy: secondary: xen-load-devices-state: Refused:"), "\(failure.message)")
+        guard case .success = await check(source.replacingOccurrences(of: "interval", with: "mode = 'remus', interval"), lab: true) else {
+            Issue.record("mode remus refused"); return
+        }
+    }
+
     @Test func labRefusesTheXenCycle() async {
         let result = await check("""
             local p, s = domain.get("primary"), domain.get("secondary")
@@ -195,6 +205,8 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
             let committed = try? String(contentsOfFile: repository + "/editor/" + path, encoding: .utf8)
             #expect(committed == contents, "editor/\(path) is stale: run `swift run colorun stubs editor`")
         }
+        #expect(LuaRuntime.syntaxError(inFileAt: dir + "/colorun-meta/colorun.lua") == nil)
+        #expect((try? JSONParser.parse(Array(LuaAPIStubs.luarc().utf8))) != nil, "\(LuaAPIStubs.luarc())")
         let luacheck = try #require(["/usr/bin/luacheck", "/usr/local/bin/luacheck"].first { FileManager.default.isExecutableFile(atPath: $0) },
                                     "luacheck is missing: scripts/setup installs Debian's lua-check")
         let examples = Self.examples.map { repository + "/examples/" + $0 }

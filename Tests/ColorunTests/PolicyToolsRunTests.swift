@@ -109,6 +109,28 @@ import Testing
     }
 }
 
+extension PolicyToolsRunTests {
+    /// The domain methods a policy can call are the API table's methods.
+    @Test func theAPITableHasEveryDomainMethod() async throws {
+        let run = try await runPolicy("""
+            local names = {}
+            for k, v in pairs(getmetatable(domain.get("x"))) do
+              if type(v) == "function" and not k:find("^__") then names[#names + 1] = k end
+            end
+            table.sort(names)
+            log.info("methods: " .. table.concat(names, ","))
+            """) {
+            $0.acceptAnyDomain = true
+            $0.domainOptions.refuseConnections = "no VM here"
+        }
+        #expect(run.failure == nil, "\(run.failure ?? "")")
+        let line = run.logs.lines.first { $0.contains("methods: ") } ?? ""
+        let live = Set(line.split(separator: " ").last { $0.contains(",") }.map { $0.split(separator: ",").map(String.init) } ?? [])
+        let table = Set(LuaAPI.entries.filter { $0.kind == .method }.map { String($0.name.split(separator: ":")[1]) })
+        #expect(live == table, "\(line)")
+    }
+}
+
 /// A lab domain refuses the Xen cycle's load before sending it: the lab's QEMU (plain QEMU)
 /// keeps running and is never left paused.
 @Suite(.timeLimit(.minutes(1)), .machine(.exclusive)) struct LabXenRefusalTests {
