@@ -166,8 +166,7 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
     }()
 
     @Test func everyExampleChecks() async throws {
-        let binary = try #require(colorunBinary())
-        _ = binary
+        _ = try #require(colorunBinary(), "the colorun binary is not built")
         #expect(Self.examples.count >= 6)
         for example in Self.examples {
             let path = repository + "/examples/" + example
