@@ -7,9 +7,11 @@ import PackageDescription
 //   JSON             JSON values, the strict parser and the encoder (no dependencies)
 //   QMP              the QMP wire protocol: messages, the line codec (no sockets)
 //   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   Etcd             a small etcd v3 client over etcd's JSON gateway (AsyncHTTPClient): kv, txn, leases, watch
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
 //                    directories, errno text; CColorunSystem is its fork/exec in C
 //   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
+//   ClusterLab       real etcd members (and, later, network namespaces) for tests and labs
 //   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run, the
@@ -50,6 +52,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(
@@ -61,6 +65,13 @@ let package = Package(
         .target(name: "JSON"),
         .target(name: "QMP", dependencies: ["JSON", .product(name: "NIOCore", package: "swift-nio")]),
         .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging] + nio),
+        .target(
+            name: "Etcd",
+            dependencies: [
+                "JSON", logging, http, .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ] + nio
+        ),
         .target(name: "CColorunSystem"),
         .target(name: "ColorunSystem", dependencies: ["CColorunSystem"]),
         .target(
@@ -70,6 +81,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        .target(name: "ClusterLab", dependencies: ["ColorunSystem", "Etcd", "QEMULab", logging] + nio),
         .target(
             name: "LuaRuntime",
             dependencies: [
@@ -81,7 +93,7 @@ let package = Package(
         .target(
             name: "Colorun",
             dependencies: [
-                "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", "QEMUSimulator", logging, metrics,
+                "ColorunSystem", "Etcd", "JSON", "LuaRuntime", "QMP", "QMPClient", "QEMULab", "QEMUSimulator", logging, metrics,
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ] + nio
         ),
@@ -92,7 +104,7 @@ let package = Package(
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun", "ColorunOperator", "ColorunSystem", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
+                "Colorun", "ColorunOperator", "ColorunSystem", "Etcd", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -116,6 +128,7 @@ let package = Package(
         .target(name: "ColorunTestSupport", dependencies: ["ColorunSystem", "QEMUSimulator", logging], path: "Tests/ColorunTestSupport"),
         .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP", "ColorunTestSupport"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
+        .testTarget(name: "EtcdTests", dependencies: ["Etcd", "ClusterLab", "ColorunTestSupport"] + nio),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", "ColorunTestSupport", logging]),
         .testTarget(
             name: "QMPClientTests",

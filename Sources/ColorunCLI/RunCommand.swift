@@ -35,6 +35,13 @@ struct RunCommand: ColorunSubcommand {
             5 s whatever happens (exit 1 if a domain may still be paused; the next run resumes \
             it from the journal).
 
+            Two hosts: with --etcd and --node, each host's colorun holds or waits for the pair's \
+            key /colorun/pairs/PAIR/active in etcd; only the holder may run as primary \
+            (cluster.acquire), checkpoints and promotions (remus.restore, policy.on_lost, \
+            colo.native.failover, colo.policy) need the key, and a holder that cannot renew its \
+            lease within 3/4 of --etcd-ttl pauses its guarded domains (fenced). See \
+            docs/operations.md, "Two hosts with etcd".
+
             Exit codes: 0 clean end; 1 the policy failed (its error and traceback on stderr); \
             2 usage or load error (bad option, missing file, syntax error).
             """
@@ -95,6 +102,8 @@ struct RunCommand: ColorunSubcommand {
         valueName: "KIND"))
     var guest: LabGuestKind = .counting
 
+    @OptionGroup(title: "Two hosts: the etcd arbiter") var arbiter: ArbiterArguments
+
     @Argument(parsing: .postTerminator, help: ArgumentHelp("Arguments for the policy (after --).", valueName: "ARGS"))
     var policyArguments: [String] = []
 
@@ -124,6 +133,7 @@ struct RunCommand: ColorunSubcommand {
         if let metricsListen {
             do { _ = try MetricsServer.parseListenAddress(metricsListen) } catch { throw ValidationError(error.description) }
         }
+        _ = try arbiter.makeOptions(policyPath: policy.policy)
     }
 
     func makeOptions() throws -> PolicyOptions {
@@ -141,6 +151,7 @@ struct RunCommand: ColorunSubcommand {
         options.lua.memoryLimit = memoryLimit.bytes
         if let timeLimit { options.lua.timeLimit = timeLimit.duration.timeAmount }
         options.duration = duration?.duration.timeAmount
+        options.arbiter = try arbiter.makeOptions(policyPath: policy.policy)
         return options
     }
 

@@ -166,7 +166,7 @@ end
 remus.checkpoint = function(d, opts)
   local name = name_of(d, "remus.checkpoint")
   opts = opt_table(opts, "remus.checkpoint", 2)
-  return raw.remus_checkpoint(name, opts.keep, opts.disks, opts.output_commit)
+  return raw.remus_checkpoint(name, opts.keep, opts.disks, opts.output_commit, opts.series)
 end
 remus.restore = function(spec, generation)
   spec = opt_table(spec, "remus.restore", 1)
@@ -180,6 +180,7 @@ remus.restore = function(spec, generation)
   local copy = {}
   for k, v in pairs(spec) do copy[k] = v end
   copy.from = from
+  raw.cluster_gate("remus.restore " .. spec.name)   -- with an arbiter: only the key's holder promotes
   local info = raw.remus_restore(copy, generation)
   local d = wrap(info)
   return d, info
@@ -219,6 +220,7 @@ native.start = function(p, s, opts)
 end
 native.status = function(d) return raw.execute(name_of(d, "colo.native.status"), "query-colo-status") end
 native.failover = function(s)
+  raw.cluster_gate("colo.native.failover")   -- with an arbiter: only the key's holder promotes
   local name = name_of(s, "colo.native.failover")
   raw.execute(name, "x-colo-lost-heartbeat")
   raw.count_failover(name)
@@ -249,7 +251,10 @@ policy.on_lost = function(d, fn, opts)
   if type(fn) ~= "function" then error("bad argument #2 to 'policy.on_lost' (function expected, got " .. type(fn) .. ")", 2) end
   opts = opt_table(opts, "policy.on_lost", 3)
   local dom = wrap(raw.domain_get(name))
-  local id = raw.on_lost(name, function(reason) return fn(dom, reason) end, opts.heartbeat, opts.timeout)
+  local id = raw.on_lost(name, function(reason)
+    raw.cluster_gate("policy.on_lost " .. name)   -- with an arbiter: runs once this node holds the key
+    return fn(dom, reason)
+  end, opts.heartbeat, opts.timeout)
   return { cancel = function() raw.cancel(id) end }
 end
 policy.stop = function() raw.stop_run() end

@@ -26,12 +26,20 @@ extension PolicySession {
         guard let program = argv.first, !program.isEmpty else { throw call.argumentError(1, "empty argv") }
         let limit = try call.durationField(1, "timeout") ?? LuaDuration(seconds: Double(options.execDefaultTimeout.nanoseconds) / 1e9)
         let arguments = Array(argv.dropFirst())
+        // With an arbiter, site hooks learn who this node is and its fencing token.
+        var hookEnvironment: [Environment.Key: String?] = [:]
+        if let arbiter {
+            hookEnvironment["COLORUN_NODE"] = arbiter.options.node
+            hookEnvironment["COLORUN_PAIR"] = arbiter.options.pair
+            hookEnvironment["COLORUN_FENCING_TOKEN"] = arbiter.token.map(String.init) ?? ""
+        }
+        let environment = hookEnvironment
         let loop = eventLoop
         let work = Task<Void, Never> {
             do {
                 let executable: Executable = program.contains("/") ? .path(.init(program)) : .name(program)
                 let result = try await Subprocess.run(
-                    executable, arguments: Arguments(arguments),
+                    executable, arguments: Arguments(arguments), environment: .inherit.updating(environment),
                     output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
                 var fields: [String: JSONValue] = [
                     "stdout": .string(result.standardOutput),

@@ -21,14 +21,15 @@ extension LuaHostError {
 
 extension PolicySession {
     /// The module tables, filled in by the prelude.
-    static let publicModules = ["domain", "qmp", "colo", "remus", "policy"]
+    static let publicModules = ["domain", "qmp", "colo", "remus", "policy", "cluster"]
 
     func registerBindings() throws {
         for module in Self.publicModules {
             try runtime.registerModule(module, functions: [:])
         }
         try registerExec()
-        try runtime.registerModule("colorun", functions: hostFunctions(), luaSource: colorunPrelude)
+        try runtime.registerModule(
+            "colorun", functions: hostFunctions().merging(clusterFunctions()) { a, _ in a }, luaSource: colorunPrelude + clusterPrelude)
     }
 
     private func hostFunctions() -> [String: LuaHostFunction] {

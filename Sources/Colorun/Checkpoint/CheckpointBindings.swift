@@ -19,6 +19,7 @@ extension PolicySession {
         try refuseXenCycle(on: secondary, in: "colo.checkpoint")
         let keep = try keepOption(call, 3)
         let series = "\(primary.name)+\(secondary.name)"
+        try requireHolding("colo.checkpoint")
         let store = try store(series: series, fileExtension: "devstate", keep: keep)
         let io = blockingIO
         try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) {
@@ -28,24 +29,32 @@ extension PolicySession {
         }
     }
 
-    /// `remus.checkpoint(d, {keep=, disks=, output_commit=})`: a whole-VM checkpoint of one domain.
+    /// `remus.checkpoint(d, {keep=, disks=, output_commit=, series=})`: a whole-VM checkpoint of
+    /// one domain, into the series named after the domain unless `series` names another (the
+    /// two hosts of a pair write one series: each era's VM has a domain name of its own).
     func remusCheckpoint(_ call: LuaCall, _ completion: LuaCompletion) throws {
         let domain = try domain(named: try call.string(1))
         let keep = try keepOption(call, 2)
-        let store = try store(series: domain.name, fileExtension: "vmstate", keep: keep)
+        let seriesName = try call.optionalString(5) ?? domain.name
+        guard DomainSpec.isValidName(seriesName) else {
+            throw LuaHostError.message("remus.checkpoint: 'series' must be a name (letters, digits, '-', '_', '.')")
+        }
+        try requireHolding("remus.checkpoint")
+        let fencingToken = self.fencingToken
+        let store = try store(series: seriesName, fileExtension: "vmstate", keep: keep)
         let (disks, outputCommit) = try remusOptions(call, disks: 3, outputCommit: 4)
         let remusState = remusState(domain.name)
         let tune = !tunedForRemus.contains(domain.name)
         tunedForRemus.insert(domain.name)
         let io = blockingIO
-        try startCheckpoint(series: domain.name, domains: [domain], completion: completion) {
+        try startCheckpoint(series: seriesName, domains: [domain], completion: completion) {
             if tune {
                 // QEMU's default migration bandwidth (128 MiB/s) stretches every pause.
                 _ = try? await domain.execute("migrate-set-parameters", ["max-bandwidth": .int(107_374_182_400)])
             }
             return await CheckpointEngine.capture { () async throws(CheckpointError) in
                 try await CheckpointEngine.remusCheckpoint(
-                    domain, store: store, io: io, disks: disks, outputCommit: outputCommit, state: remusState)
+                    domain, store: store, io: io, disks: disks, outputCommit: outputCommit, state: remusState, fencingToken: fencingToken)
             }
         }
     }
@@ -156,6 +165,8 @@ extension PolicySession {
         track({ await CheckpointEngine.capture { () async throws(DomainError) in try await CheckpointEngine.bringUpStandby(domain, resume: resume) } }) { [self] result in
             switch result {
             case .success(let milliseconds):
+                // A standby this node promoted runs under the key: fenced with the node.
+                if arbiter != nil { guarded.insert(name) }
                 if !resume { try? domain.adoptPaused() }
                 countFailover(of: [series, name])
                 logger.warning("standby running", metadata: ["domain": .string(name), "restore_ms": .stringConvertible(milliseconds)])

@@ -52,13 +52,20 @@ struct GenerationManifest: Sendable, Hashable {
     var disks: [ManifestDisk]
     /// The netdevs whose output was held until this generation was durable.
     var outputCommit: [String]
+    /// The arbiter's fencing token (the create revision of the pair's key) of the node that
+    /// wrote this generation, when the run has an arbiter: which primary's era it belongs to.
+    var fencingToken: Int64?
 
     static let fileExtension = "manifest.json"
 
     var json: JSONValue {
-        ["version": 1, "generation": .int(Int64(generation)),
-         "memory": ["path": .string(memoryPath), "bytes": .int(Int64(memoryBytes))],
-         "disks": .array(disks.map(\.json)), "output_commit": .array(outputCommit.map { .string($0) })]
+        var fields: [String: JSONValue] = [
+            "version": 1, "generation": .int(Int64(generation)),
+            "memory": ["path": .string(memoryPath), "bytes": .int(Int64(memoryBytes))],
+            "disks": .array(disks.map(\.json)), "output_commit": .array(outputCommit.map { .string($0) }),
+        ]
+        if let fencingToken { fields["fencing_token"] = .int(fencingToken) }
+        return .object(fields)
     }
 
     init(generation: Int, memoryPath: String, memoryBytes: Int, disks: [ManifestDisk], outputCommit: [String]) {
@@ -77,6 +84,7 @@ struct GenerationManifest: Sendable, Hashable {
         guard parsed.count == disks.count else { return nil }
         self.init(generation: Int(generation), memoryPath: path, memoryBytes: Int(bytes), disks: parsed,
                   outputCommit: json["output_commit"]?.arrayValue?.compactMap(\.stringValue) ?? [])
+        fencingToken = json["fencing_token"]?.intValue
     }
 
     static func path(in store: GenerationStore, _ number: Int) -> String {

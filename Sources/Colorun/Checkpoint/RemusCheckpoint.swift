@@ -24,7 +24,7 @@ extension CheckpointEngine {
     static func remusCheckpoint(
         _ domain: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil,
         disks selection: RemusDiskSelection = .none, outputCommit: OutputCommitSelection = .off,
-        state: RemusDomainState = RemusDomainState(),
+        state: RemusDomainState = RemusDomainState(), fencingToken: Int64? = nil,
         pollInterval: Duration = .milliseconds(1), timeout: Duration = .seconds(30)
     ) async throws(CheckpointError) -> CheckpointResult {
         let (generation, partial) = store.begin()
@@ -122,8 +122,9 @@ extension CheckpointEngine {
             if !frozen.isEmpty { GenerationStore.syncDirectory(own) }
             let committed = try store.commit(generation)
             do throws(GenerationStoreError) {
-                try GenerationManifest(generation: generation, memoryPath: committed.path, memoryBytes: bytes, disks: frozen, outputCommit: netdevs)
-                    .write(in: store)
+                var manifest = GenerationManifest(generation: generation, memoryPath: committed.path, memoryBytes: bytes, disks: frozen, outputCommit: netdevs)
+                manifest.fencingToken = fencingToken
+                try manifest.write(in: store)
             } catch {
                 unlink(committed.path)
                 throw error

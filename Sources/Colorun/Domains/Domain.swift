@@ -67,6 +67,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     static let reconnectTimeout = TimeAmount.milliseconds(500)
     /// True from the moment this run sends `stop` until a `cont` succeeds.
     private(set) var stoppedByUs = false
+    /// Why the arbiter fenced this domain (its node lost the key): while set, `cont` is
+    /// refused whoever sends it (a checkpoint's resume, the end of the run, the policy).
+    private(set) var fencedReason: String?
     private(set) var stats = DomainStats()
     /// The greeting of the current (or last) connection.
     private(set) var greeting: QMPGreeting?
@@ -173,6 +176,12 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     /// Sends one command; `completion` runs on the loop.
     func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
                      _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
+        if command == "cont", let fencedReason {
+            completion(.failure(DomainError(
+                domain: name, command: command, errorClass: DomainError.fenced,
+                desc: "fenced (\(fencedReason)): this node does not hold the arbiter's key; the VM stays paused until the node wins the key again")))
+            return
+        }
         if let why = options.refusedCommands[command], stoppedByUs {
             stats.failures += 1
             completion(.failure(DomainError(domain: name, command: command, errorClass: DomainError.refused, desc: why)))
@@ -257,6 +266,30 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             }
         }
         stoppedByUs = true
+    }
+
+    /// Fences the domain for the arbiter: from now on `cont` is refused, the pause is not
+    /// journaled (the next run must not resume it) and the end of the run does not resume
+    /// it; then sends `stop`. A domain whose monitor refuses connections (its QEMU is gone)
+    /// counts as fenced: nothing runs.
+    func fence(reason: String, timeout: TimeAmount, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+        fencedReason = reason
+        if stoppedByUs {
+            stoppedByUs = false
+            journal?.didResume(domain: name)
+        }
+        send("stop", nil, timeout: timeout) { result in
+            switch result {
+            case .success: completion(.success(()))
+            case .failure(let error) where error.monitorGone: completion(.success(()))
+            case .failure(let error): completion(.failure(error))
+            }
+        }
+    }
+
+    /// Lifts the fence (the node holds the key again): `cont` is allowed; nothing is resumed.
+    func unfence() {
+        fencedReason = nil
     }
 
     private func markResumed() {

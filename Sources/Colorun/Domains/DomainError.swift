@@ -37,6 +37,8 @@ struct DomainError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The domain refused the command before sending it (`DomainOptions.refusedCommands`).
     static let refused = "Refused"
     static let timeout = "Timeout"
+    /// A `cont` refused because the arbiter fenced the domain.
+    static let fenced = "Fenced"
     static let disconnected = "Disconnected"
     static let connectFailed = "ConnectFailed"
     static let protocolError = "ProtocolError"

@@ -26,10 +26,17 @@ public final class ColorunMetrics: Sendable {
         /// Gauge: 1 while the domain's monitor connection is open, 0 after it failed or closed
         /// (and for every domain at the end of a run). Dimension `domain`.
         public static let domainUp = "colorun_domain_up"
+        /// Gauge: 1 while this node is fenced by the arbiter (it lost the key and paused its guarded domains). Dimension `pair`.
+        public static let fenced = "colorun_fenced"
+        /// Gauge: 1 while this node holds the arbiter's key (it may run as primary). Dimension `pair`.
+        public static let holding = "colorun_arbiter_holding"
 
         public static let all = [
             checkpointDuration, pauseDuration, checkpoints, checkpointFailures, failovers, qmpLatency, qmpFailures, domainUp,
+            fenced, holding,
         ]
+        /// Emitted only by a run with an arbiter (`--etcd`).
+        public static let arbiter = [fenced, holding]
     }
 
     /// The HELP text of each metric in `Name.all` (what a Prometheus exporter prints as `# HELP`).
@@ -42,6 +49,8 @@ public final class ColorunMetrics: Sendable {
         Name.qmpLatency: "QMP command latency from request to reply, by command.",
         Name.qmpFailures: "QMP commands that failed (an error reply, a timeout or a lost connection), by command.",
         Name.domainUp: "1 while colorun's monitor connection to the domain is open; 0 after it failed, was lost, or the run ended.",
+        Name.fenced: "With --etcd: 1 while this host is fenced (it lost the pair's key and paused its guarded domains), by pair.",
+        Name.holding: "With --etcd: 1 while this host holds the pair's key (it may run as primary), by pair.",
     ]
 
     private let explicitFactory: (any MetricsFactory)?
@@ -75,6 +84,14 @@ public final class ColorunMetrics: Sendable {
 
     func domain(_ name: String, up: Bool) {
         Gauge(label: Name.domainUp, dimensions: [("domain", name)], factory: factory).record(up ? 1 : 0)
+    }
+
+    func fenced(pair: String, _ fenced: Bool) {
+        Gauge(label: Name.fenced, dimensions: [("pair", pair)], factory: factory).record(fenced ? 1 : 0)
+    }
+
+    func holding(pair: String, _ holding: Bool) {
+        Gauge(label: Name.holding, dimensions: [("pair", pair)], factory: factory).record(holding ? 1 : 0)
     }
 
     static func nanoseconds(_ seconds: Double) -> Int64 {

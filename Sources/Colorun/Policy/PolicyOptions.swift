@@ -73,6 +73,8 @@ public struct PolicyOptions: Sendable {
     /// `colorun check` without `--domain`: any domain name the policy asks for is accepted
     /// (bound to a monitor that is never connected) and listed in the check's report.
     public var acceptAnyDomain = false
+    /// The etcd arbiter of a two-host pair (`--etcd`, `--node`, `--pair`, `--etcd-ttl`).
+    public var arbiter: ArbiterOptions?
 
     public init(policyPath: String) {
         self.policyPath = policyPath

@@ -80,6 +80,10 @@ public final class PolicySession: @unchecked Sendable {
     /// Starts standbys for `remus.restore` specs marked `lab = true` (set by the lab).
     var labLauncher: (any StandbyLauncher)?
     let detachedLauncher = DetachedStandbyLauncher()
+    /// The etcd arbiter of a two-host pair (`--etcd`), and the domains it fences when this
+    /// node loses the key (`cluster.guard`, restored standbys).
+    var arbiter: Arbiter?
+    var guarded: Set<String> = []
 
     /// Creates the runtime and binds colorun's modules. Call on `eventLoop`.
     public init(options: PolicyOptions, eventLoop: any EventLoop, logger: Logger,
@@ -110,6 +114,7 @@ public final class PolicySession: @unchecked Sendable {
         } catch {
             throw .setup("cannot bind colorun's Lua modules: \(error)")
         }
+        try startArbiter()
         blockingIO.start()
         runtime.addShutdownHook { [self] outcome in self.shutdown(outcome) }
     }
@@ -203,6 +208,14 @@ public final class PolicySession: @unchecked Sendable {
     func recoverJournal() -> EventLoopFuture<Void> {
         let entries = journal.entries().filter { !StopJournal.writerIsAlive($0) }
         guard !entries.isEmpty else { return eventLoop.makeSucceededVoidFuture() }
+        if options.arbiter != nil {
+            // A paused primary may resume only under the key: the policy decides once it has won it.
+            for entry in entries {
+                logger.warning("a previous run left this domain paused; with an arbiter it is not resumed here (the policy resumes it after winning the key)",
+                               metadata: ["domain": .string(entry.domain), "previous-pid": .stringConvertible(entry.pid)])
+            }
+            return eventLoop.makeSucceededVoidFuture()
+        }
         var futures: [EventLoopFuture<Void>] = []
         for entry in entries {
             guard let endpoint = try? QMPEndpoint(parsing: entry.endpoint) else {
@@ -337,6 +350,8 @@ public final class PolicySession: @unchecked Sendable {
             resumeStoppedDomains()
         }.flatMap { [self] in
             removeOutputBuffers()
+        }.flatMap { [self] in
+            arbiter?.shutdown(pause: { [self] reason in fenceGuarded(reason) }) ?? eventLoop.makeSucceededVoidFuture()
         }.flatMap { [self] in
             for domain in domains.values { domain.dropConnection() }
             blockingIO.shutdownGracefully { _ in }

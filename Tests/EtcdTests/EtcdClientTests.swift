@@ -1,0 +1,220 @@
+import ClusterLab
+import ColorunTestSupport
+import Etcd
+import NIOCore
+import NIOPosix
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Starts one etcd member (or `members`), runs `body` with a client on all of them, and
+/// stops everything, whatever `body` does.
+func withEtcd(
+    members: Int = 1, timeout: TimeAmount = .seconds(2),
+    _ body: (EtcdServer, EtcdClient) async throws -> Void
+) async throws {
+    let server = try EtcdServer.start(count: members)
+    do {
+        try await server.waitHealthy()
+        let client = try EtcdClient(endpoints: server.clientURLs, requestTimeout: timeout, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+        do {
+            try await body(server, client)
+        } catch {
+            await client.shutdown()
+            throw error
+        }
+        await client.shutdown()
+    } catch {
+        await server.stop()
+        throw error
+    }
+    await server.stop()
+}
+
+/// A client URL nobody listens on (a port just picked free and closed again).
+func deadEndpoint() throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    }
+    return "http://127.0.0.1:\(UInt16(bigEndian: address.sin_port))"
+}
+
+@Suite(.timeLimit(.minutes(3)), .machine(.shared)) struct EtcdClientTests {
+    @Test func keysValuesAndPrefixes() async throws {
+        try await withEtcd { _, etcd in
+            let first = try await etcd.put("/t/a", "one")
+            try await etcd.put("/t/b", "two ünïcode")
+            try await etcd.put("/u", "other")
+            let a = try #require(try await etcd.get("/t/a"))
+            #expect(a.value == "one")
+            #expect(a.createRevision == first)
+            #expect(try await etcd.get("/t/missing") == nil)
+            let (under, revision) = try await etcd.range("/t/", prefix: true)
+            #expect(under.map(\.key) == ["/t/a", "/t/b"])
+            #expect(under.map(\.value) == ["one", "two ünïcode"])
+            #expect(revision >= first + 2)
+            #expect(try await etcd.delete("/t/", prefix: true) == 2)
+            #expect(try await etcd.range("/t/", prefix: true).kvs.isEmpty)
+            #expect(try await etcd.get("/u")?.value == "other")
+        }
+    }
+
+    @Test func createRevisionZeroLetsOnlyTheFirstWin() async throws {
+        try await withEtcd { _, etcd in
+            func claim(_ node: String) async throws -> EtcdTxnResult {
+                try await etcd.txn(
+                    compare: [.createRevision("/pair/active", .equal, 0)],
+                    success: [.put(key: "/pair/active", value: node)], failure: [.range(key: "/pair/active")])
+            }
+            let a = try await claim("a")
+            #expect(a.succeeded)
+            let b = try await claim("b")
+            #expect(!b.succeeded)
+            let holder = try #require(b.ranges.first?.first)
+            #expect(holder.value == "a")
+            // The token: the create revision is the revision of the winning transaction.
+            #expect(holder.createRevision == a.revision)
+
+            // A compare on the token: holds for the holder's token only; a rewrite keeps the token.
+            let token = a.revision
+            let stale = try await etcd.txn(compare: [.createRevision("/pair/active", .equal, token - 1)], success: [.put(key: "/pair/x", value: "no")])
+            #expect(!stale.succeeded)
+            let fresh = try await etcd.txn(
+                compare: [.createRevision("/pair/active", .equal, token), .value("/pair/active", .equal, "a")],
+                success: [.put(key: "/pair/active", value: "a")])
+            #expect(fresh.succeeded)
+            let rewritten = try #require(try await etcd.get("/pair/active"))
+            #expect(rewritten.createRevision == token)
+            #expect(rewritten.modRevision == fresh.revision)
+            let modCompare = try await etcd.txn(compare: [.modRevision("/pair/active", .less, rewritten.modRevision)], success: [.delete(key: "/pair/active")])
+            #expect(!modCompare.succeeded)
+            #expect(try await etcd.get("/pair/x") == nil)
+        }
+    }
+
+    @Test func aKeyOnALeaseLivesWhileRenewedAndGoesWhenItExpires() async throws {
+        try await withEtcd { _, etcd in
+            let lease = try await etcd.grantLease(ttl: 1)
+            #expect(lease.ttl == 1)   // the lab's election timeout makes 1 s the minimum TTL
+            try await etcd.put("/leased", "x", lease: lease.id)
+            #expect(try await etcd.get("/leased")?.lease == lease.id)
+            // Renewed every 300 ms for 2.5 s (more than twice the TTL): the key stays.
+            let clock = ContinuousClock()
+            let end = clock.now + .milliseconds(2500)
+            while clock.now < end {
+                #expect(try await etcd.keepAlive(lease.id) == 1)
+                try await Task.sleep(for: .milliseconds(300))
+            }
+            #expect(try await etcd.get("/leased") != nil)
+            // Left alone, the lease expires and takes the key with it.
+            try await waitUntil("the leased key to go", timeout: .seconds(10), interval: .milliseconds(50)) {
+                try await etcd.get("/leased") == nil
+            }
+            #expect(try await etcd.keepAlive(lease.id) == 0)
+            // Revoking: at once, and revoking a lease that is gone is not an error.
+            let second = try await etcd.grantLease(ttl: 30)
+            try await etcd.put("/leased2", "y", lease: second.id)
+            try await etcd.revokeLease(second.id)
+            #expect(try await etcd.get("/leased2") == nil)
+            try await etcd.revokeLease(second.id)
+        }
+    }
+
+    @Test func aWatchSeesPutsAndDeletes() async throws {
+        try await withEtcd { _, etcd in
+            let start = try await etcd.put("/w/other", "ignored")
+            let writer = Task {
+                try await Task.sleep(for: .milliseconds(200))
+                try await etcd.put("/w/key", "1")
+                try await etcd.put("/w/key", "2")
+                try await etcd.delete("/w/key")
+            }
+            var seen: [String] = []
+            try await etcd.watch("/w/key", fromRevision: start + 1, until: .now() + .seconds(10)) { events in
+                for event in events { seen.append(event.kind == .delete ? "delete" : "put \(event.keyValue.value)") }
+                return !events.contains { $0.kind == .delete }
+            }
+            try await writer.value
+            #expect(seen == ["put 1", "put 2", "delete"])
+            // A watch that sees nothing returns at its deadline.
+            let clock = ContinuousClock()
+            let began = clock.now
+            try await etcd.watch("/w/quiet", until: .now() + .milliseconds(300)) { _ in true }
+            #expect(clock.now - began >= .milliseconds(250))
+        }
+    }
+
+    @Test func aDeadEndpointIsSkippedAndNamed() async throws {
+        try await withEtcd { server, _ in
+            let dead = try deadEndpoint()
+            let etcd = try EtcdClient(endpoints: [dead] + server.clientURLs, requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            try await etcd.put("/failover", "ok")
+            #expect(try await etcd.get("/failover")?.value == "ok")
+            await etcd.shutdown()
+
+            let allDead = try EtcdClient(endpoints: [dead, try deadEndpoint()], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            let error = await #expect(throws: EtcdError.self) { try await allDead.get("/x") }
+            #expect(error?.kind == .unavailable)
+            #expect(error?.description.contains(dead) == true, "\(String(describing: error))")
+            #expect(error?.description.contains("/v3/kv/range") == true)
+            await allDead.shutdown()
+        }
+    }
+
+    @Test func somethingThatIsNotEtcdIsNamedAsSuch() async throws {
+        try await withEtcd { server, _ in
+            // The member's peer port speaks HTTP, but not the client API.
+            let peer = server.members[0].peerURL
+            let etcd = try EtcdClient(endpoints: [peer], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            let error = await #expect(throws: EtcdError.self) { try await etcd.put("/x", "y") }
+            #expect(error?.description.contains(peer) == true, "\(String(describing: error))")
+            #expect(error?.description.contains("not etcd's JSON") == true || error?.description.contains("HTTP 404") == true, "\(String(describing: error))")
+            await etcd.shutdown()
+        }
+        #expect(throws: EtcdError.self) { try EtcdClient(endpoints: ["ftp://x"], eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }
+        #expect(throws: EtcdError.self) { try EtcdClient(endpoints: [], eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }
+    }
+
+    @Test func aStoppedMemberTimesOutWithinTheRequestTimeout() async throws {
+        try await withEtcd { server, _ in
+            let etcd = try EtcdClient(endpoints: server.clientURLs, requestTimeout: .milliseconds(500), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            try await etcd.put("/frozen", "before")
+            server.members[0].kill(SIGSTOP)
+            let clock = ContinuousClock()
+            let began = clock.now
+            let error = await #expect(throws: EtcdError.self) { try await etcd.get("/frozen") }
+            let took = clock.now - began
+            server.members[0].kill(SIGCONT)
+            #expect(error?.kind == .unavailable || error?.kind == .timeout, "\(String(describing: error))")
+            #expect(took < .seconds(3), "the request timeout bounds the call (took \(took))")
+            #expect(try await etcd.get("/frozen")?.value == "before")
+            await etcd.shutdown()
+        }
+    }
+}
+
+@Suite(.timeLimit(.minutes(3)), .machine(.shared)) struct EtcdClusterTests {
+    @Test func aLeaseSurvivesTheLeadersDeath() async throws {
+        try await withEtcd(members: 3) { server, etcd in
+            let lease = try await etcd.grantLease(ttl: 3)
+            try await etcd.put("/survives", "yes", lease: lease.id)
+            let leader = try #require(await server.killLeader())
+            // The others elect a new leader; the client moves to a live member by itself.
+            try await waitUntil("a new leader", timeout: .seconds(15), interval: .milliseconds(50)) {
+                await server.leader().map { $0.name != leader.name } ?? false
+            }
+            #expect(try await etcd.keepAlive(lease.id) > 0)
+            #expect(try await etcd.get("/survives")?.value == "yes")
+            try await server.restart(leader)
+            try await server.waitHealthy()
+        }
+    }
+}
