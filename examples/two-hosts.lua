@@ -23,7 +23,7 @@
 --     etcd with the fencing token first), and checkpoints that standby into the same series;
 --   * a host that is fenced (it could not renew its lease in time) has its VM paused by
 --     colorun, never resumes it, and waits to win the key again; when it does, it restores
---     from the newest checkpoint, like any promotion.
+--     from the newest checkpoint, like any promotion (and quits its stale, paused VM).
 --
 -- Arguments after `--` (key=value):
 --   interval=200ms          checkpoint interval
@@ -64,7 +64,8 @@ local function running(d)
 end
 
 local ticker
-local first_era = true
+local eras = 0        -- promotions made by this host, for unique standby names
+local previous        -- the standby of this host's previous era (paused since it was fenced)
 
 -- Checkpoint `d` (the VM this host runs as primary) into the shared series.
 local function protect(d)
@@ -88,27 +89,46 @@ local function promote()
     -- The old primary's colorun may be dead with its QEMU alive: pause that QEMU if we can
     -- reach it. (Plain qmp.execute: not journaled, so this run never resumes it.)
     local ok, err = pcall(qmp.execute, peer, "stop", nil, {timeout = "1s"})
-    log.warn("paused the old primary's QEMU before promoting", {ok = ok, error = ok and nil or tostring(err)})
+    if ok then
+      log.warn("paused the old primary's QEMU before promoting", {peer = peer.name})
+    else
+      log.warn("could not reach the old primary's QEMU (its host is cut off or it is gone)", {error = tostring(err)})
+    end
   end
   if not args.standby_qemu or not args.standby_qmp then
     error("two-hosts.lua: this host won the key but cannot restore a standby: give standby_qemu=... and standby_qmp=...", 0)
   end
+  eras = eras + 1
   local token = tostring(cluster.token())
   local standby, info = remus.restore({
-    name = series .. "-" .. me .. "-" .. token,
+    name = series .. "-" .. me .. "-" .. token .. "-" .. eras,
     from = series,
     qemu = words((args.standby_qemu:gsub("{token}", token))),
     qmp = (args.standby_qmp:gsub("{token}", token)),
   })
   log.warn("promoted: the standby runs from the last good checkpoint",
     {domain = standby.name, generation = info.generation, restore_ms = info.restore_ms, token = token})
+  if previous then
+    -- This host's VM of an earlier era has been paused since that era ended: it is stale.
+    pcall(qmp.execute, previous, "quit", nil, {timeout = "1s"})
+  end
+  previous = standby
   protect(standby)
 end
 
--- One era: wait for the key, then run the VM (the local one on the first win, if it is
--- running; otherwise a standby restored from the newest checkpoint).
-local function era()
-  local won, holder = cluster.acquire()
+cluster.on_fenced(function(reason)
+  log.warn("fenced: " .. reason .. "; the VM stays paused until this host wins the key again")
+end)
+
+-- The eras: wait for the key, run the VM (the local one on the first win, if it is still
+-- running; otherwise a standby restored from the newest checkpoint), until the key is lost.
+local first_era = true
+while true do
+  local reached, won, holder = pcall(cluster.acquire)
+  if not reached then
+    log.warn("cannot reach etcd; waiting for the key: " .. tostring(won))
+    won, holder = false, {}
+  end
   if not won then
     log.info("not the primary: waiting for the key", {holder = holder.node, token = holder.token})
     if vm and first_era and running(vm) then
@@ -118,27 +138,20 @@ local function era()
     end
     cluster.acquire({wait = true})
   end
+  local ok, err = true, nil
   if vm and first_era and running(vm) then
-    first_era = false
     protect(vm)
-    return
+  else
+    ok, err = pcall(promote)
   end
   first_era = false
-  local ok, err = pcall(promote)
-  if not ok then
-    log.error("promotion failed; releasing the key and trying again later: " .. tostring(err))
+  if ok then
+    while cluster.is_primary() do sleep(interval) end
+    log.warn("no longer the primary", {fenced = cluster.status().fenced})
+  else
+    log.error("promotion failed; giving the key up and trying again: " .. tostring(err))
     cluster.release()
-    sleep(interval)
     sleep("1s")
-    return era()
   end
-end
-
-cluster.on_fenced(function(reason)
   if ticker then ticker.cancel() ticker = nil end
-  log.warn("fenced: " .. reason .. "; the VM stays paused; waiting to win the key again")
-  first_era = false
-  era()
-end)
-
-era()
+end

@@ -165,12 +165,17 @@ final class Arbiter: @unchecked Sendable {
 
     // MARK: - Fencing
 
-    /// Gives up the primary role at once: pauses the guarded domains, then (when they are
-    /// paused and the key is still this lease's) deletes the key so the peer need not wait
-    /// for the TTL.
+    /// Gives up the primary role at once: the lease is dropped (no more renewals; a later
+    /// try to win takes a new lease, so the old key never counts as this node's again), the
+    /// guarded domains are paused, and once they all are, the old lease is revoked: the key
+    /// goes with it and the peer need not wait for the TTL. If a pause is not confirmed, the
+    /// old lease is left to expire by itself.
     func fence(_ reason: String) {
         guard let held = token else { return }
+        let oldLease = lease
         token = nil
+        lease = 0
+        lastRenewal = nil
         fencedReason = reason
         fenceTimer?.cancel()
         fenceTimer = nil
@@ -184,27 +189,26 @@ final class Arbiter: @unchecked Sendable {
                 logger.critical("FENCED but a guarded domain did not confirm the pause: the key is left to expire with the lease")
                 return
             }
-            release(token: held)
+            revoke(oldLease, token: held)
         }
     }
 
-    /// Deletes the key if it still is this node's (same token and lease): a hand-over.
-    private func release(token held: Int64) {
-        let lease = self.lease, key = options.key, client = self.client
-        guard lease != 0 else { return }
-        run({ () async -> Result<Bool, EtcdError> in
+    /// Revokes a lease this node gave up (its key goes with it): a hand-over.
+    private func revoke(_ oldLease: Int64, token held: Int64) {
+        guard oldLease != 0 else { return }
+        let client = self.client
+        run({ () async -> EtcdError? in
             do throws(EtcdError) {
-                let result = try await client.txn(
-                    compare: [.createRevision(key, .equal, held), .lease(key, .equal, lease)], success: [.delete(key: key)])
-                return .success(result.succeeded)
+                try await client.revokeLease(oldLease)
+                return nil
             } catch {
-                return .failure(error)
+                return error
             }
-        }) { [self] result in
-            switch result {
-            case .success(true): logger.notice("released the key after pausing the guarded domains", metadata: ["token": .stringConvertible(held)])
-            case .success(false): break
-            case .failure(let error): logger.info("could not release the key (it expires with the lease): \(error)")
+        }) { [self] error in
+            if let error {
+                logger.info("could not revoke the old lease (the key expires with it): \(error)")
+            } else {
+                logger.notice("released the key (revoked the old lease) after pausing the guarded domains", metadata: ["token": .stringConvertible(held)])
             }
         }
     }

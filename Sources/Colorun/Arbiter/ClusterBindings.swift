@@ -89,6 +89,10 @@ extension PolicySession {
     func clusterFunctions() -> [String: LuaHostFunction] {
         [
             "cluster_info": .sync { [unowned self] call in
+                if arbiter == nil, let refusal = options.domainOptions.refuseConnections {
+                    // `colorun check`: the first cluster call ends the dry run, like a VM access.
+                    throw LuaHostError.message("cluster: \(refusal) (nor etcd)")
+                }
                 guard let arbiter else {
                     call.push(json: ["enabled": false])
                     return
@@ -243,6 +247,9 @@ extension PolicySession {
     }
 
     private func requireArbiter(_ function: String) throws -> Arbiter {
+        if arbiter == nil, let refusal = options.domainOptions.refuseConnections {
+            throw LuaHostError.message("\(function): \(refusal) (nor etcd)")
+        }
         guard let arbiter else {
             throw LuaHostError.message("\(function): no arbiter: start colorun with --etcd URL --node NAME")
         }
