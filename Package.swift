@@ -142,7 +142,7 @@ let package = Package(
             name: "ColorunCLITests",
             dependencies: [
                 "Colorun", "ColorunOperator", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP",
-                "ColorunTestSupport", logging, metrics, prometheus,
+                "ColorunTestSupport", "ClusterLab", "Etcd", "QEMULab", logging, metrics, prometheus,
             ] + nio
         ),
         .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", "ColorunTestSupport", logging] + nio),
