@@ -128,7 +128,7 @@ let package = Package(
         .target(name: "ColorunTestSupport", dependencies: ["ColorunSystem", "QEMUSimulator", logging], path: "Tests/ColorunTestSupport"),
         .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP", "ColorunTestSupport"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
-        .testTarget(name: "EtcdTests", dependencies: ["Etcd", "ClusterLab", "ColorunTestSupport"] + nio),
+        .testTarget(name: "EtcdTests", dependencies: ["Etcd", "ClusterLab", "ColorunSystem", "ColorunTestSupport"] + nio),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", "ColorunTestSupport", logging]),
         .testTarget(
             name: "QMPClientTests",

@@ -31,6 +31,19 @@ public struct ClusterLabError: Error, Sendable, CustomStringConvertible {
 /// the death signal set for `ip` stays with etcd); its `host` is then an address of that
 /// namespace.
 public final class EtcdServer: Sendable {
+    /// TLS on the members' client URLs (https): their certificate and key, and the CA whose
+    /// client certificates they require (`--client-cert-auth`) when `caFile` is given.
+    public struct TLSFiles: Sendable, Hashable {
+        public var certFile: String
+        public var keyFile: String
+        public var caFile: String?
+        public init(certFile: String, keyFile: String, caFile: String? = nil) {
+            self.certFile = certFile
+            self.keyFile = keyFile
+            self.caFile = caFile
+        }
+    }
+
     /// One member as asked for: `clientPort`/`peerPort` 0 picks a free port (on the host's
     /// loopback; give ports explicitly for members in namespaces).
     public struct MemberSpec: Sendable, Hashable {
@@ -144,15 +157,16 @@ public final class EtcdServer: Sendable {
     /// Starts `count` members on 127.0.0.1 with free ports. Wait for `waitHealthy()`.
     public static func start(
         count: Int = 1, heartbeat: Duration = .milliseconds(50), election: Duration = .milliseconds(500),
-        parent: String = "/tmp", executable: String = "etcd"
+        tls: TLSFiles? = nil, parent: String = "/tmp", executable: String = "etcd"
     ) throws(ClusterLabError) -> EtcdServer {
-        try start(members: (1...max(1, count)).map { MemberSpec(name: "etcd\($0)") }, heartbeat: heartbeat, election: election, parent: parent, executable: executable)
+        try start(members: (1...max(1, count)).map { MemberSpec(name: "etcd\($0)") }, heartbeat: heartbeat, election: election,
+                  tls: tls, parent: parent, executable: executable)
     }
 
     /// Starts the members given, as one new cluster. Wait for `waitHealthy()`.
     public static func start(
         members specs: [MemberSpec], heartbeat: Duration = .milliseconds(50), election: Duration = .milliseconds(500),
-        parent: String = "/tmp", executable: String = "etcd"
+        tls: TLSFiles? = nil, parent: String = "/tmp", executable: String = "etcd"
     ) throws(ClusterLabError) -> EtcdServer {
         guard !specs.isEmpty, Set(specs.map(\.name)).count == specs.count else {
             throw ClusterLabError("etcd: give at least one member, each with its own name")
@@ -171,7 +185,7 @@ public final class EtcdServer: Sendable {
                 if spec.clientPort == 0 { spec.clientPort = try freePort() }
                 if spec.peerPort == 0 { spec.peerPort = try freePort() }
                 let host = spec.host.contains(":") ? "[\(spec.host)]" : spec.host
-                resolved.append((spec, "http://\(host):\(spec.clientPort)", "http://\(host):\(spec.peerPort)"))
+                resolved.append((spec, "\(tls == nil ? "http" : "https")://\(host):\(spec.clientPort)", "http://\(host):\(spec.peerPort)"))
             }
         } catch {
             removeTree(directory)
@@ -190,6 +204,10 @@ public final class EtcdServer: Sendable {
                 "--heartbeat-interval", String(milliseconds(heartbeat)), "--election-timeout", String(milliseconds(election)),
                 "--logger", "zap", "--log-level", "warn",
             ]
+            if let tls {
+                commandLine += ["--cert-file", tls.certFile, "--key-file", tls.keyFile]
+                if let ca = tls.caFile { commandLine += ["--trusted-ca-file", ca, "--client-cert-auth"] }
+            }
             if let namespace = spec.namespace { commandLine = ["ip", "netns", "exec", namespace] + commandLine }
             members.append(Member(name: spec.name, clientURL: client, peerURL: peer, namespace: spec.namespace,
                                   dataDirectory: data, logPath: "\(directory)/\(spec.name).log", commandLine: commandLine))
@@ -231,9 +249,17 @@ public final class EtcdServer: Sendable {
 
     // MARK: - Asking the members
 
+    /// What the lab's own health and leader checks use against TLS members (give the
+    /// client certificate when the members require one).
+    public var clientTLS: EtcdTLS? {
+        get { statusTLS.withLock { $0 } }
+        set { statusTLS.withLock { $0 = newValue } }
+    }
+    private let statusTLS = Mutex<EtcdTLS?>(nil)
+
     /// Each running member's status (nil for a member that does not answer within `timeout`).
     public func statuses(timeout: TimeAmount = .milliseconds(500)) async -> [(member: Member, status: EtcdStatus?)] {
-        guard let client = try? EtcdClient(endpoints: clientURLs, requestTimeout: timeout, eventLoopGroup: MultiThreadedEventLoopGroup.singleton) else {
+        guard let client = try? EtcdClient(endpoints: clientURLs, tls: clientTLS, requestTimeout: timeout, eventLoopGroup: MultiThreadedEventLoopGroup.singleton) else {
             return members.map { ($0, nil) }
         }
         var result: [(Member, EtcdStatus?)] = []

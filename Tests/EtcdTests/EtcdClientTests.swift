@@ -1,4 +1,5 @@
 import ClusterLab
+import ColorunSystem
 import ColorunTestSupport
 import Etcd
 import NIOCore
@@ -216,5 +217,71 @@ func deadEndpoint() throws -> String {
             try await server.restart(leader)
             try await server.waitHealthy()
         }
+    }
+}
+
+/// Runs a tool to completion; throws with its stderr when it fails.
+func runTool(_ argv: [String], in dir: String) throws {
+    let log = dir + "/tool.log"
+    let pid = try spawnChild(argv, lifetime: .owned, standardOutput: .appendingTo(log), standardError: .appendingTo(log))
+    guard reapChild(pid, blocking: true) == .exited(code: 0) else {
+        throw ClusterLabError("\(argv.joined(separator: " ")) failed: \(String(decoding: (try? readFile(log)) ?? [], as: UTF8.self))")
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+func makeCertificates(in dir: String, prefix: String = "") throws {
+    func key(_ name: String) -> [String] { ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "\(dir)/\(prefix)\(name).key"] }
+    try runTool(["openssl", "req", "-x509"] + key("ca") + ["-out", "\(dir)/\(prefix)ca.pem", "-days", "2", "-subj", "/CN=colorun test CA \(prefix)"], in: dir)
+    try ColorunSystem.writeFile("\(dir)/\(prefix)ext.cnf", Array("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n".utf8))
+    for name in ["server", "client"] {
+        try runTool(["openssl", "req"] + key(name) + ["-out", "\(dir)/\(prefix)\(name).csr", "-subj", "/CN=\(name)"], in: dir)
+        try runTool(["openssl", "x509", "-req", "-in", "\(dir)/\(prefix)\(name).csr", "-CA", "\(dir)/\(prefix)ca.pem", "-CAkey", "\(dir)/\(prefix)ca.key",
+                     "-CAcreateserial", "-out", "\(dir)/\(prefix)\(name).pem", "-days", "2", "-extfile", "\(dir)/\(prefix)ext.cnf"], in: dir)
+    }
+}
+
+@Suite(.timeLimit(.minutes(3)), .machine(.shared)) struct EtcdTLSTests {
+    @Test func httpsWithAClientCertificate() async throws {
+        let dir = makeTempDirectory("colorun-etls")
+        defer { removeDirectory(dir) }
+        try makeCertificates(in: dir)
+        try makeCertificates(in: dir, prefix: "other-")
+        let server = try EtcdServer.start(tls: .init(certFile: "\(dir)/server.pem", keyFile: "\(dir)/server.key", caFile: "\(dir)/ca.pem"))
+        let good = EtcdTLS(caFile: "\(dir)/ca.pem", certFile: "\(dir)/client.pem", keyFile: "\(dir)/client.key")
+        server.clientTLS = good
+        do {
+            try await server.waitHealthy()
+            #expect(server.clientURLs[0].hasPrefix("https://"))
+            let etcd = try EtcdClient(endpoints: server.clientURLs, tls: good, requestTimeout: .seconds(3), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            try await etcd.put("/tls", "ok")
+            #expect(try await etcd.get("/tls")?.value == "ok")
+            await etcd.shutdown()
+
+            // A server certificate from a CA we do not trust: refused, naming the endpoint.
+            let wrongCA = try EtcdClient(
+                endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/other-ca.pem", certFile: "\(dir)/client.pem", keyFile: "\(dir)/client.key"),
+                requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            let untrusted = await #expect(throws: EtcdError.self) { try await wrongCA.get("/tls") }
+            #expect(untrusted?.description.contains(server.clientURLs[0]) == true, "\(String(describing: untrusted))")
+            await wrongCA.shutdown()
+
+            // No client certificate: the member refuses the handshake.
+            let anonymous = try EtcdClient(
+                endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/ca.pem"), requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            await #expect(throws: EtcdError.self) { try await anonymous.get("/tls") }
+            await anonymous.shutdown()
+
+            // Files that do not exist: a usage error naming them, before any connection.
+            let missing = #expect(throws: EtcdError.self) {
+                try EtcdClient(endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/nope.pem"), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            }
+            #expect(missing?.kind == .usage)
+            #expect(missing?.description.contains("nope.pem") == true, "\(String(describing: missing))")
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
     }
 }
