@@ -215,6 +215,8 @@ import Testing
                 """, in: dir, name: "holder.lua")
             let waiterPolicy = writePolicy("""
                 local peer = domain.get("peer")
+                local holder = cluster.holder()
+                log.warn("TEST holder " .. holder.node .. " primary " .. tostring(cluster.is_primary()) .. " token " .. tostring(cluster.token()))
                 local ok, err = pcall(remus.checkpoint, peer)
                 log.warn("TEST checkpoint without the key: " .. tostring(err.class))
                 policy.on_lost(peer, function(_, reason)
@@ -236,6 +238,7 @@ import Testing
             try await Task.sleep(for: .seconds(3))
             #expect(!waiter.stderrSoFar.contains("TEST on_lost handler runs"), "\(waiter.stderrSoFar)")
             #expect(waiter.stderrSoFar.contains("TEST checkpoint without the key: NotHolder"), "\(waiter.stderrSoFar)")
+            #expect(waiter.stderrSoFar.contains("TEST holder a primary false token nil"), "\(waiter.stderrSoFar)")
             // a's run ends: it hands the key over at once (no TTL to wait for).
             holder.signal(SIGTERM)
             let ended = await holder.wait()

@@ -46,6 +46,9 @@ final class Arbiter: @unchecked Sendable {
     private var fenceTimer: Scheduled<Void>?
     private var renewTimer: RepeatedTask?
     private var renewing = false
+    /// A renew tick came while a renewal was still out (it timed out at the same moment):
+    /// the next renewal starts as soon as that one ends, so two attempts fit before the fence.
+    private var renewTickMissed = false
     private var stopped = false
     private var lastRenewWarning: NIODeadline?
     /// The session's part of a fence: pause the guarded domains, run the on_fenced handlers.
@@ -97,8 +100,10 @@ final class Arbiter: @unchecked Sendable {
     }
 
     private func renew() {
+        if renewing { renewTickMissed = true }
         guard !renewing, !stopped, lease != 0 else { return }
         renewing = true
+        renewTickMissed = false
         let lease = self.lease, token = self.token, client = self.client, key = options.key
         let sent = NIODeadline.now()
         run({ () async -> Renewal in
@@ -111,6 +116,9 @@ final class Arbiter: @unchecked Sendable {
             }
         }) { [self] result in
             renewing = false
+            defer {
+                if renewTickMissed { renew() }
+            }
             guard lease == self.lease, !stopped else { return }
             switch result {
             case .expired:
