@@ -19,19 +19,28 @@ func withEtcd(
     let server = try EtcdServer.start(count: members)
     do {
         try await server.waitHealthy()
-        let client = try EtcdClient(endpoints: server.clientURLs, requestTimeout: timeout, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-        do {
+        try await withClient({ try EtcdClient(endpoints: server.clientURLs, requestTimeout: timeout, eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { client in
             try await body(server, client)
-        } catch {
-            await client.shutdown()
-            throw error
         }
-        await client.shutdown()
     } catch {
         await server.stop()
         throw error
     }
     await server.stop()
+}
+
+/// Runs `body` with a client made by `make` and shuts the client down whatever `body` does
+/// (AsyncHTTPClient insists on it).
+func withClient<T>(_ make: () throws -> EtcdClient, _ body: (EtcdClient) async throws -> T) async throws -> T {
+    let client = try make()
+    do {
+        let result = try await body(client)
+        await client.shutdown()
+        return result
+    } catch {
+        await client.shutdown()
+        throw error
+    }
 }
 
 /// A client URL nobody listens on (a port just picked free and closed again).
@@ -156,17 +165,17 @@ func deadEndpoint() throws -> String {
     @Test func aDeadEndpointIsSkippedAndNamed() async throws {
         try await withEtcd { server, _ in
             let dead = try deadEndpoint()
-            let etcd = try EtcdClient(endpoints: [dead] + server.clientURLs, requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            try await etcd.put("/failover", "ok")
-            #expect(try await etcd.get("/failover")?.value == "ok")
-            await etcd.shutdown()
-
-            let allDead = try EtcdClient(endpoints: [dead, try deadEndpoint()], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            let error = await #expect(throws: EtcdError.self) { try await allDead.get("/x") }
-            #expect(error?.kind == .unavailable)
-            #expect(error?.description.contains(dead) == true, "\(String(describing: error))")
-            #expect(error?.description.contains("/v3/kv/range") == true)
-            await allDead.shutdown()
+            try await withClient({ try EtcdClient(endpoints: [dead] + server.clientURLs, requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { etcd in
+                try await etcd.put("/failover", "ok")
+                #expect(try await etcd.get("/failover")?.value == "ok")
+            }
+            let other = try deadEndpoint()
+            try await withClient({ try EtcdClient(endpoints: [dead, other], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { allDead in
+                let error = await #expect(throws: EtcdError.self) { try await allDead.get("/x") }
+                #expect(error?.kind == .unavailable)
+                #expect(error?.description.contains(dead) == true, "\(String(describing: error))")
+                #expect(error?.description.contains("/v3/kv/range") == true)
+            }
         }
     }
 
@@ -174,11 +183,11 @@ func deadEndpoint() throws -> String {
         try await withEtcd { server, _ in
             // The member's peer port speaks HTTP, but not the client API.
             let peer = server.members[0].peerURL
-            let etcd = try EtcdClient(endpoints: [peer], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            let error = await #expect(throws: EtcdError.self) { try await etcd.put("/x", "y") }
-            #expect(error?.description.contains(peer) == true, "\(String(describing: error))")
-            #expect(error?.description.contains("not etcd's JSON") == true || error?.description.contains("HTTP 404") == true, "\(String(describing: error))")
-            await etcd.shutdown()
+            try await withClient({ try EtcdClient(endpoints: [peer], requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { etcd in
+                let error = await #expect(throws: EtcdError.self) { try await etcd.put("/x", "y") }
+                #expect(error?.description.contains(peer) == true, "\(String(describing: error))")
+                #expect(error?.description.contains("not etcd's JSON") == true || error?.description.contains("HTTP 404") == true, "\(String(describing: error))")
+            }
         }
         #expect(throws: EtcdError.self) { try EtcdClient(endpoints: ["ftp://x"], eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }
         #expect(throws: EtcdError.self) { try EtcdClient(endpoints: [], eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }
@@ -186,18 +195,18 @@ func deadEndpoint() throws -> String {
 
     @Test func aStoppedMemberTimesOutWithinTheRequestTimeout() async throws {
         try await withEtcd { server, _ in
-            let etcd = try EtcdClient(endpoints: server.clientURLs, requestTimeout: .milliseconds(500), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            try await etcd.put("/frozen", "before")
-            server.members[0].kill(SIGSTOP)
-            let clock = ContinuousClock()
-            let began = clock.now
-            let error = await #expect(throws: EtcdError.self) { try await etcd.get("/frozen") }
-            let took = clock.now - began
-            server.members[0].kill(SIGCONT)
-            #expect(error?.kind == .unavailable || error?.kind == .timeout, "\(String(describing: error))")
-            #expect(took < .seconds(3), "the request timeout bounds the call (took \(took))")
-            #expect(try await etcd.get("/frozen")?.value == "before")
-            await etcd.shutdown()
+            try await withClient({ try EtcdClient(endpoints: server.clientURLs, requestTimeout: .milliseconds(500), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { etcd in
+                try await etcd.put("/frozen", "before", timeout: .seconds(5))
+                server.members[0].kill(SIGSTOP)
+                let clock = ContinuousClock()
+                let began = clock.now
+                let error = await #expect(throws: EtcdError.self) { try await etcd.get("/frozen") }
+                let took = clock.now - began
+                server.members[0].kill(SIGCONT)
+                #expect(error?.kind == .unavailable || error?.kind == .timeout, "\(String(describing: error))")
+                #expect(took < .seconds(3), "the request timeout bounds the call (took \(took))")
+                #expect(try await etcd.get("/frozen", timeout: .seconds(5))?.value == "before")
+            }
         }
     }
 }
@@ -253,24 +262,27 @@ func makeCertificates(in dir: String, prefix: String = "") throws {
         do {
             try await server.waitHealthy()
             #expect(server.clientURLs[0].hasPrefix("https://"))
-            let etcd = try EtcdClient(endpoints: server.clientURLs, tls: good, requestTimeout: .seconds(3), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            try await etcd.put("/tls", "ok")
-            #expect(try await etcd.get("/tls")?.value == "ok")
-            await etcd.shutdown()
+            try await withClient({ try EtcdClient(endpoints: server.clientURLs, tls: good, requestTimeout: .seconds(5), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { etcd in
+                try await etcd.put("/tls", "ok")
+                #expect(try await etcd.get("/tls")?.value == "ok")
+            }
 
             // A server certificate from a CA we do not trust: refused, naming the endpoint.
-            let wrongCA = try EtcdClient(
-                endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/other-ca.pem", certFile: "\(dir)/client.pem", keyFile: "\(dir)/client.key"),
-                requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            let untrusted = await #expect(throws: EtcdError.self) { try await wrongCA.get("/tls") }
-            #expect(untrusted?.description.contains(server.clientURLs[0]) == true, "\(String(describing: untrusted))")
-            await wrongCA.shutdown()
+            try await withClient({
+                try EtcdClient(
+                    endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/other-ca.pem", certFile: "\(dir)/client.pem", keyFile: "\(dir)/client.key"),
+                    requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            }) { wrongCA in
+                let untrusted = await #expect(throws: EtcdError.self) { try await wrongCA.get("/tls") }
+                #expect(untrusted?.description.contains(server.clientURLs[0]) == true, "\(String(describing: untrusted))")
+            }
 
             // No client certificate: the member refuses the handshake.
-            let anonymous = try EtcdClient(
-                endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/ca.pem"), requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-            await #expect(throws: EtcdError.self) { try await anonymous.get("/tls") }
-            await anonymous.shutdown()
+            try await withClient({
+                try EtcdClient(endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/ca.pem"), requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+            }) { anonymous in
+                await #expect(throws: EtcdError.self) { try await anonymous.get("/tls") }
+            }
 
             // Files that do not exist: a usage error naming them, before any connection.
             let missing = #expect(throws: EtcdError.self) {
