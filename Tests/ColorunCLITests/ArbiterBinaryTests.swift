@@ -283,3 +283,45 @@ import Testing
         }
     }
 }
+
+extension ArbiterBinaryTests {
+    /// colo.policy{} under an arbiter: it checkpoints only once its host holds the key.
+    @Test func theDeclarativeFormWaitsForTheKey() async throws {
+        let etcd = try EtcdServer.start()
+        let client = try Self.etcdClient(etcd)
+        let dir = makeTempDirectory("colorun-arb")
+        defer { removeDirectory(dir) }
+        do {
+            try await etcd.waitHealthy()
+            // Someone else holds the key for 3 s (a lease of its own).
+            let lease = try await client.grantLease(ttl: 60)
+            _ = try await client.txn(compare: [.createRevision("/colorun/pairs/decl/active", .equal, 0)],
+                                     success: [.put(key: "/colorun/pairs/decl/active", value: "other", lease: lease.id)])
+            let policy = writePolicy("""
+                return colo.policy{
+                  primary = domain.get("p"), secondary = domain.get("s"), interval = "100ms", mode = "remus",
+                  on_checkpoint = function(r) log.warn("TEST checkpoint by the holder " .. tostring(cluster.is_primary())) ; policy.stop() end,
+                  on_checkpoint_error = function(err) log.warn("TEST checkpoint error " .. tostring(err)) ; policy.stop() end,
+                }
+                """, in: dir)
+            let vm = try await ObservedVM.start()
+            let colorun = try ColorunProcess([
+                policy, "--etcd", etcd.clientURLs[0], "--node", "a", "--pair", "decl", "--etcd-ttl", "2s", "--state-dir", dir + "/state",
+                "--domain", "p=\(vm.qemu.qmpEndpoint)", "--domain", "s=unix:\(dir)/none.qmp",
+            ])
+            try await Task.sleep(for: .seconds(3))
+            #expect(!colorun.stderrSoFar.contains("TEST checkpoint"), "\(colorun.stderrSoFar)")
+            try await client.revokeLease(lease.id)
+            let result = await colorun.wait(timeout: 30)
+            await vm.stop()
+            #expect(result.code == 0, "\(result.stderr)")
+            #expect(result.stderr.contains("TEST checkpoint by the holder true"), "\(result.stderr)")
+        } catch {
+            await client.shutdown()
+            await etcd.stop()
+            throw error
+        }
+        await client.shutdown()
+        await etcd.stop()
+    }
+}

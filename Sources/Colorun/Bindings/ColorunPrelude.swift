@@ -304,6 +304,12 @@ raw.set_declarative(function(spec)
   local mode = spec.mode or "xen"
   local p, s = spec.primary, spec.secondary
   local ticker, watch
+  if raw.cluster_info().enabled then
+    -- With an arbiter: checkpoint only while this host holds the pair's key, the primary
+    -- paused by a fence; the failover below waits for the key too (policy.on_lost).
+    raw.cluster_acquire(true)
+    raw.cluster_guard(p.name)
+  end
   local function checkpoint()
     if mode == "xen" then return colo.checkpoint(p, s, { keep = spec.keep }) end
     return remus.checkpoint(p, { keep = spec.keep })
