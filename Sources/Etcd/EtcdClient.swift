@@ -55,7 +55,7 @@ public final class EtcdClient: Sendable {
         self.requestTimeout = requestTimeout
         self.logger = logger
         var configuration = HTTPClient.Configuration(
-            timeout: .init(connect: min(requestTimeout, .seconds(1))))
+            timeout: .init(connect: max(requestTimeout, .seconds(1))))
         configuration.httpVersion = .http1Only
         if let tls {
             configuration.tlsConfiguration = try Self.tlsConfiguration(tls)

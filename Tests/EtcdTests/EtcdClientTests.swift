@@ -278,7 +278,7 @@ func makeCertificates(in dir: String, prefix: String = "") throws {
             }
 
             // No client certificate: the member refuses the handshake.
-            try await withClient({
+            _ = try await withClient({
                 try EtcdClient(endpoints: server.clientURLs, tls: EtcdTLS(caFile: "\(dir)/ca.pem"), requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
             }) { anonymous in
                 await #expect(throws: EtcdError.self) { try await anonymous.get("/tls") }

@@ -309,7 +309,7 @@ remus = {}
 
 ---A whole-VM checkpoint on plain QEMU (memory, disks, output commit).
 ---@param d colorun.DomainRef
----@param opts? {keep?: integer, disks?: string[]|false, output_commit?: string[]|false}
+---@param opts? {keep?: integer, disks?: string[]|false, output_commit?: string[]|false, series?: string}
 ---@return colorun.CheckpointResult
 function remus.checkpoint(d, opts) end
 
@@ -358,6 +358,60 @@ function policy.seconds(duration) end
 ---@param size colorun.Size
 ---@return integer
 function policy.bytes(size) end
+
+cluster = {}
+
+---True when the run has an etcd arbiter (--etcd).
+---@return boolean
+function cluster.enabled() end
+
+---This host's name in the pair (--node).
+---@return string
+function cluster.node() end
+
+---The pair's name (--pair; default the policy file's name).
+---@return string
+function cluster.pair() end
+
+---Tries to win the pair's key: true, token, or false and the holder.
+---@param opts? {wait?: boolean|colorun.Duration}
+---@return boolean
+---@return integer|{node: string, token: integer, lease: integer}
+function cluster.acquire(opts) end
+
+---True while this host holds the key.
+---@return boolean
+function cluster.is_primary() end
+
+---The fencing token while this host holds the key.
+---@return integer?
+function cluster.token() end
+
+---Who holds the key of pair (default this run's), read from etcd.
+---@param pair? string
+---@return {node: string, token: integer, lease: integer}?
+function cluster.holder(pair) end
+
+---d runs under the key: paused, and refusing cont, while this host is fenced.
+---@param d colorun.DomainRef
+function cluster.guard(d) end
+
+---Runs fn(reason) each time this host is fenced.
+---@param fn fun(reason: string)
+---@return colorun.Handle
+function cluster.on_fenced(fn) end
+
+---Gives the key up: guarded domains paused, then the key deleted.
+---@return boolean
+function cluster.release() end
+
+---Checkpoints and promotions no longer need the key (logged at every use).
+---@param reason string
+function cluster.override(reason) end
+
+---{enabled=, node=, pair=, key=, ttl=, holding=, token=, lease=, fenced=, override=, guarded=}.
+---@return table
+function cluster.status() end
 
 lab = {}
 

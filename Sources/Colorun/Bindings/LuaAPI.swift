@@ -12,7 +12,7 @@
 /// Tests hold it to the code and the docs: every function of the modules a session binds has
 /// an entry and every entry a function (`LuaAPITests`), and docs/lua-api.md names every entry.
 public enum LuaAPI {
-    public static let entries: [LuaAPIEntry] = runtime + domains + qmpFunctions + checkpoints + policyFunctions + labFunctions
+    public static let entries: [LuaAPIEntry] = runtime + domains + qmpFunctions + checkpoints + policyFunctions + clusterFunctions + labFunctions
 
     /// The entry named `name` (`"qmp.stop"`, `"Domain:alive"`).
     public static func entry(_ name: String) -> LuaAPIEntry? {
@@ -185,6 +185,7 @@ public enum LuaAPI {
             .init("keep", "integer", "generations to keep (default --keep)"),
             .init("disks", "string[]|false", "disks to snapshot (default: every writable qcow2 disk)"),
             .init("output_commit", "string[]|false", "netdevs whose output is held (default: every NIC)"),
+            .init("series", "string", "the generation series written (default: the domain's name)"),
         ])], ["colorun.CheckpointResult"], "A whole-VM checkpoint on plain QEMU (memory, disks, output commit)."),
         .function("remus.restore", [.init("spec", "table", fields: [
             .init("name", "string", "the standby's domain name (required)"),
@@ -213,6 +214,27 @@ public enum LuaAPI {
         .function("policy.stop", [], [], "Ends the run cleanly (every task cancelled, stopped domains resumed)."),
         .function("policy.seconds", [.init("duration", "colorun.Duration")], ["number"], "A duration in seconds."),
         .function("policy.bytes", [.init("size", "colorun.Size")], ["integer"], "A size (\"64MiB\", 1024) in bytes."),
+    ]
+
+    // MARK: - cluster
+
+    static let clusterFunctions: [LuaAPIEntry] = [
+        .function("cluster.enabled", [], ["boolean"], "True when the run has an etcd arbiter (--etcd)."),
+        .function("cluster.node", [], ["string"], "This host's name in the pair (--node)."),
+        .function("cluster.pair", [], ["string"], "The pair's name (--pair; default the policy file's name)."),
+        .function("cluster.acquire", [.init("opts", "table", optional: true, fields: [
+            .init("wait", "boolean|colorun.Duration", "true: until won; a duration: at most that long (default: one try)"),
+        ])], ["boolean", "integer|{node: string, token: integer, lease: integer}"],
+                  "Tries to win the pair's key: true, token, or false and the holder."),
+        .function("cluster.is_primary", [], ["boolean"], "True while this host holds the key."),
+        .function("cluster.token", [], ["integer?"], "The fencing token while this host holds the key."),
+        .function("cluster.holder", [.init("pair", "string", optional: true)], ["{node: string, token: integer, lease: integer}?"],
+                  "Who holds the key of pair (default this run's), read from etcd."),
+        .function("cluster.guard", [.init("d", "colorun.DomainRef")], [], "d runs under the key: paused, and refusing cont, while this host is fenced."),
+        .function("cluster.on_fenced", [.init("fn", "fun(reason: string)")], ["colorun.Handle"], "Runs fn(reason) each time this host is fenced."),
+        .function("cluster.release", [], ["boolean"], "Gives the key up: guarded domains paused, then the key deleted."),
+        .function("cluster.override", [.init("reason", "string")], [], "Checkpoints and promotions no longer need the key (logged at every use)."),
+        .function("cluster.status", [], ["table"], "{enabled=, node=, pair=, key=, ttl=, holding=, token=, lease=, fenced=, override=, guarded=}."),
     ]
 
     // MARK: - lab
