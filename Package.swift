@@ -11,7 +11,8 @@ import PackageDescription
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
 //                    directories, errno text; CColorunSystem is its fork/exec in C
 //   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
-//   ClusterLab       real etcd members (and, later, network namespaces) for tests and labs
+//   ClusterLab       real etcd members and two-host tests on one machine: network namespaces joined by a
+//                    bridge, partitions and heals, processes run inside a namespace, the run-state observer
 //   LuaRuntime       a small, safe Lua layer, the sandbox, limits and the coroutine scheduler
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run, the
@@ -81,7 +82,10 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        .target(name: "ClusterLab", dependencies: ["ColorunSystem", "Etcd", "QEMULab", logging] + nio),
+        .target(
+            name: "ClusterLab",
+            dependencies: ["ColorunSystem", "Etcd", "JSON", "QMPClient", "QEMULab", logging] + nio
+        ),
         .target(
             name: "LuaRuntime",
             dependencies: [
@@ -144,6 +148,11 @@ let package = Package(
                 "Colorun", "ColorunOperator", "ColorunSystem", "JSON", "LuaRuntime", "QEMUSimulator", "QMPClient", "QMP",
                 "ColorunTestSupport", "ClusterLab", "Etcd", "QEMULab", logging, metrics, prometheus,
             ] + nio
+        ),
+        // Root and network namespaces: two hosts, each with its own colorun and QEMU, and etcd.
+        .testTarget(
+            name: "PartitionTests",
+            dependencies: ["ClusterLab", "ColorunSystem", "QEMULab", "QMPClient", "JSON", "ColorunTestSupport", logging] + nio
         ),
         .testTarget(name: "GuestTests", dependencies: ["QEMULab", "QMPClient", "JSON", "ColorunTestSupport", logging] + nio),
         .testTarget(

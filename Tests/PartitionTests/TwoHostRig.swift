@@ -1,0 +1,286 @@
+import ClusterLab
+import ColorunSystem
+import ColorunTestSupport
+import Foundation
+import Logging
+import QEMULab
+import QMPClient
+
+/// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
+func colorunBinary() throws -> String {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("colorun").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    throw RigError("the colorun binary is not built (swift build)")
+}
+
+struct RigError: Error, CustomStringConvertible {
+    var description: String
+    init(_ text: String) { description = text }
+}
+
+/// Partition tests need root (network namespaces); CI runs as root.
+let runningAsRoot = getuid() == 0
+
+/// Two hosts on one machine, as issue 10 deploys colorun (Remus mode):
+/// - host `a` runs the primary's QEMU (the counting guest) and colorun A, which checkpoints it
+///   every 100 ms into A's state directory;
+/// - host `b` runs colorun B, which watches the primary over the network (a QMP monitor of
+///   A's QEMU on 10.77.0.1:4444) and, when it fails over, restores a standby QEMU on B from
+///   the newest checkpoint (B's `checkpoints` directory is A's: the shared directory);
+/// - with an arbiter, hosts `e1`..`e3` run a 3-member etcd cluster, and both colorun processes
+///   get `--etcd`, `--node` and `--pair`.
+/// An observer (its own monitor on A's QEMU and on B's standby) samples both every 10 ms.
+/// Every process is an owned child of the test; the namespaces and the directory go with
+/// `shutdown()` (or with the next test process's sweeps if this one is killed).
+final class TwoHostRig: @unchecked Sendable {
+    static let pair = "web"
+    static let primaryMonitorPort = 4444
+
+    let logger: Logger
+    let net: NetworkLab
+    let dir: String
+    let arbiter: Bool
+    let etcd: EtcdMembers?
+    let qemuA: LabProcess
+    private(set) var colorunA: LabProcess?
+    private(set) var colorunB: LabProcess?
+    let observer: RunStateObserver
+
+    /// The VMs as the observer names them.
+    static let vmA = "a", vmB = "b"
+
+    var aQMP: String { "\(dir)/a.qmp" }
+    var bQMP: String { "\(dir)/b.qmp" }
+
+    private init(logger: Logger, net: NetworkLab, dir: String, arbiter: Bool, etcd: EtcdMembers?, qemuA: LabProcess, observer: RunStateObserver) {
+        self.logger = logger
+        self.net = net
+        self.dir = dir
+        self.arbiter = arbiter
+        self.etcd = etcd
+        self.qemuA = qemuA
+        self.observer = observer
+    }
+
+    /// Starts everything and returns once A's guest runs, colorun A has made a checkpoint and
+    /// colorun B watches A.
+    static func start(arbiter: Bool, logger: Logger) async throws -> TwoHostRig {
+        let hosts = arbiter ? ["a", "b", "e1", "e2", "e3"] : ["a", "b"]
+        let net = try NetworkLab(hosts: hosts, logger: logger)
+        let dir = try makeTemporaryDirectory(prefix: "colorun-part")
+        try RunDirectoryOwner.current().write(to: dir)
+        do {
+            let etcd = arbiter ? try await EtcdMembers.start(net: net, hosts: ["e1", "e2", "e3"], dir: dir, logger: logger) : nil
+            try writeFile("\(dir)/guest.img", CountingGuest.bootSector)
+            let spec = QEMUSpec(countingGuest: true)
+            let qemuA = try LabProcess(
+                "qemu-a",
+                net.commandLine(on: "a", [spec.executable] + spec.arguments(qmpSocket: "\(dir)/a.qmp", guestImage: "\(dir)/guest.img") + [
+                    "-qmp", "unix:\(dir)/a-observer.qmp,server=on,wait=off",
+                    "-qmp", "tcp:\(net.address(of: "a")):\(primaryMonitorPort),server=on,wait=off",
+                ]),
+                logPath: "\(dir)/qemu-a.log")
+            let observer = RunStateObserver(
+                [vmA: .unix(path: "\(dir)/a-observer.qmp"), vmB: .unix(path: "\(dir)/b-observer.qmp")], logger: logger)
+            let rig = TwoHostRig(logger: logger, net: net, dir: dir, arbiter: arbiter, etcd: etcd, qemuA: qemuA, observer: observer)
+            do {
+                try await rig.bringUp()
+            } catch {
+                await rig.shutdown()
+                throw error
+            }
+            return rig
+        } catch {
+            net.destroy()
+            removeTree(dir)
+            throw error
+        }
+    }
+
+    private func bringUp() async throws {
+        try await waitUntil("A's guest runs", timeout: .seconds(30)) { observer.latest(Self.vmA) == .running }
+        try FileManager.default.createDirectory(atPath: "\(dir)/a-state", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: "\(dir)/b-state", withIntermediateDirectories: true)
+        try writePolicies()
+        colorunA = try startColorunA()
+        try await waitUntil("colorun A's first checkpoint", timeout: .seconds(30)) { self.generations() > 0 }
+        // B reads A's checkpoints where A writes them (the shared directory).
+        try FileManager.default.createSymbolicLink(atPath: "\(dir)/b-state/checkpoints", withDestinationPath: "\(dir)/a-state/checkpoints")
+        colorunB = try startColorunB()
+        try await waitUntil("colorun B watches the primary", timeout: .seconds(30)) {
+            self.colorunB?.log().contains("watching the primary") == true
+        }
+    }
+
+    /// The number of good checkpoints of the primary on disk.
+    func generations() -> Int {
+        let series = "\(dir)/a-state/checkpoints/primary"
+        return ((try? FileManager.default.contentsOfDirectory(atPath: series)) ?? []).filter { $0.hasSuffix(".manifest.json") }.count
+    }
+
+    private func arbiterArguments(node: String) -> [String] {
+        guard let etcd else { return [] }
+        return ["--etcd", etcd.clientURLs.joined(separator: ","), "--node", node, "--pair", Self.pair]
+    }
+
+    func startColorunA() throws -> LabProcess {
+        try LabProcess(
+            "colorun-a",
+            net.commandLine(on: "a", [try colorunBinary(), "run", "\(dir)/a.lua", "--domain", "primary=unix:\(aQMP)",
+                                      "--state-dir", "\(dir)/a-state"] + arbiterArguments(node: "a")),
+            logPath: "\(dir)/colorun-a.log")
+    }
+
+    private func startColorunB() throws -> LabProcess {
+        try LabProcess(
+            "colorun-b",
+            net.commandLine(on: "b", [try colorunBinary(), "run", "\(dir)/b.lua",
+                                      "--domain", "primary=tcp:\(net.address(of: "a")):\(Self.primaryMonitorPort)",
+                                      "--state-dir", "\(dir)/b-state"] + arbiterArguments(node: "b")),
+            logPath: "\(dir)/colorun-b.log")
+    }
+
+    /// A's policy checkpoints; B's watches A and restores the standby when A is lost.
+    private func writePolicies() throws {
+        let spec = QEMUSpec(countingGuest: true)
+        // The standby dies with colorun B (setpriv: a death signal survives the exec), so a
+        // test leaves no QEMU behind; production standbys are detached.
+        let standby = ["setpriv", "--pdeathsig", "KILL", spec.executable]
+            + spec.arguments(qmpSocket: bQMP, guestImage: "\(dir)/guest.img")
+            + ["-qmp", "unix:\(dir)/b-observer.qmp,server=on,wait=off"]
+        let qemu = "{" + standby.map { "\"\($0)\"" }.joined(separator: ", ") + "}"
+        let a = """
+            -- host A: checkpoint the primary every 100 ms into the shared directory
+            local primary = domain.get("primary")
+            policy.every("100ms", function()
+              local ok, err = pcall(remus.checkpoint, primary, {keep = 3})
+              if not ok then log.warn("checkpoint failed: " .. tostring(err)) end
+            end)
+            """
+        let b = """
+            -- host B: watch the primary over the network; when it is lost, restore the standby
+            local primary = domain.get("primary")
+            local STANDBY = {name = "standby", from = "primary", qmp = "unix:\(bQMP)",
+                             qemu = \(qemu)}
+            policy.every("1s", function() end)   -- the run goes on after a failover
+            log.info("watching the primary")
+            policy.on_lost(primary, function(_, reason)
+              log.warn("primary lost (" .. tostring(reason) .. "): restoring the standby")
+              local standby, info = remus.restore(STANDBY)
+              log.warn("failover complete", {generation = info.generation, restore_ms = info.restore_ms})
+            end, {heartbeat = "100ms", timeout = "500ms"})
+            """
+        try writeFile("\(dir)/a.lua", Array(a.utf8))
+        try writeFile("\(dir)/b.lua", Array(b.utf8))
+    }
+
+    // MARK: Faults
+
+    func killColorunA() async {
+        observer.mark("colorun A SIGKILLed")
+        await colorunA?.killAndWait()
+    }
+
+    func killQEMUA() async {
+        observer.mark("QEMU A SIGKILLed")
+        await qemuA.killAndWait()
+    }
+
+    /// Kills every process, stops the observer, removes the namespaces and the directory;
+    /// returns what the observer saw.
+    @discardableResult
+    func shutdown() async -> RunStateTimeline {
+        let timeline = await observer.stop()
+        for process in [colorunA, colorunB].compactMap({ $0 }) { await process.killAndWait() }
+        await qemuA.killAndWait()
+        if let etcd { await etcd.stop() }
+        net.destroy()
+        removeTree(dir)
+        return timeline
+    }
+
+    /// The logs of every process, for a failing test's message.
+    func logs() -> String {
+        [colorunA, colorunB, qemuA].compactMap { $0 }.map { "--- \($0.name):\n\($0.log().suffix(3000))" }.joined(separator: "\n")
+    }
+}
+
+/// A 3-member etcd cluster, one member per lab host, with short timeouts (heartbeat 50 ms,
+/// election 500 ms) so a lease TTL of a second or two is safe.
+final class EtcdMembers: @unchecked Sendable {
+    let net: NetworkLab
+    let hosts: [String]
+    let members: [String: LabProcess]
+    var clientURLs: [String] { hosts.map { "http://\(net.address(of: $0)):2379" } }
+
+    private init(net: NetworkLab, hosts: [String], members: [String: LabProcess]) {
+        self.net = net
+        self.hosts = hosts
+        self.members = members
+    }
+
+    static func start(net: NetworkLab, hosts: [String], dir: String, logger: Logger) async throws -> EtcdMembers {
+        let cluster = hosts.map { "\($0)=http://\(net.address(of: $0)):2380" }.joined(separator: ",")
+        var members: [String: LabProcess] = [:]
+        for host in hosts {
+            let address = net.address(of: host)
+            members[host] = try LabProcess(
+                "etcd-\(host)",
+                net.commandLine(on: host, [
+                    "etcd", "--name", host, "--data-dir", "\(dir)/etcd-\(host)",
+                    "--listen-client-urls", "http://\(address):2379", "--advertise-client-urls", "http://\(address):2379",
+                    "--listen-peer-urls", "http://\(address):2380", "--initial-advertise-peer-urls", "http://\(address):2380",
+                    "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", net.tag,
+                    "--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap", "--log-level", "warn",
+                ]),
+                logPath: "\(dir)/etcd-\(host).log")
+        }
+        let etcd = EtcdMembers(net: net, hosts: hosts, members: members)
+        try await waitUntil("etcd has a leader", timeout: .seconds(30), interval: .milliseconds(100)) { (try? etcd.leader()) != nil }
+        return etcd
+    }
+
+    /// The host whose member leads now (asked from the first member still running), from
+    /// `etcdctl endpoint status`: "URL, ID, VERSION, SIZE, IS-LEADER, ...".
+    func leader() throws -> String? {
+        for host in hosts where members[host]?.isRunning == true {
+            let output = try runCapturing(net.commandLine(on: host, [
+                "etcdctl", "--endpoints", clientURLs.joined(separator: ","), "--dial-timeout", "1s", "--command-timeout", "1s",
+                "endpoint", "status",
+            ]))
+            for line in output.split(separator: "\n") {
+                let fields = line.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+                guard fields.count > 4, fields[4] == "true" else { continue }
+                return hosts.first { fields[0] == "http://\(net.address(of: $0)):2379" }
+            }
+            return nil
+        }
+        return nil
+    }
+
+    func kill(_ host: String) async {
+        await members[host]?.killAndWait()
+    }
+
+    func stop() async {
+        for member in members.values { await member.killAndWait() }
+    }
+}
+
+/// Runs a short command to completion; its standard output.
+func runCapturing(_ commandLine: [String]) throws -> String {
+    let dir = makeTempDirectory("colorun-run")
+    defer { removeTree(dir) }
+    let pid = try spawnChild(commandLine, lifetime: .owned, standardOutput: .appendingTo("\(dir)/out"), standardError: .appendingTo("\(dir)/err"))
+    let status = reapChild(pid, blocking: true)
+    guard status == .exited(code: 0) else {
+        let err = (try? readFile("\(dir)/err")).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        throw RigError("\(commandLine.joined(separator: " ")): \(status.map(\.description) ?? "?"): \(err)")
+    }
+    return (try? readFile("\(dir)/out")).map { String(decoding: $0, as: UTF8.self) } ?? ""
+}
