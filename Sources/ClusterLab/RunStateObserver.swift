@@ -29,6 +29,11 @@ public enum ObservedState: Sendable, Hashable, CustomStringConvertible {
 public struct ObservedSample: Sendable, Hashable {
     public var at: Duration
     public var state: ObservedState
+
+    public init(at: Duration, state: ObservedState) {
+        self.at = at
+        self.state = state
+    }
 }
 
 /// An independent witness of which VMs run: its own QMP monitor on each QEMU (QEMU accepts
@@ -147,6 +152,12 @@ public struct RunStateTimeline: Sendable {
     public var samples: [String: [ObservedSample]]
     public var marks: [(at: Duration, event: String)]
     public var end: Duration
+
+    public init(samples: [String: [ObservedSample]], marks: [(at: Duration, event: String)], end: Duration) {
+        self.samples = samples
+        self.marks = marks
+        self.end = end
+    }
 
     /// The spans during which `vm` ran, in order, adjacent ones merged.
     public func runningSpans(_ vm: String) -> [Range<Duration>] {

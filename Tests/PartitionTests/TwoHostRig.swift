@@ -39,6 +39,8 @@ let runningAsRoot = getuid() == 0
 /// `shutdown()` (or with the next test process's sweeps if this one is killed).
 final class TwoHostRig: @unchecked Sendable {
     static let pair = "web"
+    /// The arbiter's lease TTL (`--etcd-ttl`): etcd with a 500 ms election timeout makes 2 s safe.
+    static let ttl = Duration.seconds(2)
     static let primaryMonitorPort = 4444
 
     let logger: Logger
