@@ -177,14 +177,31 @@ public struct RunStateTimeline: Sendable {
 
     /// How long `a` and `b` ran at the same time (after `from`).
     public func overlap(_ a: String, _ b: String, from: Duration = .zero) -> Duration {
-        let spansA = runningSpans(a), spansB = runningSpans(b)
+        overlap([a, b], from: from)
+    }
+
+    /// How long two or more of `vms` ran at the same time (after `from`): the time a pair had
+    /// two primaries.
+    public func overlap(_ vms: [String], from: Duration = .zero) -> Duration {
+        var events: [(at: Duration, delta: Int)] = []
+        for vm in Set(vms) {
+            for span in runningSpans(vm) {
+                events.append((span.lowerBound, 1))
+                events.append((span.upperBound, -1))
+            }
+        }
+        // Ends before starts at the same instant: touching spans do not overlap.
+        events.sort { $0.at != $1.at ? $0.at < $1.at : $0.delta < $1.delta }
         var total = Duration.zero
-        var i = 0, j = 0
-        while i < spansA.count && j < spansB.count {
-            let low = max(spansA[i].lowerBound, spansB[j].lowerBound, from)
-            let high = min(spansA[i].upperBound, spansB[j].upperBound)
-            if high > low { total += high - low }
-            if spansA[i].upperBound < spansB[j].upperBound { i += 1 } else { j += 1 }
+        var running = 0
+        var last = Duration.zero
+        for event in events {
+            if running >= 2 {
+                let low = max(last, from)
+                if event.at > low { total += event.at - low }
+            }
+            running += event.delta
+            last = event.at
         }
         return total
     }

@@ -30,6 +30,17 @@ struct TimelineTests {
         #expect(t.firstRunning("a", after: ms(101)) == ms(200))
     }
 
+    @Test func overlapOfThreeIsTheTimeTwoOrMoreRan() {
+        var t = timeline(
+            [(0, .running), (100, .stopped("paused")), (200, .running), (300, .unreachable)],
+            [(0, .unreachable), (50, .running), (250, .stopped("paused"))], end: 400)
+        t.samples["c"] = [ObservedSample(at: ms(0), state: .unreachable), ObservedSample(at: ms(280), state: .running),
+                          ObservedSample(at: ms(350), state: .unreachable)]
+        // a and b: 50-100 and 200-250; a and c: 280-300.
+        #expect(t.overlap(["a", "b", "c"]) == ms(120))
+        #expect(t.overlap(["b", "c"]) == .zero)
+    }
+
     @Test func neverBothRunningIsZeroOverlap() {
         let t = timeline([(0, .running), (100, .unreachable)], [(0, .stopped("inmigrate")), (100, .running)], end: 300)
         #expect(t.overlap("a", "b") == .zero)

@@ -84,7 +84,7 @@ enum ScheduleRunner {
         let timeline = await rig.shutdown()
         return Outcome(
             schedule: schedule, arbiter: arbiter, faultAt: faultAt, healedAt: healedAt,
-            overlap: timeline.overlap(TwoHostRig.vmA, TwoHostRig.vmB),
+            overlap: timeline.overlap(TwoHostRig.vms),
             failover: timeline.firstRunning(TwoHostRig.vmB, after: faultAt).map { $0 - faultAt },
             primaryStopped: timeline.firstStop(TwoHostRig.vmA, after: faultAt, atLeast: .milliseconds(300)).map { $0 - faultAt },
             timeline: timeline, logs: logs)

@@ -26,15 +26,23 @@ struct RigError: Error, CustomStringConvertible {
 /// Partition tests need root (network namespaces); CI runs as root.
 let runningAsRoot = getuid() == 0
 
-/// Two hosts on one machine, as issue 10 deploys colorun (Remus mode):
-/// - host `a` runs the primary's QEMU (the counting guest) and colorun A, which checkpoints it
-///   every 100 ms into A's state directory;
-/// - host `b` runs colorun B, which watches the primary over the network (a QMP monitor of
-///   A's QEMU on 10.77.0.1:4444) and, when it fails over, restores a standby QEMU on B from
-///   the newest checkpoint (B's `checkpoints` directory is A's: the shared directory);
-/// - with an arbiter, hosts `e1`..`e3` run a 3-member etcd cluster, and both colorun processes
-///   get `--etcd`, `--node` and `--pair`.
-/// An observer (its own monitor on A's QEMU and on B's standby) samples both every 10 ms.
+/// Two hosts on one machine, as issue 10 deploys colorun (Remus mode, the counting guest):
+/// - host `a` runs the primary's QEMU (its monitors: one for colorun A, one on
+///   10.77.0.1:4444 for host B, one for the observer) and colorun A;
+/// - host `b` runs colorun B, which reaches A's QEMU only over the network and, when it takes
+///   over, restores a standby QEMU on B from the newest checkpoint in the shared directory.
+///
+/// With the arbiter, hosts `e1`..`e3` run a 3-member etcd cluster and both hosts run
+/// examples/two-hosts.lua with `--etcd`, `--node a|b`, `--pair web`, `--etcd-ttl 2s` and one
+/// state directory: A holds the key and checkpoints its VM every 100 ms; B waits for the key,
+/// and when it wins it pauses A's QEMU through `peer` (if it can reach it) and restores. A
+/// host that wins the key back later restores a standby of its own (observed as `a2`).
+///
+/// Without the arbiter (the control run), A checkpoints and B watches A's QEMU with
+/// `policy.on_lost` (heartbeat 100 ms, timeout 500 ms) and restores when it looks dead: the
+/// best a host can do alone.
+///
+/// The observer (its own monitor on every QEMU) samples them all every 10 ms.
 /// Every process is an owned child of the test; the namespaces and the directory go with
 /// `shutdown()` (or with the next test process's sweeps if this one is killed).
 final class TwoHostRig: @unchecked Sendable {
@@ -53,8 +61,9 @@ final class TwoHostRig: @unchecked Sendable {
     private(set) var colorunB: LabProcess?
     let observer: RunStateObserver
 
-    /// The VMs as the observer names them.
-    static let vmA = "a", vmB = "b"
+    /// The VMs as the observer names them: A's QEMU, a standby A restores, B's standby.
+    static let vmA = "a", vmA2 = "a2", vmB = "b"
+    static let vms = [vmA, vmA2, vmB]
 
     var aQMP: String { "\(dir)/a.qmp" }
     var bQMP: String { "\(dir)/b.qmp" }
@@ -88,7 +97,7 @@ final class TwoHostRig: @unchecked Sendable {
                 ]),
                 logPath: "\(dir)/qemu-a.log")
             let observer = RunStateObserver(
-                [vmA: .unix(path: "\(dir)/a-observer.qmp"), vmB: .unix(path: "\(dir)/b-observer.qmp")], logger: logger)
+                Dictionary(uniqueKeysWithValues: vms.map { ($0, QMPEndpoint.unix(path: "\(dir)/\($0)-observer.qmp")) }), logger: logger)
             let rig = TwoHostRig(logger: logger, net: net, dir: dir, arbiter: arbiter, etcd: etcd, qemuA: qemuA, observer: observer)
             do {
                 try await rig.bringUp()
@@ -106,55 +115,91 @@ final class TwoHostRig: @unchecked Sendable {
 
     private func bringUp() async throws {
         try await waitUntil("A's guest runs", timeout: .seconds(30)) { observer.latest(Self.vmA) == .running }
-        try FileManager.default.createDirectory(atPath: "\(dir)/a-state", withIntermediateDirectories: true)
-        try FileManager.default.createDirectory(atPath: "\(dir)/b-state", withIntermediateDirectories: true)
-        try writePolicies()
-        colorunA = try startColorunA()
-        try await waitUntil("colorun A's first checkpoint", timeout: .seconds(30)) { self.generations() > 0 }
-        // B reads A's checkpoints where A writes them (the shared directory).
-        try FileManager.default.createSymbolicLink(atPath: "\(dir)/b-state/checkpoints", withDestinationPath: "\(dir)/a-state/checkpoints")
-        colorunB = try startColorunB()
-        try await waitUntil("colorun B watches the primary", timeout: .seconds(30)) {
-            self.colorunB?.log().contains("watching the primary") == true
+        for sub in ["shared", "a-state", "b-state"] {
+            try FileManager.default.createDirectory(atPath: "\(dir)/\(sub)", withIntermediateDirectories: true)
+        }
+        if arbiter {
+            colorunA = try startColorunA()
+            try await waitUntil("colorun A holds the key and checkpoints", timeout: .seconds(30)) {
+                self.generations() > 0 || self.colorunA?.isRunning == false
+            }
+            colorunB = try startColorunB()
+            try await waitUntil("colorun B waits for the key", timeout: .seconds(30)) {
+                self.colorunB?.log().contains("waiting for the key") == true || self.colorunB?.isRunning == false
+            }
+        } else {
+            try writeControlPolicies()
+            colorunA = try startColorunA()
+            try await waitUntil("colorun A's first checkpoint", timeout: .seconds(30)) {
+                self.generations() > 0 || self.colorunA?.isRunning == false
+            }
+            // B reads A's checkpoints where A writes them (the shared directory).
+            try FileManager.default.createSymbolicLink(atPath: "\(dir)/b-state/checkpoints", withDestinationPath: "\(dir)/a-state/checkpoints")
+            colorunB = try startColorunB()
+            try await waitUntil("colorun B watches the primary", timeout: .seconds(30)) {
+                self.colorunB?.log().contains("watching the primary") == true || self.colorunB?.isRunning == false
+            }
+        }
+        for process in [colorunA, colorunB].compactMap({ $0 }) where !process.isRunning {
+            throw RigError("\(process.name) exited at start-up: \(process.exitStatus.map(\.description) ?? "?")\n\(process.log())")
         }
     }
 
     /// The number of good checkpoints of the primary on disk.
     func generations() -> Int {
-        let series = "\(dir)/a-state/checkpoints/primary"
+        let series = arbiter ? "\(dir)/shared/checkpoints/vm" : "\(dir)/a-state/checkpoints/primary"
         return ((try? FileManager.default.contentsOfDirectory(atPath: series)) ?? []).filter { $0.hasSuffix(".manifest.json") }.count
     }
 
-    private func arbiterArguments(node: String) -> [String] {
-        guard let etcd else { return [] }
-        return ["--etcd", etcd.clientURLs.joined(separator: ","), "--node", node, "--pair", Self.pair]
+    /// The repository's examples/two-hosts.lua.
+    static var twoHostsPolicy: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/two-hosts.lua").path
+    }
+
+    /// QEMU's command line for a standby restored on `host`, observed as `observed`. It dies
+    /// with that host's colorun (setpriv: the death signal survives the exec), so a test
+    /// leaves no QEMU behind; production standbys are detached.
+    private func standbyCommandLine(qmp: String, observed: String) -> [String] {
+        let spec = QEMUSpec(countingGuest: true)
+        return ["setpriv", "--pdeathsig", "KILL", spec.executable]
+            + spec.arguments(qmpSocket: qmp, guestImage: "\(dir)/guest.img")
+            + ["-qmp", "unix:\(dir)/\(observed)-observer.qmp,server=on,wait=off"]
     }
 
     func startColorunA() throws -> LabProcess {
-        try LabProcess(
-            "colorun-a",
-            net.commandLine(on: "a", [try colorunBinary(), "run", "\(dir)/a.lua", "--domain", "primary=unix:\(aQMP)",
-                                      "--state-dir", "\(dir)/a-state"] + arbiterArguments(node: "a")),
-            logPath: "\(dir)/colorun-a.log")
+        let arguments: [String]
+        if let etcd {
+            arguments = [Self.twoHostsPolicy, "--domain", "vm=unix:\(aQMP)", "--state-dir", "\(dir)/shared"]
+                + etcd.arbiterArguments(node: "a", ttl: Self.ttl)
+                + ["--", "interval=100ms",
+                   "standby_qmp=unix:\(dir)/a-{token}.qmp",
+                   "standby_qemu=" + standbyCommandLine(qmp: "\(dir)/a-{token}.qmp", observed: Self.vmA2).joined(separator: " ")]
+        } else {
+            arguments = ["\(dir)/a.lua", "--domain", "primary=unix:\(aQMP)", "--state-dir", "\(dir)/a-state"]
+        }
+        return try LabProcess("colorun-a", net.commandLine(on: "a", [try colorunBinary(), "run"] + arguments), logPath: "\(dir)/colorun-a.log")
     }
 
     private func startColorunB() throws -> LabProcess {
-        try LabProcess(
-            "colorun-b",
-            net.commandLine(on: "b", [try colorunBinary(), "run", "\(dir)/b.lua",
-                                      "--domain", "primary=tcp:\(net.address(of: "a")):\(Self.primaryMonitorPort)",
-                                      "--state-dir", "\(dir)/b-state"] + arbiterArguments(node: "b")),
-            logPath: "\(dir)/colorun-b.log")
+        let peer = "tcp:\(net.address(of: "a")):\(Self.primaryMonitorPort)"
+        let arguments: [String]
+        if let etcd {
+            arguments = [Self.twoHostsPolicy, "--domain", "peer=\(peer)", "--state-dir", "\(dir)/shared"]
+                + etcd.arbiterArguments(node: "b", ttl: Self.ttl)
+                + ["--", "interval=100ms",
+                   "standby_qmp=unix:\(dir)/b-{token}.qmp",
+                   "standby_qemu=" + standbyCommandLine(qmp: "\(dir)/b-{token}.qmp", observed: Self.vmB).joined(separator: " ")]
+        } else {
+            arguments = ["\(dir)/b.lua", "--domain", "primary=\(peer)", "--state-dir", "\(dir)/b-state"]
+        }
+        return try LabProcess("colorun-b", net.commandLine(on: "b", [try colorunBinary(), "run"] + arguments), logPath: "\(dir)/colorun-b.log")
     }
 
-    /// A's policy checkpoints; B's watches A and restores the standby when A is lost.
-    private func writePolicies() throws {
-        let spec = QEMUSpec(countingGuest: true)
-        // The standby dies with colorun B (setpriv: a death signal survives the exec), so a
-        // test leaves no QEMU behind; production standbys are detached.
-        let standby = ["setpriv", "--pdeathsig", "KILL", spec.executable]
-            + spec.arguments(qmpSocket: bQMP, guestImage: "\(dir)/guest.img")
-            + ["-qmp", "unix:\(dir)/b-observer.qmp,server=on,wait=off"]
+    /// The control run's policies: A checkpoints; B watches A and restores the standby when A
+    /// is lost.
+    private func writeControlPolicies() throws {
+        let standby = standbyCommandLine(qmp: bQMP, observed: Self.vmB)
         let qemu = "{" + standby.map { "\"\($0)\"" }.joined(separator: ", ") + "}"
         let a = """
             -- host A: checkpoint the primary every 100 ms into the shared directory
@@ -208,7 +253,8 @@ final class TwoHostRig: @unchecked Sendable {
 
     /// The logs of every process, for a failing test's message.
     func logs() -> String {
-        [colorunA, colorunB, qemuA].compactMap { $0 }.map { "--- \($0.name):\n\($0.log().suffix(3000))" }.joined(separator: "\n")
+        let processes: [LabProcess?] = [colorunA, colorunB, qemuA] + (etcd.map { members in members.hosts.map { members.members[$0] } } ?? [])
+        return processes.compactMap { $0 }.map { "--- \($0.name):\n\($0.log().suffix(3000))" }.joined(separator: "\n")
     }
 }
 
@@ -219,6 +265,10 @@ final class EtcdMembers: @unchecked Sendable {
     let hosts: [String]
     let members: [String: LabProcess]
     var clientURLs: [String] { hosts.map { "http://\(net.address(of: $0)):2379" } }
+
+    func arbiterArguments(node: String, ttl: Duration) -> [String] {
+        ["--etcd", clientURLs.joined(separator: ","), "--node", node, "--pair", TwoHostRig.pair, "--etcd-ttl", "\(ttl.components.seconds)s"]
+    }
 
     private init(net: NetworkLab, hosts: [String], members: [String: LabProcess]) {
         self.net = net
