@@ -1,5 +1,6 @@
 import ClusterLab
 import Foundation
+import ColorunTestSupport
 import Logging
 
 /// What one schedule gave, from the observer's samples.
@@ -13,8 +14,9 @@ struct Outcome: Sendable, CustomStringConvertible {
     var overlap: Duration
     /// From the fault to the first sample that saw B's standby run; nil if it never ran.
     var failover: Duration?
-    /// From the fault to the start of A's first stop of 300 ms or more (a fence or a death;
-    /// a checkpoint's pause is a few milliseconds); nil if A never stopped so long.
+    /// From the fault to the start of A's first stop of a second or more (a fence or a death;
+    /// a checkpoint's pause is tens of milliseconds, a few hundred on a loaded machine); nil if
+    /// A never stopped so long.
     var primaryStopped: Duration?
     var timeline: RunStateTimeline
     var logs: String
@@ -52,6 +54,11 @@ enum ScheduleRunner {
         let faultAt: Duration
         var healedAt: Duration?
         do {
+            if schedule.fault == .killColorunA {
+                // Kill colorun while the VM runs (not inside a checkpoint's pause), so that
+                // only the fencing path can stop it.
+                try await waitUntil("A's VM runs") { rig.observer.latest(TwoHostRig.vmA) == .running }
+            }
             faultAt = rig.observer.mark(schedule.fault.rawValue)
             switch schedule.fault {
             case .isolateA: try rig.net.isolate("a")
@@ -64,7 +71,7 @@ enum ScheduleRunner {
             case .killEtcdLeader:
                 if let etcd = rig.etcd {
                     guard let leader = try etcd.leader() else { throw RigError("etcd has no leader to kill") }
-                    await etcd.kill(leader)
+                    try await etcd.kill(leader)
                     rig.observer.mark("etcd leader \(leader) killed")
                 }
             }
@@ -86,7 +93,7 @@ enum ScheduleRunner {
             schedule: schedule, arbiter: arbiter, faultAt: faultAt, healedAt: healedAt,
             overlap: timeline.overlap(TwoHostRig.vms),
             failover: timeline.firstRunning(TwoHostRig.vmB, after: faultAt).map { $0 - faultAt },
-            primaryStopped: timeline.firstStop(TwoHostRig.vmA, after: faultAt, atLeast: .milliseconds(300)).map { $0 - faultAt },
+            primaryStopped: timeline.firstStop(TwoHostRig.vmA, after: faultAt, atLeast: .seconds(1)).map { $0 - faultAt },
             timeline: timeline, logs: logs)
     }
 }

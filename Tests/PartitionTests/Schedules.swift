@@ -47,8 +47,9 @@ struct SeededGenerator: RandomNumberGenerator {
 enum Schedules {
     /// `count` schedules from `seed`. Faults come in shuffled rounds of all six, so the first
     /// four schedules hold at least one partition (what the arbiter-less run needs to show a
-    /// double primary). A partition is short (under a third of the TTL: the holder
-    /// never misses a renewal long enough to fence) or long (the TTL and 2 s more: the holder
+    /// double primary). A partition is short (TTL/8 to TTL/4: a renewal sent after
+    /// the heal still comes before the fence, at 3/4 TTL after the last one that succeeded,
+    /// with the renewal that was in flight timing out at TTL/4) or long (the TTL and 2 s more: the holder
     /// has fenced and the lease expired); nothing in between, where either outcome is right.
     static func make(count: Int, seed: UInt64, ttl: Duration) -> [Schedule] {
         var rng = SeededGenerator(seed: seed)
@@ -59,7 +60,7 @@ enum Schedules {
             let ms = ttl.wholeMilliseconds
             let hold: Duration
             if fault.isPartition && Bool.random(using: &rng) {
-                hold = .milliseconds(Int64.random(in: (ms / 6)...(ms / 3), using: &rng))
+                hold = .milliseconds(Int64.random(in: (ms / 8)...(ms / 4), using: &rng))
             } else {
                 hold = .milliseconds(ms + Int64.random(in: 2000...3000, using: &rng))
             }

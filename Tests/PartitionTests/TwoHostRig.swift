@@ -47,8 +47,11 @@ let runningAsRoot = getuid() == 0
 /// `shutdown()` (or with the next test process's sweeps if this one is killed).
 final class TwoHostRig: @unchecked Sendable {
     static let pair = "web"
-    /// The arbiter's lease TTL (`--etcd-ttl`): etcd with a 500 ms election timeout makes 2 s safe.
-    static let ttl = Duration.seconds(2)
+    /// The arbiter's lease TTL (`--etcd-ttl`). The holder fences itself 3/4 TTL after its last
+    /// renewal, so that must outlast an etcd leader election (election timeout 500 ms,
+    /// randomized up to 1 s, then the campaign): with 2 s (fence after 1.5 s) killing the
+    /// leader fenced the holder; 3 s (fence after 2.25 s) rides it out.
+    static let ttl = Duration.seconds(3)
     static let primaryMonitorPort = 4444
 
     let logger: Logger
@@ -253,74 +256,76 @@ final class TwoHostRig: @unchecked Sendable {
 
     /// The logs of every process, for a failing test's message.
     func logs() -> String {
-        let processes: [LabProcess?] = [colorunA, colorunB, qemuA] + (etcd.map { members in members.hosts.map { members.members[$0] } } ?? [])
-        return processes.compactMap { $0 }.map { "--- \($0.name):\n\($0.log().suffix(3000))" }.joined(separator: "\n")
+        [colorunA, colorunB, qemuA].compactMap { $0 }.map { "--- \($0.name):\n\($0.log().suffix(3000))" }.joined(separator: "\n")
+            + "\n" + (etcd?.logs() ?? "")
     }
 }
 
-/// A 3-member etcd cluster, one member per lab host, with short timeouts (heartbeat 50 ms,
-/// election 500 ms) so a lease TTL of a second or two is safe.
-final class EtcdMembers: @unchecked Sendable {
+/// A 3-member etcd cluster, one member per lab host (ClusterLab's `EtcdServer`, each member
+/// in its host's namespace), with short timeouts (heartbeat 50 ms, election 500 ms) so a lease
+/// TTL of 2 s is safe. The test process is in no lab host, so it asks etcd through `etcdctl`
+/// run inside a member's host.
+final class EtcdMembers: Sendable {
     let net: NetworkLab
     let hosts: [String]
-    let members: [String: LabProcess]
-    var clientURLs: [String] { hosts.map { "http://\(net.address(of: $0)):2379" } }
+    let server: EtcdServer
+    var clientURLs: [String] { server.clientURLs }
 
     func arbiterArguments(node: String, ttl: Duration) -> [String] {
         ["--etcd", clientURLs.joined(separator: ","), "--node", node, "--pair", TwoHostRig.pair, "--etcd-ttl", "\(ttl.components.seconds)s"]
     }
 
-    private init(net: NetworkLab, hosts: [String], members: [String: LabProcess]) {
+    private init(net: NetworkLab, hosts: [String], server: EtcdServer) {
         self.net = net
         self.hosts = hosts
-        self.members = members
+        self.server = server
     }
 
     static func start(net: NetworkLab, hosts: [String], dir: String, logger: Logger) async throws -> EtcdMembers {
-        let cluster = hosts.map { "\($0)=http://\(net.address(of: $0)):2380" }.joined(separator: ",")
-        var members: [String: LabProcess] = [:]
-        for host in hosts {
-            let address = net.address(of: host)
-            members[host] = try LabProcess(
-                "etcd-\(host)",
-                net.commandLine(on: host, [
-                    "etcd", "--name", host, "--data-dir", "\(dir)/etcd-\(host)",
-                    "--listen-client-urls", "http://\(address):2379", "--advertise-client-urls", "http://\(address):2379",
-                    "--listen-peer-urls", "http://\(address):2380", "--initial-advertise-peer-urls", "http://\(address):2380",
-                    "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", net.tag,
-                    "--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap", "--log-level", "warn",
-                ]),
-                logPath: "\(dir)/etcd-\(host).log")
+        let server = try EtcdServer.start(
+            members: hosts.map { EtcdServer.MemberSpec(name: $0, host: net.address(of: $0), clientPort: 2379, peerPort: 2380, namespace: net.namespace(of: $0)) },
+            parent: dir)
+        let etcd = EtcdMembers(net: net, hosts: hosts, server: server)
+        do {
+            try await waitUntil("etcd has a leader", timeout: .seconds(30), interval: .milliseconds(100)) { (try? etcd.leader()) != nil }
+        } catch {
+            await server.stop()
+            throw error
         }
-        let etcd = EtcdMembers(net: net, hosts: hosts, members: members)
-        try await waitUntil("etcd has a leader", timeout: .seconds(30), interval: .milliseconds(100)) { (try? etcd.leader()) != nil }
         return etcd
     }
 
     /// The host whose member leads now (asked from the first member still running), from
     /// `etcdctl endpoint status`: "URL, ID, VERSION, SIZE, IS-LEADER, ...".
     func leader() throws -> String? {
-        for host in hosts where members[host]?.isRunning == true {
-            let output = try runCapturing(net.commandLine(on: host, [
+        for member in server.members where member.exitStatus == nil {
+            let output = try runCapturing(net.commandLine(on: member.name, [
                 "etcdctl", "--endpoints", clientURLs.joined(separator: ","), "--dial-timeout", "1s", "--command-timeout", "1s",
                 "endpoint", "status",
             ]))
             for line in output.split(separator: "\n") {
                 let fields = line.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
                 guard fields.count > 4, fields[4] == "true" else { continue }
-                return hosts.first { fields[0] == "http://\(net.address(of: $0)):2379" }
+                return server.members.first { $0.clientURL == fields[0] }?.name
             }
             return nil
         }
         return nil
     }
 
-    func kill(_ host: String) async {
-        await members[host]?.killAndWait()
+    /// SIGKILLs `host`'s member and waits until it is gone.
+    func kill(_ host: String) async throws {
+        guard let member = server.members.first(where: { $0.name == host }) else { return }
+        member.kill(SIGKILL)
+        try await waitUntil("etcd member \(host) is gone") { member.exitStatus != nil }
+    }
+
+    func logs() -> String {
+        server.members.map { "--- etcd \($0.name):\n\($0.logTail(lines: 10))" }.joined(separator: "\n")
     }
 
     func stop() async {
-        for member in members.values { await member.killAndWait() }
+        await server.stop()
     }
 }
 
