@@ -94,7 +94,10 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     // MARK: - The connection
 
     /// Calls `body` with an open connection, opening one if needed. `body` runs on the loop.
-    func withConnection(_ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
+    /// A `timeout` (a command's) bounds the connect too: a command given 1 s does not wait the
+    /// 5 s connect timeout for a monitor that is unreachable (the fencing path's `stop` of a
+    /// peer whose host is cut off or dead).
+    func withConnection(timeout: TimeAmount? = nil, _ body: @escaping (Result<QMPConnection, DomainError>) -> Void) {
         if let refusal = options.refuseConnections {
             body(.failure(DomainError(domain: name, command: "connect", errorClass: "DryRun", desc: refusal)))
             return
@@ -110,7 +113,8 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         connectWaiters = [body]
         // After the monitor was lost, do not wait the full connect timeout for a QEMU that
         // is gone: a monitor that comes back is there at once.
-        let connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
+        var connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
+        if let timeout { connectTimeout = min(connectTimeout, timeout) }
         let future = QMPConnection.connect(
             QMPConnectOptions(
                 endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
@@ -188,7 +192,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             return
         }
         let started = NIODeadline.now()
-        withConnection { result in
+        withConnection(timeout: timeout) { result in
             switch result {
             case .failure(let error):
                 self.stats.failures += 1
