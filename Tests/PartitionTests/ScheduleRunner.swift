@@ -50,7 +50,15 @@ enum ScheduleRunner {
     /// Starts a fresh two-host rig, applies the schedule's fault, holds it, heals, watches a
     /// while longer, and tears everything down.
     static func run(_ schedule: Schedule, arbiter: Bool, logger: Logger) async throws -> Outcome {
-        let rig = try await TwoHostRig.start(arbiter: arbiter, logger: logger)
+        let rig: TwoHostRig
+        do {
+            rig = try await TwoHostRig.start(arbiter: arbiter, logger: logger)
+        } catch {
+            // A start-up that did not finish (a loaded machine) is not the schedule's result:
+            // one more try, then the error.
+            print("schedule \(schedule): the rig did not start, trying again: \(String(describing: error).prefix(2000))")
+            rig = try await TwoHostRig.start(arbiter: arbiter, logger: logger)
+        }
         let faultAt: Duration
         var healedAt: Duration?
         do {

@@ -105,8 +105,9 @@ final class TwoHostRig: @unchecked Sendable {
             do {
                 try await rig.bringUp()
             } catch {
+                let logs = rig.logs()
                 await rig.shutdown()
-                throw error
+                throw RigError("\(error)\n\(logs)")
             }
             return rig
         } catch {
