@@ -1,0 +1,417 @@
+import Colorun
+import CoreMetrics
+import Etcd
+import Logging
+import NIOCore
+import NIOPosix
+
+/// How a fleet instance runs (`colorun fleet run`).
+public struct FleetOptions: Sendable {
+    public var endpoints: [String]
+    public var node: String
+    /// Where the pairs' policies are (a declaration names a file in it).
+    public var policyDirectory: String
+    /// Each pair's state (generations, stop journal, fencing token) is in `DIR/pairs/PAIR`;
+    /// on storage every instance shares, so a new owner continues where the old one stopped.
+    public var stateDirectory: String
+    public var prefix = "/colorun/fleet"
+    /// The instance's lease TTL in seconds: its pairs are taken over within TTL + 1 s of its death.
+    public var ttl: Int64 = 3
+    /// At most this many pairs move away from this instance at a time (rebalance, drain).
+    public var maxMoves = 8
+    /// A full read of the fleet this often besides the watch.
+    public var resync: Duration = .seconds(5)
+    public var tls: EtcdTLS?
+
+    public init(endpoints: [String], node: String, policyDirectory: String, stateDirectory: String) {
+        self.endpoints = endpoints
+        self.node = node
+        self.policyDirectory = policyDirectory
+        self.stateDirectory = stateDirectory
+    }
+
+    /// Renewal period and fencing margin: renew every TTL/4 with a TTL/4 timeout; an
+    /// instance whose last successful renewal was sent more than TTL - TTL/4 ago stops
+    /// driving its pairs (so it stops before etcd can expire the lease and hand them over).
+    var renewEvery: Duration { .milliseconds(ttl * 250) }
+    var fenceAfter: Duration { .milliseconds(ttl * 750) }
+}
+
+/// One pair this instance owns and runs.
+final class PairRunner: Sendable {
+    let declaration: PairDeclaration
+    let token: FencingToken
+    let session: PolicySession
+    let ended: EventLoopFuture<PolicyReport>
+
+    init(declaration: PairDeclaration, token: FencingToken, session: PolicySession, ended: EventLoopFuture<PolicyReport>) {
+        self.declaration = declaration
+        self.token = token
+        self.session = session
+        self.ended = ended
+    }
+}
+
+/// A fleet instance: registers itself on its ONE lease (renewed every TTL/4, whatever the
+/// number of pairs), claims pairs up to its even share in etcd transactions (the ownership
+/// key's create revision is the pair's fencing token), runs each owned pair's policy in a
+/// `PolicySession`, gives pairs away gradually when the fleet grows or it is drained, and
+/// stops driving every pair when it cannot renew its lease in time.
+public actor FleetNode {
+    public let options: FleetOptions
+    let store: FleetStore
+    let logger: Logger
+    let group: any EventLoopGroup
+    let io = NIOThreadPool(numberOfThreads: 8)
+    private var lease: Int64 = 0
+    private var lastRenewSent = ContinuousClock.now
+    private var runners: [String: PairRunner] = [:]
+    private var endedPairs: [String: ContinuousClock.Instant] = [:]
+    private var pendingReleases: Set<String> = []
+    private var reconcileWanted = false
+    private var wakeup: CheckedContinuation<Void, Never>?
+    private var stopping = false
+    private var tasks: [Task<Void, Never>] = []
+    public private(set) var lastView = FleetView()
+    /// Counts for the operator: claims won, pairs released, fences.
+    public private(set) var claimsWon = 0
+    public private(set) var released = 0
+    public private(set) var fences = 0
+
+    public init(options: FleetOptions, logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(FleetError) {
+        guard DomainSpec.isValidName(options.node) else { throw FleetError("--node '\(options.node)': use letters, digits, '-', '_' and '.'") }
+        guard options.ttl >= 1 else { throw FleetError("--ttl must be at least 1 second") }
+        guard options.maxMoves >= 1 else { throw FleetError("--max-moves must be at least 1") }
+        let client: EtcdClient
+        do {
+            client = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
+                                    eventLoopGroup: group, logger: logger)
+        } catch {
+            throw FleetError("--etcd: \(error)")
+        }
+        self.options = options
+        self.store = FleetStore(client: client, prefix: options.prefix)
+        self.logger = logger
+        self.group = group
+    }
+
+    /// The pairs this instance runs now, with their fencing tokens.
+    public var owned: [String: Int64] { runners.mapValues(\.token.token) }
+
+    // MARK: - Running
+
+    /// Registers and runs until `stop()`. Throws when the instance cannot register at all.
+    public func run() async throws(FleetError) {
+        io.start()
+        try await register()
+        tasks.append(Task { await self.renewLoop() })
+        tasks.append(Task { await self.fenceLoop() })
+        tasks.append(Task { await self.watchLoop() })
+        await reconcileLoop()
+    }
+
+    /// Stops every pair (in-flight checkpoints finish or roll back, domains resumed), then
+    /// revokes the lease, so the other instances take the pairs at once.
+    public func stop() async {
+        guard !stopping else { return }
+        stopping = true
+        wake()
+        for task in tasks { task.cancel() }
+        let pairs = Array(runners.keys)
+        for pair in pairs { await stopRunner(pair, reason: "the instance is stopping", wait: true) }
+        if lease != 0 {
+            try? await store.client.revokeLease(lease)
+            lease = 0
+        }
+        updateMetrics()
+        try? await io.shutdownGracefully()
+        await store.client.shutdown()
+    }
+
+    private func register() async throws(FleetError) {
+        let sent = ContinuousClock.now
+        do {
+            let granted = try await store.client.grantLease(ttl: options.ttl)
+            let key = store.nodeKey(options.node)
+            let result = try await store.client.txn(
+                compare: [.createRevision(key, .equal, 0)],
+                success: [.put(key: key, value: "{\"ttl\":\(granted.ttl)}", lease: granted.id)],
+                failure: [.range(key: key)])
+            guard result.succeeded else {
+                try? await store.client.revokeLease(granted.id)
+                throw FleetError("node '\(options.node)' is already running in the fleet (its key \(key) exists on lease \(result.ranges.first?.first?.lease ?? 0)); give each instance its own --node")
+            }
+            lease = granted.id
+            lastRenewSent = sent
+            logger.notice("joined the fleet", metadata: ["node": .string(options.node), "lease": .stringConvertible(granted.id), "ttl": .stringConvertible(granted.ttl)])
+        } catch let error as FleetError {
+            throw error
+        } catch {
+            throw FleetError("cannot join the fleet: \(error)")
+        }
+    }
+
+    private func renewLoop() async {
+        while !Task.isCancelled && !stopping {
+            try? await Task.sleep(for: options.renewEvery)
+            if stopping { return }
+            if lease == 0 {
+                // Fenced earlier: join again with a new lease.
+                do {
+                    try await register()
+                    requestReconcile()
+                } catch {
+                    logger.warning("cannot join the fleet again yet", metadata: ["error": .string(error.description)])
+                }
+                continue
+            }
+            let sent = ContinuousClock.now
+            let current = lease
+            do {
+                let ttl = try await store.client.keepAlive(current, timeout: .milliseconds(options.ttl * 250))
+                guard current == lease else { continue }
+                if ttl <= 0 {
+                    fenceAll("the lease expired in etcd")
+                } else {
+                    lastRenewSent = sent
+                    let until = sent + options.fenceAfter
+                    for runner in runners.values { runner.token.extend(until: until) }
+                }
+            } catch {
+                logger.warning("lease renewal failed", metadata: ["error": .string(error.description)])
+            }
+        }
+    }
+
+    private func fenceLoop() async {
+        while !Task.isCancelled && !stopping {
+            try? await Task.sleep(for: .milliseconds(25))
+            if lease != 0, ContinuousClock.now >= lastRenewSent + options.fenceAfter {
+                fenceAll("the lease was not renewed for \(options.fenceAfter) (TTL \(options.ttl) s)")
+            }
+        }
+    }
+
+    /// Stops driving every pair now: tokens revoked (no commit from here on), sessions told
+    /// to stop; the lease is given up and the instance joins again when etcd answers.
+    private func fenceAll(_ reason: String) {
+        guard lease != 0 else { return }
+        fences += 1
+        logger.error("fenced: stopping every pair this instance drives", metadata: ["reason": .string(reason), "pairs": .stringConvertible(runners.count)])
+        let old = lease
+        lease = 0
+        for pair in Array(runners.keys) {
+            if let runner = runners.removeValue(forKey: pair) {
+                runner.token.revoke(reason)
+                runner.session.stop()
+            }
+        }
+        pendingReleases.removeAll()
+        updateMetrics()
+        let client = store.client
+        Task { try? await client.revokeLease(old) }
+    }
+
+    private func watchLoop() async {
+        while !Task.isCancelled && !stopping {
+            do {
+                try await store.client.watch(store.prefix + "/", prefix: true) { _ in
+                    await self.requestReconcile()
+                    return await !self.stopping
+                }
+            } catch {
+                if stopping { return }
+                logger.debug("fleet watch ended; watching again", metadata: ["error": .string(error.description)])
+                try? await Task.sleep(for: .milliseconds(250))
+            }
+        }
+    }
+
+    func requestReconcile() {
+        reconcileWanted = true
+        wake()
+    }
+
+    private func wake() {
+        wakeup?.resume()
+        wakeup = nil
+    }
+
+    private func reconcileLoop() async {
+        var lastFull = ContinuousClock.now
+        while !stopping {
+            if !reconcileWanted && ContinuousClock.now < lastFull + options.resync {
+                let timer = Task { [resync = options.resync] in
+                    try? await Task.sleep(for: resync / 5)
+                    await self.wake()
+                }
+                await withCheckedContinuation { wakeup = $0 }
+                timer.cancel()
+                continue
+            }
+            reconcileWanted = false
+            lastFull = ContinuousClock.now
+            do {
+                try await reconcile()
+            } catch {
+                logger.warning("fleet reconcile failed", metadata: ["error": .string("\(error)")])
+            }
+            // At most one reconcile per 50 ms however many events arrive.
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    // MARK: - Reconciling
+
+    private func reconcile() async throws(EtcdError) {
+        guard lease != 0, !stopping else { return }
+        let snapshot = try await store.snapshot()
+        guard lease != 0, !stopping else { return }
+        let view = snapshot.view
+        lastView = view
+        for (key, error) in snapshot.bad { logger.error("bad pair declaration in etcd; not run", metadata: ["key": .string(key), "error": .string(error)]) }
+
+        // Pairs lost or removed.
+        for (pair, runner) in runners {
+            if snapshot.owners[pair]?.lease != lease {
+                await stopRunner(pair, reason: "this instance no longer holds the pair's ownership key", wait: false)
+            } else if let declaration = snapshot.declarations[pair], declaration != runner.declaration {
+                logger.notice("pair declaration changed; restarting it", metadata: ["pair": .string(pair)])
+                await stopRunner(pair, reason: "declaration changed", wait: true)
+                await start(pair, declaration: declaration, token: snapshot.owners[pair]!.token)
+            } else if snapshot.declarations[pair] == nil {
+                await stopRunner(pair, reason: "the pair was removed from the fleet", wait: true)
+                await releaseKey(pair)
+            }
+        }
+        // Owned in etcd but not running (a start that failed, a policy that ended): start again after 2 s.
+        for (pair, ownership) in snapshot.owners where ownership.lease == lease && runners[pair] == nil {
+            guard let declaration = snapshot.declarations[pair] else { await releaseKey(pair); continue }
+            if let ended = endedPairs[pair], ContinuousClock.now < ended + .seconds(2) { continue }
+            await start(pair, declaration: declaration, token: ownership.token)
+        }
+
+        // Releases (rebalance, drain).
+        pendingReleases = pendingReleases.filter { view.pairs.contains($0) && view.owners[$0] == nil }
+        var busy: Set<String> = []
+        if (view.counts[options.node] ?? 0) > FleetPlan.quota(of: options.node, in: view) {
+            for (pair, runner) in runners {
+                if let status = try? await runner.session.status().get(), status.inFlight > 0 { busy.insert(pair) }
+            }
+        }
+        let releases = FleetPlan.releases(for: options.node, in: view, busy: busy, pending: pendingReleases, maxMoves: options.maxMoves)
+        for pair in releases {
+            await stopRunner(pair, reason: "rebalance: handed to another instance", wait: true)
+            await releaseKey(pair)
+            pendingReleases.insert(pair)
+            released += 1
+        }
+        if !releases.isEmpty {
+            logger.notice("released pairs for rebalance", metadata: ["count": .stringConvertible(releases.count)])
+            updateMetrics()
+            return
+        }
+
+        // Claims.
+        let claims = FleetPlan.claims(for: options.node, in: view)
+        guard !claims.isEmpty else { updateMetrics(); return }
+        let store = self.store, node = options.node, lease = self.lease
+        var won: [(String, Int64)] = []
+        var index = 0
+        while index < claims.count {
+            let chunk = claims[index..<min(index + 32, claims.count)]
+            index += chunk.count
+            await withTaskGroup(of: (String, Int64?).self) { group in
+                for pair in chunk {
+                    group.addTask {
+                        let key = store.ownerKey(pair)
+                        let result = try? await store.client.txn(
+                            compare: [.createRevision(key, .equal, 0), .createRevision(store.pairKey(pair), .greater, 0)],
+                            success: [.put(key: key, value: node, lease: lease)])
+                        return (pair, result?.succeeded == true ? result!.revision : nil)
+                    }
+                }
+                for await (pair, token) in group { if let token { won.append((pair, token)) } }
+            }
+        }
+        guard lease == self.lease else { return }
+        claimsWon += won.count
+        if !won.isEmpty { logger.notice("claimed pairs", metadata: ["count": .stringConvertible(won.count)]) }
+        for (pair, token) in won {
+            guard let declaration = snapshot.declarations[pair] else { continue }
+            await start(pair, declaration: declaration, token: token)
+        }
+        updateMetrics()
+    }
+
+    private func releaseKey(_ pair: String) async {
+        let key = store.ownerKey(pair)
+        _ = try? await store.client.txn(compare: [.lease(key, .equal, lease)], success: [.delete(key: key)])
+    }
+
+    private func start(_ pair: String, declaration: PairDeclaration, token: Int64) async {
+        guard lease != 0, !stopping else { return }
+        let stateDirectory = "\(options.stateDirectory)/pairs/\(pair)"
+        let fencing = FencingToken(token: token, path: stateDirectory + "/fencing-token", validUntil: lastRenewSent + options.fenceAfter)
+        var pairLogger = logger
+        pairLogger[metadataKey: "pair"] = .string(pair)
+        do {
+            try fencing.claim()
+            var policy = PolicyOptions(policyPath: options.policyDirectory + "/" + declaration.policy)
+            policy.arguments = declaration.arguments
+            policy.domains = try declaration.domainSpecs()
+            policy.stateDirectory = stateDirectory
+            policy.fencing = fencing
+            policy.sharedBlockingIO = io
+            let loop = group.next()
+            let session = try await loop.submit { try PolicySession(options: policy, eventLoop: loop, logger: pairLogger) }.get()
+            let ended = session.run()
+            let runner = PairRunner(declaration: declaration, token: fencing, session: session, ended: ended)
+            runners[pair] = runner
+            ended.whenComplete { result in
+                Task { await self.runnerEnded(pair, runner, result) }
+            }
+        } catch {
+            pairLogger.error("cannot start the pair's policy", metadata: ["error": .string("\(error)")])
+            endedPairs[pair] = ContinuousClock.now
+        }
+    }
+
+    private func runnerEnded(_ pair: String, _ runner: PairRunner, _ result: Result<PolicyReport, any Error>) {
+        guard runners[pair] === runner else { return }
+        runners[pair] = nil
+        endedPairs[pair] = ContinuousClock.now
+        let outcome = (try? result.get()).map { "\($0.outcome)" } ?? "error"
+        logger.warning("a pair's policy ended by itself; it is started again in 2 s while this instance owns the pair",
+                       metadata: ["pair": .string(pair), "outcome": .string(outcome)])
+        updateMetrics()
+    }
+
+    private func stopRunner(_ pair: String, reason: String, wait: Bool) async {
+        guard let runner = runners.removeValue(forKey: pair) else { return }
+        runner.token.revoke(reason)
+        runner.session.stop()
+        logger.info("stopping a pair", metadata: ["pair": .string(pair), "reason": .string(reason)])
+        if wait { _ = try? await runner.ended.get() }
+    }
+
+    // MARK: - Metrics
+
+    private func updateMetrics() {
+        let node = options.node
+        Gauge(label: FleetMetrics.ownedPairs, dimensions: [("node", node)]).record(runners.count)
+        Gauge(label: FleetMetrics.declaredPairs).record(lastView.pairs.count)
+        Gauge(label: FleetMetrics.unownedPairs).record(lastView.unowned.count)
+        Gauge(label: FleetMetrics.nodes).record(lastView.nodes.count)
+        for (other, count) in lastView.counts { Gauge(label: FleetMetrics.nodePairs, dimensions: [("node", other)]).record(count) }
+    }
+}
+
+/// The fleet's metric names (HELP texts in `ColorunMetrics.help`).
+public enum FleetMetrics {
+    public static let ownedPairs = "colorun_fleet_owned_pairs"
+    public static let declaredPairs = "colorun_fleet_pairs"
+    public static let unownedPairs = "colorun_fleet_unowned_pairs"
+    public static let nodes = "colorun_fleet_nodes"
+    public static let nodePairs = "colorun_fleet_node_pairs"
+}
