@@ -1,5 +1,6 @@
 import ArgumentParser
 import Colorun
+import ColorunOperator
 import ColorunSystem
 import Etcd
 import Fleet

@@ -60,6 +60,8 @@ final class PairRunner: Sendable {
 public actor FleetNode {
     public let options: FleetOptions
     let store: FleetStore
+    /// The lease's own client (its own connections): a burst of claims never delays a renewal.
+    let leaseClient: EtcdClient
     let logger: Logger
     let group: any EventLoopGroup
     let io = NIOThreadPool(numberOfThreads: 8)
@@ -71,6 +73,7 @@ public actor FleetNode {
     private var reconcileWanted = false
     private var wakeup: CheckedContinuation<Void, Never>?
     private var stopping = false
+    private var stopTask: Task<Void, Never>?
     private var tasks: [Task<Void, Never>] = []
     public private(set) var lastView = FleetView()
     /// Counts for the operator: claims won, pairs released, fences.
@@ -86,6 +89,8 @@ public actor FleetNode {
         do {
             client = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
                                     eventLoopGroup: group, logger: logger)
+            leaseClient = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
+                                         eventLoopGroup: group, logger: logger)
         } catch {
             throw FleetError("--etcd: \(error)")
         }
@@ -113,32 +118,39 @@ public actor FleetNode {
     /// Stops every pair (in-flight checkpoints finish or roll back, domains resumed), then
     /// revokes the lease, so the other instances take the pairs at once.
     public func stop() async {
-        guard !stopping else { return }
+        if let stopTask { return await stopTask.value }
         stopping = true
+        let task = Task { await self.shutdown() }
+        stopTask = task
+        await task.value
+    }
+
+    private func shutdown() async {
         wake()
         for task in tasks { task.cancel() }
         let pairs = Array(runners.keys)
         for pair in pairs { await stopRunner(pair, reason: "the instance is stopping", wait: true) }
         if lease != 0 {
-            try? await store.client.revokeLease(lease)
+            try? await leaseClient.revokeLease(lease)
             lease = 0
         }
         updateMetrics()
         try? await io.shutdownGracefully()
         await store.client.shutdown()
+        await leaseClient.shutdown()
     }
 
     private func register() async throws(FleetError) {
         let sent = ContinuousClock.now
         do {
-            let granted = try await store.client.grantLease(ttl: options.ttl)
+            let granted = try await leaseClient.grantLease(ttl: options.ttl)
             let key = store.nodeKey(options.node)
             let result = try await store.client.txn(
                 compare: [.createRevision(key, .equal, 0)],
                 success: [.put(key: key, value: "{\"ttl\":\(granted.ttl)}", lease: granted.id)],
                 failure: [.range(key: key)])
             guard result.succeeded else {
-                try? await store.client.revokeLease(granted.id)
+                try? await leaseClient.revokeLease(granted.id)
                 throw FleetError("node '\(options.node)' is already running in the fleet (its key \(key) exists on lease \(result.ranges.first?.first?.lease ?? 0)); give each instance its own --node")
             }
             lease = granted.id
@@ -168,7 +180,7 @@ public actor FleetNode {
             let sent = ContinuousClock.now
             let current = lease
             do {
-                let ttl = try await store.client.keepAlive(current, timeout: .milliseconds(options.ttl * 250))
+                let ttl = try await leaseClient.keepAlive(current, timeout: .milliseconds(options.ttl * 250))
                 guard current == lease else { continue }
                 if ttl <= 0 {
                     fenceAll("the lease expired in etcd")
@@ -208,19 +220,21 @@ public actor FleetNode {
         }
         pendingReleases.removeAll()
         updateMetrics()
-        let client = store.client
+        let client = leaseClient
         Task { try? await client.revokeLease(old) }
     }
 
-    private func watchLoop() async {
-        while !Task.isCancelled && !stopping {
+    /// Any change under the prefix asks for a reconcile (ends when its task is cancelled).
+    private nonisolated func watchLoop() async {
+        let store = self.store, logger = self.logger
+        while !Task.isCancelled {
             do {
                 try await store.client.watch(store.prefix + "/", prefix: true) { _ in
                     await self.requestReconcile()
-                    return await !self.stopping
+                    return !Task.isCancelled
                 }
             } catch {
-                if stopping { return }
+                if Task.isCancelled { return }
                 logger.debug("fleet watch ended; watching again", metadata: ["error": .string(error.description)])
                 try? await Task.sleep(for: .milliseconds(250))
             }
@@ -243,7 +257,7 @@ public actor FleetNode {
             if !reconcileWanted && ContinuousClock.now < lastFull + options.resync {
                 let timer = Task { [resync = options.resync] in
                     try? await Task.sleep(for: resync / 5)
-                    await self.wake()
+                    self.wake()
                 }
                 await withCheckedContinuation { wakeup = $0 }
                 timer.cancel()
@@ -364,7 +378,15 @@ public actor FleetNode {
             policy.fencing = fencing
             policy.sharedBlockingIO = io
             let loop = group.next()
-            let session = try await loop.submit { try PolicySession(options: policy, eventLoop: loop, logger: pairLogger) }.get()
+            let sessionOptions = policy, sessionLogger = pairLogger
+            let session = try await loop.submit { try PolicySession(options: sessionOptions, eventLoop: loop, logger: sessionLogger) }.get()
+            guard !stopping, lease != 0, runners[pair] == nil else {
+                // Stopped or fenced meanwhile: this session never runs.
+                fencing.revoke("the instance stopped or was fenced before the pair started")
+                session.stop()
+                _ = try? await session.run().get()
+                return
+            }
             let ended = session.run()
             let runner = PairRunner(declaration: declaration, token: fencing, session: session, ended: ended)
             runners[pair] = runner

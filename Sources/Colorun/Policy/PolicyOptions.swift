@@ -5,6 +5,7 @@ import Darwin
 #endif
 import LuaRuntime
 import NIOCore
+import NIOPosix
 import QMPClient
 
 /// A domain named on the command line: `NAME=unix:/path` or `NAME=tcp:host:port`.
