@@ -28,7 +28,7 @@ struct FencingTokenTests {
         #expect(FencingToken.recorded(at: tokenPath) == 42)
         let refused = try writePartial(store)
         #expect(throws: GenerationStoreError.self) { try store.commit(refused) }
-        do { _ = try store.commit(try writePartial(store)) } catch { #expect(error.description.contains("fencing token 10 is stale")) }
+        do { _ = try store.commit(try writePartial(store)) } catch { #expect("\(error)".contains("fencing token 10 is stale")) }
         #expect(try store.generations().count == 1)
         // ...and the old token cannot be claimed again.
         #expect(throws: SystemError.self) { try old.claim() }
@@ -41,7 +41,7 @@ struct FencingTokenTests {
         _ = try newStore.commit(try writePartial(newStore))
         #expect(try newStore.generations().count == 2)
         lapsing.revoke("released for rebalance")
-        do { _ = try newStore.commit(try writePartial(newStore)) } catch { #expect(error.description.contains("given up: released for rebalance")) }
+        do { _ = try newStore.commit(try writePartial(newStore)) } catch { #expect("\(error)".contains("given up: released for rebalance")) }
         #expect(try newStore.generations().count == 2)
     }
 }

@@ -108,12 +108,12 @@ struct FleetClusterTests {
         for i in 0..<Self.pairCount {
             entries.append("\"pair\(i)\": {\"policy\": \"fleet-pair.lua\", \"domains\": {\"primary\": \"unix:\(dir.path)/dom\(2 * i).sock\", \"secondary\": \"unix:\(dir.path)/dom\(2 * i + 1).sock\"}, \"settings\": {\"interval\": \"1s\", \"keep\": \"1\"}}")
         }
-        try Array("{\(entries.joined(separator: ",\n"))}".utf8).write(to: dir.file("pairs.json"))
+        try writeFile(dir.file("pairs.json"), Array("{\(entries.joined(separator: ",\n"))}".utf8))
         let url = etcd.clientURLs[0]
         let binary = try #require(fleetColorunBinary())
         let addPid = try spawnChild([binary, "fleet", "add", "--etcd", url, "--file", dir.file("pairs.json")], lifetime: .owned,
                                     standardOutput: .appendingTo(dir.file("add.log")), standardError: .appendingTo(dir.file("add.log")))
-        #expect(reapChild(addPid, blocking: true) == .exited(0), "fleet add: \(String(decoding: (try? readFile(dir.file("add.log"))) ?? [], as: UTF8.self))")
+        #expect(reapChild(addPid, blocking: true) == .exited(code: 0), "fleet add: \(String(decoding: (try? readFile(dir.file("add.log"))) ?? [], as: UTF8.self))")
 
         let client = try EtcdClient(endpoints: [url], eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
         defer { Task { await client.shutdown() } }
@@ -175,7 +175,7 @@ struct FleetClusterTests {
         // Stop the instances: their pairs stop, every domain runs.
         for instance in instances.indices where instance != 2 {
             let status = await instances[instance].stop()
-            #expect(status == .exited(0), "\(instances[instance].node): \(instances[instance].log.suffix(2000))")
+            #expect(status == .exited(code: 0), "\(instances[instance].node): \(instances[instance].log.suffix(2000))")
         }
         var violations: [String] = []
         for (index, domain) in domains.enumerated() {
