@@ -68,6 +68,10 @@ public actor FleetNode {
     private var lease: Int64 = 0
     private var lastRenewSent = ContinuousClock.now
     private var runners: [String: PairRunner] = [:]
+    /// Pairs owned and being started (their sessions are created off the actor, in parallel).
+    private var starting: Set<String> = []
+    /// Runs being stopped cleanly: their tokens are renewed until they have ended.
+    private var ending: [ObjectIdentifier: PairRunner] = [:]
     private var endedPairs: [String: ContinuousClock.Instant] = [:]
     private var pendingReleases: Set<String> = []
     private var reconcileWanted = false
@@ -127,9 +131,14 @@ public actor FleetNode {
 
     private func shutdown() async {
         wake()
+        // The watch goes; renewals go on while the pairs stop (all at once).
+        for task in tasks.dropFirst(2) { task.cancel() }
+        await withTaskGroup(of: Void.self) { group in
+            for pair in runners.keys {
+                group.addTask { await self.stopRunner(pair, reason: "the instance is stopping", wait: true) }
+            }
+        }
         for task in tasks { task.cancel() }
-        let pairs = Array(runners.keys)
-        for pair in pairs { await stopRunner(pair, reason: "the instance is stopping", wait: true) }
         if lease != 0 {
             try? await leaseClient.revokeLease(lease)
             lease = 0
@@ -164,10 +173,11 @@ public actor FleetNode {
     }
 
     private func renewLoop() async {
-        while !Task.isCancelled && !stopping {
+        while !Task.isCancelled {
             try? await Task.sleep(for: options.renewEvery)
-            if stopping { return }
+            if Task.isCancelled { return }
             if lease == 0 {
+                if stopping { continue }
                 // Fenced earlier: join again with a new lease.
                 do {
                     try await register()
@@ -177,26 +187,38 @@ public actor FleetNode {
                 }
                 continue
             }
+            // Each renewal is a request of its own, sent every TTL/4 whether or not the last
+            // one has answered (a slow answer still counts from its send time): on a loaded
+            // machine renewals overlap instead of falling behind.
             let sent = ContinuousClock.now
             let current = lease
-            do {
-                let ttl = try await leaseClient.keepAlive(current, timeout: .milliseconds(options.ttl * 250))
-                guard current == lease else { continue }
-                if ttl <= 0 {
-                    fenceAll("the lease expired in etcd")
-                } else {
-                    lastRenewSent = sent
-                    let until = sent + options.fenceAfter
-                    for runner in runners.values { runner.token.extend(until: until) }
+            let client = leaseClient, timeout = TimeAmount.nanoseconds(Int64(options.fenceAfter.components.seconds) * 1_000_000_000 + options.fenceAfter.components.attoseconds / 1_000_000_000)
+            Task {
+                do {
+                    let ttl = try await client.keepAlive(current, timeout: timeout)
+                    self.renewed(current, sent: sent, ttl: ttl)
+                } catch {
+                    self.logger.warning("lease renewal failed", metadata: ["error": .string("\(error)")])
                 }
-            } catch {
-                logger.warning("lease renewal failed", metadata: ["error": .string(error.description)])
             }
         }
     }
 
+    private func renewed(_ renewedLease: Int64, sent: ContinuousClock.Instant, ttl: Int64) {
+        guard renewedLease == lease else { return }
+        if ttl <= 0 {
+            fenceAll("the lease expired in etcd")
+            return
+        }
+        guard sent > lastRenewSent else { return }
+        lastRenewSent = sent
+        let until = sent + options.fenceAfter
+        for runner in runners.values { runner.token.extend(until: until) }
+        for runner in ending.values { runner.token.extend(until: until) }
+    }
+
     private func fenceLoop() async {
-        while !Task.isCancelled && !stopping {
+        while !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(25))
             if lease != 0, ContinuousClock.now >= lastRenewSent + options.fenceAfter {
                 fenceAll("the lease was not renewed for \(options.fenceAfter) (TTL \(options.ttl) s)")
@@ -218,6 +240,7 @@ public actor FleetNode {
                 runner.session.stop()
             }
         }
+        for runner in ending.values { runner.token.revoke(reason) }
         pendingReleases.removeAll()
         updateMetrics()
         let client = leaseClient
@@ -292,18 +315,22 @@ public actor FleetNode {
             } else if let declaration = snapshot.declarations[pair], declaration != runner.declaration {
                 logger.notice("pair declaration changed; restarting it", metadata: ["pair": .string(pair)])
                 await stopRunner(pair, reason: "declaration changed", wait: true)
-                await start(pair, declaration: declaration, token: snapshot.owners[pair]!.token)
+                startAll([(pair, declaration, snapshot.owners[pair]!.token)])
             } else if snapshot.declarations[pair] == nil {
                 await stopRunner(pair, reason: "the pair was removed from the fleet", wait: true)
                 await releaseKey(pair)
             }
         }
         // Owned in etcd but not running (a start that failed, a policy that ended): start again after 2 s.
-        for (pair, ownership) in snapshot.owners where ownership.lease == lease && runners[pair] == nil {
+        let current = self.lease
+        starting = starting.filter { snapshot.owners[$0]?.lease == current && snapshot.declarations[$0] != nil }
+        var toStart: [(String, PairDeclaration, Int64)] = []
+        for (pair, ownership) in snapshot.owners where ownership.lease == lease && runners[pair] == nil && !starting.contains(pair) {
             guard let declaration = snapshot.declarations[pair] else { await releaseKey(pair); continue }
             if let ended = endedPairs[pair], ContinuousClock.now < ended + .seconds(2) { continue }
-            await start(pair, declaration: declaration, token: ownership.token)
+            toStart.append((pair, declaration, ownership.token))
         }
+        if !toStart.isEmpty { startAll(toStart) }
 
         // Releases (rebalance, drain).
         pendingReleases = pendingReleases.filter { view.pairs.contains($0) && view.owners[$0] == nil }
@@ -351,11 +378,23 @@ public actor FleetNode {
         guard lease == self.lease else { return }
         claimsWon += won.count
         if !won.isEmpty { logger.notice("claimed pairs", metadata: ["count": .stringConvertible(won.count)]) }
-        for (pair, token) in won {
-            guard let declaration = snapshot.declarations[pair] else { continue }
-            await start(pair, declaration: declaration, token: token)
-        }
+        startAll(won.compactMap { pair, token in snapshot.declarations[pair].map { (pair, $0, token) } })
         updateMetrics()
+    }
+
+    /// Starts the pairs' runs in parallel, without holding up the next reconcile (whose
+    /// claims must not wait for sessions to start).
+    private func startAll(_ pairs: [(String, PairDeclaration, Int64)]) {
+        let lease = self.lease
+        for (pair, _, _) in pairs { starting.insert(pair) }
+        Task {
+            await withTaskGroup(of: Void.self) { group in
+                for (pair, declaration, token) in pairs {
+                    group.addTask { await self.start(pair, declaration: declaration, token: token, lease: lease) }
+                }
+            }
+            self.updateMetrics()
+        }
     }
 
     private func releaseKey(_ pair: String) async {
@@ -363,8 +402,9 @@ public actor FleetNode {
         _ = try? await store.client.txn(compare: [.lease(key, .equal, lease)], success: [.delete(key: key)])
     }
 
-    private func start(_ pair: String, declaration: PairDeclaration, token: Int64) async {
-        guard lease != 0, !stopping else { return }
+    private func start(_ pair: String, declaration: PairDeclaration, token: Int64, lease claimed: Int64) async {
+        guard lease == claimed, !stopping, starting.contains(pair) else { return }
+        defer { starting.remove(pair) }
         let stateDirectory = "\(options.stateDirectory)/pairs/\(pair)"
         let fencing = FencingToken(token: token, path: stateDirectory + "/fencing-token", validUntil: lastRenewSent + options.fenceAfter)
         var pairLogger = logger
@@ -380,7 +420,7 @@ public actor FleetNode {
             let loop = group.next()
             let sessionOptions = policy, sessionLogger = pairLogger
             let session = try await loop.submit { try PolicySession(options: sessionOptions, eventLoop: loop, logger: sessionLogger) }.get()
-            guard !stopping, lease != 0, runners[pair] == nil else {
+            guard !stopping, lease == claimed, starting.contains(pair), runners[pair] == nil else {
                 // Stopped or fenced meanwhile: this session never runs.
                 fencing.revoke("the instance stopped or was fenced before the pair started")
                 session.stop()
@@ -409,12 +449,24 @@ public actor FleetNode {
         updateMetrics()
     }
 
+    /// Stops a pair's run. `wait`: the ownership is still ours (a move, a removal, the
+    /// instance stopping): the run ends cleanly, its in-flight checkpoint may still commit
+    /// under the token (renewed meanwhile), and the token is given up after the end. Without
+    /// `wait` the ownership is already lost: the token is given up at once.
     private func stopRunner(_ pair: String, reason: String, wait: Bool) async {
         guard let runner = runners.removeValue(forKey: pair) else { return }
-        runner.token.revoke(reason)
-        runner.session.stop()
         logger.info("stopping a pair", metadata: ["pair": .string(pair), "reason": .string(reason)])
-        if wait { _ = try? await runner.ended.get() }
+        guard wait else {
+            runner.token.revoke(reason)
+            runner.session.stop()
+            return
+        }
+        let id = ObjectIdentifier(runner)
+        ending[id] = runner
+        runner.session.stop()
+        _ = try? await runner.ended.get()
+        runner.token.revoke(reason)
+        ending[id] = nil
     }
 
     // MARK: - Metrics

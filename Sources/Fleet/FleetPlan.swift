@@ -48,11 +48,31 @@ public enum FleetPlan {
     }
 
     /// Which unowned pairs `node` should claim now (at most `limit`).
+    ///
+    /// Every node computes the same assignment of all unowned pairs from the same view (each
+    /// pair, in name order, to the node with room that its rendezvous hash ranks highest), and
+    /// claims its own part: nodes claiming at once do not collide, so a dead node's pairs are
+    /// taken in one round of transactions.
     public static func claims(for node: String, in view: FleetView, limit: Int = .max) -> [String] {
-        let owned = view.counts[node] ?? 0
-        let want = min(limit, quota(of: node, in: view) - owned)
-        guard want > 0 else { return [] }
-        return Array(view.unowned.sorted { rank($0, node) > rank($1, node) }.prefix(want))
+        let owned = view.counts
+        var room: [String: Int] = [:]
+        for active in view.activeNodes { room[active] = quota(of: active, in: view) - (owned[active] ?? 0) }
+        guard (room[node] ?? 0) > 0, limit > 0 else { return [] }
+        var mine: [String] = []
+        for pair in view.unowned {
+            var best: (node: String, rank: UInt64)?
+            for (candidate, left) in room where left > 0 {
+                let r = rank(pair, candidate)
+                if best == nil || r > best!.rank || (r == best!.rank && candidate < best!.node) { best = (candidate, r) }
+            }
+            guard let chosen = best?.node else { break }
+            room[chosen]! -= 1
+            if chosen == node {
+                mine.append(pair)
+                if mine.count == limit || room[node] == 0 { break }
+            }
+        }
+        return mine
     }
 
     /// Which of `node`'s pairs it should release now: over its quota, at most `maxMoves`,

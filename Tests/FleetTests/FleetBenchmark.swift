@@ -44,7 +44,7 @@ struct FleetBenchmark {
         defer { dir.cleanup() }
         let state = try makeTemporaryDirectory(in: "/dev/shm", prefix: "colorun-fleet-bench")
         defer { removeTree(state) }
-        let etcd = try EtcdServer.start()
+        let etcd = try EtcdServer.start(parent: "/dev/shm")
         defer { Task { await etcd.stop() } }
         try await etcd.waitHealthy()
         let sim = QEMUSimulator(threads: 1)
