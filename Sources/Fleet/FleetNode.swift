@@ -360,8 +360,18 @@ public actor FleetNode {
         var won: [(String, Int64)] = []
         var index = 0
         while index < claims.count {
-            let chunk = claims[index..<min(index + 32, claims.count)]
+            // A chunk in one transaction (the usual case: every node computes the same
+            // assignment, so nobody else claims these); if any was taken meanwhile, one
+            // transaction per pair. etcd allows 128 compares in a transaction: 2 per pair.
+            let chunk = Array(claims[index..<min(index + 60, claims.count)])
             index += chunk.count
+            let batch = try? await store.client.txn(
+                compare: chunk.flatMap { [.createRevision(store.ownerKey($0), .equal, 0), .createRevision(store.pairKey($0), .greater, 0)] },
+                success: chunk.map { .put(key: store.ownerKey($0), value: node, lease: lease) })
+            if let batch, batch.succeeded {
+                won += chunk.map { ($0, batch.revision) }
+                continue
+            }
             await withTaskGroup(of: (String, Int64?).self) { group in
                 for pair in chunk {
                     group.addTask {
