@@ -17,6 +17,8 @@ import PackageDescription
 //   QEMUSimulator    a simulated QEMU that answers as QEMU 7.2 does, with scriptable faults
 //   Colorun          the policy API bound into Lua: qmp.*, domains, checkpoints, failover, exec.run, the
 //                    API table behind the editor stubs, the lab (--lab) and simulated domains (--sim)
+//   Fleet            many colorun instances sharing the pairs declared in etcd: ownership on one lease per
+//                    instance, take-over, gradual rebalance, drain, fencing tokens into the generation store
 //   ColorunOperator  the operator's side: summary, status line, JSON logs, metrics endpoint and its Prometheus
 //                    export (HELP texts), one-shot qmp, check
 //   ColorunCLI       the `colorun` command (swift-argument-parser), a thin layer over Colorun and ColorunOperator;
@@ -101,6 +103,7 @@ let package = Package(
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ] + nio
         ),
+        .target(name: "Fleet", dependencies: ["Colorun", "Etcd", "JSON", "QMPClient", logging, metrics] + nio),
         .target(
             name: "ColorunOperator",
             dependencies: ["Colorun", "ColorunSystem", "JSON", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus, http] + nio
@@ -108,7 +111,7 @@ let package = Package(
         .executableTarget(
             name: "ColorunCLI",
             dependencies: [
-                "Colorun", "ColorunOperator", "ColorunSystem", "Etcd", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
+                "Colorun", "ColorunOperator", "ColorunSystem", "Etcd", "Fleet", "QEMULab", "LuaRuntime", "QMP", "QMPClient", logging, metrics, prometheus,
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -132,6 +135,10 @@ let package = Package(
         .target(name: "ColorunTestSupport", dependencies: ["ColorunSystem", "QEMUSimulator", logging], path: "Tests/ColorunTestSupport"),
         .testTarget(name: "QMPTests", dependencies: ["JSON", "QMP", "ColorunTestSupport"]),
         .testTarget(name: "ColorunSystemTests", dependencies: ["ColorunSystem"]),
+        .testTarget(
+            name: "FleetTests",
+            dependencies: ["Fleet", "Colorun", "ColorunSystem", "Etcd", "ClusterLab", "JSON", "QEMUSimulator", "ColorunTestSupport", logging] + nio
+        ),
         .testTarget(name: "EtcdTests", dependencies: ["Etcd", "ClusterLab", "ColorunSystem", "ColorunTestSupport"] + nio),
         .testTarget(name: "QEMULabTests", dependencies: ["QEMULab", "ColorunSystem", "ColorunTestSupport", logging]),
         .testTarget(

@@ -30,7 +30,7 @@ public struct ColorunPrometheusFactory: MetricsFactory {
     public func render() -> [UInt8] { registry.emitToBuffer() }
 
     static func descriptor(_ label: String) -> MetricNameDescriptor {
-        let help = ColorunMetrics.help[label] ?? "\(label), recorded through swift-metrics (not one of colorun's own metrics)."
+        let help = ColorunMetrics.help[label] ?? ColorunMetrics.fleetHelp[label] ?? "\(label), recorded through swift-metrics (not one of colorun's own metrics)."
         return MetricNameDescriptor(metricName: label, unitName: "", helpText: help)
     }
 

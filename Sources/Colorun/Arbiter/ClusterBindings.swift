@@ -84,7 +84,7 @@ extension PolicySession {
     }
 
     /// The fencing token while this node holds the key (for manifests and site hooks).
-    var fencingToken: Int64? { arbiter?.token }
+    var fencingToken: Int64? { arbiter?.token ?? options.fencing?.token }
 
     func clusterFunctions() -> [String: LuaHostFunction] {
         [

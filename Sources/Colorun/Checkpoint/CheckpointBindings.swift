@@ -81,7 +81,7 @@ extension PolicySession {
         }
         let store: GenerationStore
         do {
-            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep)
+            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep, fencing: options.fencing)
         } catch {
             throw LuaHostError.structured(
                 ["class": "StateDirError", "desc": .string(error.description), "step": "open"], message: "state directory: \(error)")

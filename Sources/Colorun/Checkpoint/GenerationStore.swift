@@ -41,6 +41,9 @@ final class GenerationStore: Sendable {
     }
 
     private let state: Mutex<State>
+    /// The owner's fencing token (a fleet instance's), checked before every commit: a stale
+    /// or lapsed token cannot make a generation visible.
+    let fencing: FencingToken?
 
     /// How many complete generations to keep.
     var keep: Int {
@@ -52,10 +55,11 @@ final class GenerationStore: Sendable {
     var lastGood: Int? { state.withLock { $0.lastGood } }
 
     /// Opens (creating if needed) the store. Returns the names of removed partial files in `removedPartials`.
-    init(directory: String, fileExtension: String, keep: Int = 3) throws(GenerationStoreError) {
+    init(directory: String, fileExtension: String, keep: Int = 3, fencing: FencingToken? = nil) throws(GenerationStoreError) {
         precondition(keep >= 1, "keep at least one generation")
         self.directory = directory
         self.fileExtension = fileExtension
+        self.fencing = fencing
         self.state = Mutex(State(keep: keep))
         try Self.makeDirectories(directory)
         var removed: [String] = []
@@ -143,6 +147,10 @@ final class GenerationStore: Sendable {
     func commit(_ number: Int) throws(GenerationStoreError) -> Generation {
         let partial = partialPath(number)
         let final = finalPath(number)
+        if let refusal = fencing?.refusal() {
+            unlink(partial)
+            throw GenerationStoreError(path: final, reason: "not committed: \(refusal)")
+        }
         let fd = open(partial, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw GenerationStoreError(path: partial, reason: Self.errnoText()) }
         var info = stat()

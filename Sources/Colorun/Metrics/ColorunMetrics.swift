@@ -53,6 +53,16 @@ public final class ColorunMetrics: Sendable {
         Name.holding: "With --etcd: 1 while this host holds the pair's key (it may run as primary), by pair.",
     ]
 
+    /// HELP texts of a fleet instance's own metrics (`colorun fleet run`, module Fleet's
+    /// `FleetMetrics`), emitted only there.
+    public static let fleetHelp: [String: String] = [
+        "colorun_fleet_owned_pairs": "Fleet: pairs this instance owns and runs now.",
+        "colorun_fleet_pairs": "Fleet: pairs declared in etcd, as this instance last read them.",
+        "colorun_fleet_unowned_pairs": "Fleet: declared pairs without an owner, as this instance last read them.",
+        "colorun_fleet_nodes": "Fleet: live instances (each with a key on its lease), as this instance last read them.",
+        "colorun_fleet_node_pairs": "Fleet: pairs each instance owns, as this instance last read etcd, by node.",
+    ]
+
     private let explicitFactory: (any MetricsFactory)?
 
     public init(factory: (any MetricsFactory)? = nil) {

@@ -5,6 +5,7 @@ import Darwin
 #endif
 import LuaRuntime
 import NIOCore
+import NIOPosix
 import QMPClient
 
 /// A domain named on the command line: `NAME=unix:/path` or `NAME=tcp:host:port`.
@@ -75,6 +76,12 @@ public struct PolicyOptions: Sendable {
     public var acceptAnyDomain = false
     /// The etcd arbiter of a two-host pair (`--etcd`, `--node`, `--pair`, `--etcd-ttl`).
     public var arbiter: ArbiterOptions?
+    /// The fencing token of a fleet instance that owns this pair: every generation commit
+    /// checks it (`FencingToken`).
+    public var fencing: FencingToken?
+    /// A thread pool for blocking file work shared by many sessions (a fleet instance runs
+    /// one session per pair); nil: the session starts and stops a pool of its own.
+    public var sharedBlockingIO: NIOThreadPool?
 
     public init(policyPath: String) {
         self.policyPath = policyPath

@@ -62,7 +62,9 @@ public final class PolicySession: @unchecked Sendable {
     /// Remus domains' output buffers and layer names, by domain (RemusBindings.swift).
     var remusStates: [String: RemusDomainState] = [:]
     /// Threads for blocking file work (checkpoint commits: fsync, rename).
-    let blockingIO = NIOThreadPool(numberOfThreads: 16)
+    let blockingIO: NIOThreadPool
+    /// False when the pool is `options.sharedBlockingIO` (its owner starts and stops it).
+    let ownsBlockingIO: Bool
     /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
     var busyDomains: Set<String> = []
     /// Domains a resume keeper is retrying `cont` on.
@@ -92,6 +94,8 @@ public final class PolicySession: @unchecked Sendable {
         self.options = options
         self.eventLoop = eventLoop
         self.logger = logger
+        blockingIO = options.sharedBlockingIO ?? NIOThreadPool(numberOfThreads: 16)
+        ownsBlockingIO = options.sharedBlockingIO == nil
         do {
             journal = try StopJournal(stateDirectory: options.stateDirectory)
         } catch {
@@ -115,7 +119,7 @@ public final class PolicySession: @unchecked Sendable {
             throw .setup("cannot bind colorun's Lua modules: \(error)")
         }
         try startArbiter()
-        blockingIO.start()
+        if ownsBlockingIO { blockingIO.start() }
         runtime.addShutdownHook { [self] outcome in self.shutdown(outcome) }
     }
 
@@ -354,7 +358,7 @@ public final class PolicySession: @unchecked Sendable {
             arbiter?.shutdown(pause: { [self] reason in fenceGuarded(reason) }) ?? eventLoop.makeSucceededVoidFuture()
         }.flatMap { [self] in
             for domain in domains.values { domain.dropConnection() }
-            blockingIO.shutdownGracefully { _ in }
+            if ownsBlockingIO { blockingIO.shutdownGracefully { _ in } }
             return EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
         }
     }

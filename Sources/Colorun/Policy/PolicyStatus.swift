@@ -10,6 +10,8 @@ public struct PolicyStatus: Sendable, Hashable {
     public var lastPauseMilliseconds: Double?
     /// The newest good generation of any series.
     public var lastGeneration: Int?
+    /// Checkpoints and restores running now (a fleet moves only a pair with none).
+    public var inFlight = 0
 
     init() {}
 }
@@ -25,6 +27,7 @@ extension PolicySession {
             status.failovers = report.failovers
             status.lastPauseMilliseconds = report.pauseMilliseconds.last
             status.lastGeneration = report.lastGood.values.max()
+            status.inFlight = inFlight
             return status
         }
     }
