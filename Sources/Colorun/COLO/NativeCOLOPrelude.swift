@@ -398,14 +398,17 @@ native.checkpoint = function(p, opts)
   opts = opt_table(opts, "colo.native.checkpoint", 2)
   local delay = raw.execute(pn, "query-migrate-parameters")["x-checkpoint-delay"]
   if opts.delay ~= nil then delay = floor(raw.seconds(opts.delay) * 1000 + 0.5) end
-  local done = false
-  local sub = raw.on_event(pn, "RESUME", function() done = true end)
+  -- A checkpoint is a STOP then a RESUME of the primary; a RESUME alone may be an earlier one's.
+  local stopped, done = false, false
+  local sub1 = raw.on_event(pn, "STOP", function() stopped = true end)
+  local sub = raw.on_event(pn, "RESUME", function() done = stopped end)
   local t0 = clock()
   local ok, err = pcall(raw.execute, pn, "migrate-set-parameters", { ["x-checkpoint-delay"] = delay })
   if ok and not wait_for(function() return done end, raw.seconds(opts.timeout or "10s")) then
     ok, err = false, "colo.native.checkpoint: no checkpoint ended within " .. tostring(opts.timeout or "10s")
   end
   raw.cancel(sub)
+  raw.cancel(sub1)
   if not ok then error(err, 2) end
   return (clock() - t0) * 1000
 end

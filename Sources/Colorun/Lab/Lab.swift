@@ -424,6 +424,11 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         return promise.futureResult
     }
 
+    /// Stops every QEMU the lab started (tests call it when a run could not shut the lab down).
+    public func stopAll() async {
+        for instance in instances.map(\.instance) { await instance.stop(grace: .milliseconds(500)) }
+    }
+
     /// For a lab domain's connect failure: whether its QEMU exited (and what it said on
     /// stderr) or runs with its monitor socket gone.
     static func whatBecameOf(_ instance: QEMUInstance) -> String {
