@@ -1,6 +1,7 @@
 import ColorunTestSupport
 import QEMULab
 import QEMUSimulator
+import Synchronization
 import Testing
 @testable import Colorun
 
@@ -18,8 +19,8 @@ let kvmUsable: Bool = {
 
 /// Runs `body` with a fresh COLO lab (KVM, COLO-shaped QEMUs); its QEMUs are gone when
 /// this returns, also when `body` throws.
-func withCOLOLab<T>(bootSector: [UInt8] = CountingGuest.bootSector, _ body: (Lab, COLOLab) async throws -> T) async throws -> T {
-    let colo = try COLOLab(bootSector: bootSector)
+func withCOLOLab<T>(guest: COLOGuest = COLOGuest(), _ body: (Lab, COLOLab) async throws -> T) async throws -> T {
+    let colo = try COLOLab(guest: guest)
     let lab = try Lab(colo: colo)
     do {
         let result = try await body(lab, colo)
@@ -109,6 +110,9 @@ func withCOLOLab<T>(bootSector: [UInt8] = CountingGuest.bootSector, _ body: (Lab
                 local f = colo.native.failover(s)
                 assert(f.running and f.failed == 0, json.encode(f))
                 assert(colo.native.status(s).mode == "none")
+                local c1 = lab.counter(s)
+                sleep("100ms")
+                assert(lab.counter(s) > c1, "the promoted secondary's guest runs on")
                 local early, late = lab.disk_pattern(s, 0, 65536), lab.disk_pattern(s, 65536, 65536)
                 log.info("after failover", {early = early, late = late})
                 assert(early == 0x5a, "the checkpointed write is on the secondary: " .. early)
@@ -120,6 +124,149 @@ func withCOLOLab<T>(bootSector: [UInt8] = CountingGuest.bootSector, _ body: (Lab
                 return
             }
             #expect(run.report.failovers == 1)
+        }
+    }
+}
+
+/// Reads the frames a `-netdev socket,listen=` peer sends (a 4-byte big-endian length, then the
+/// frame) without blocking a thread: a task polls the socket every 2 ms.
+final class FramePeer: @unchecked Sendable {
+    private let fd: Int32
+    private let state = Mutex<(frames: [[UInt8]], marks: [String: Int])>(([], [:]))
+    private var task: Task<Void, Never>?
+
+    /// Connects to 127.0.0.1:port (retrying for 2 s while QEMU comes up).
+    init(address: String) throws {
+        let port = UInt16(address.split(separator: ":").last.flatMap { Int($0) } ?? 0)
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        var connected: Int32 = -1
+        for _ in 0..<200 {
+            let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if r == 0 { connected = s; break }
+            Glibc.close(s)
+            usleep(10_000)
+        }
+        guard connected >= 0 else { throw QEMULabError("cannot connect to the netdev at \(address)") }
+        fd = connected
+        task = Task { [self] in
+            var buffer: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            while !Task.isCancelled {
+                let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                if n > 0 {
+                    buffer += chunk[0..<n]
+                    while buffer.count >= 4 {
+                        let length = Int(buffer[0]) << 24 | Int(buffer[1]) << 16 | Int(buffer[2]) << 8 | Int(buffer[3])
+                        guard buffer.count >= 4 + length else { break }
+                        let frame = Array(buffer[4..<(4 + length)])
+                        buffer.removeFirst(4 + length)
+                        state.withLock { $0.frames.append(frame) }
+                    }
+                } else if n == 0 {
+                    return
+                } else {
+                    try? await Task.sleep(for: .milliseconds(2))
+                }
+            }
+        }
+    }
+
+    /// The guest's frames ("COLO" at the tag offset) received so far.
+    var frames: [[UInt8]] {
+        state.withLock { $0.frames }.filter { $0.count == 60 && Array($0[COLOGuest.tagOffset..<(COLOGuest.tagOffset + 4)]) == Array("COLO".utf8) }
+    }
+
+    /// Remembers how many frames had arrived at a named moment.
+    func mark(_ name: String) { state.withLock { $0.marks[name] = $0.frames.count } }
+    func count(at name: String) -> Int? { state.withLock { $0.marks[name] } }
+
+    func close() {
+        task?.cancel()
+        Glibc.close(fd)
+    }
+}
+
+extension NativeCOLOTests {
+    struct NetworkRun {
+        var checkpoints: Int
+        var released: Int
+        var secondaryBeforeFailover: Int
+        var secondaryAfterFailover: Int
+    }
+
+    /// The COLO lab with the frame-sending guest: COLO runs 2 s (x-checkpoint-delay 10 s, so
+    /// checkpoints within come from colo-compare), counting the primary's checkpoints (STOP
+    /// events) and the frames colo-compare releases to the primary's netdev peer; then the
+    /// primary is killed and the secondary promoted, and its own netdev peer, silent while its
+    /// output went to the primary's colo-compare, gets its frames.
+    func runNetwork(divergent: Bool) async throws -> NetworkRun {
+        try await withCOLOLab(guest: COLOGuest(send: true, divergent: divergent, delay: 200)) { lab, colo in
+            let peers = Mutex<[String: FramePeer]>([:])
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("primary"), domain.get("secondary")
+                test.connect()
+                local a = lab.colo(s)
+                colo.native.start(p, s, {uri = a.uri, nbd = a.nbd, net = a.net, delay = "10s"})
+                local stops = 0
+                local sub = p:on("STOP", function() stops = stops + 1 end)
+                test.start()
+                sleep("2s")
+                sub.cancel()
+                test.stop()
+                log.info("network", {checkpoints = stops})
+                lab.kill(p)
+                test.failover()
+                colo.native.failover(s)
+                sleep("500ms")
+                test.after()
+                policy.stop()
+                """#, hooks: [
+                    "connect": {
+                        let p = try FramePeer(address: colo.addresses("primary")!.netdev)
+                        let s = try FramePeer(address: colo.addresses("secondary")!.netdev)
+                        peers.withLock { $0 = ["primary": p, "secondary": s] }
+                    },
+                    "start": { peers.withLock { for peer in $0.values { peer.mark("start") } } },
+                    "stop": { peers.withLock { for peer in $0.values { peer.mark("stop") } } },
+                    "failover": { peers.withLock { for peer in $0.values { peer.mark("failover") } } },
+                    "after": { peers.withLock { for peer in $0.values { peer.mark("after") } } },
+                ], lab: lab)
+            let (p, s) = peers.withLock { ($0["primary"], $0["secondary"]) }
+            defer { p?.close(); s?.close() }
+            guard case .stopped = run.report.outcome, let p, let s else {
+                Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+                throw QEMULabError("the network run failed")
+            }
+            let line = run.logs.lines.first { $0.contains("network") && $0.contains("checkpoints=") } ?? ""
+            let checkpoints = line.split(separator: " ").first { $0.hasPrefix("checkpoints=") }.flatMap { Int($0.dropFirst("checkpoints=".count)) } ?? -1
+            let sequences = p.frames.map { Int($0[COLOGuest.sequenceOffset]) | Int($0[COLOGuest.sequenceOffset + 1]) << 8 }
+            print("native COLO network (\(divergent ? "divergent" : "identical") output): \(checkpoints) checkpoints in 2 s, "
+                + "\(p.count(at: "stop")! - p.count(at: "start")!) frames released to the primary's peer in 2 s "
+                + "(\(sequences.count) in all, last seq \(sequences.last ?? -1)); the secondary's peer: "
+                + "\(s.count(at: "failover")!) frames before the failover, \(s.count(at: "after")! - s.count(at: "failover")!) in 0.5 s after")
+            return NetworkRun(checkpoints: checkpoints, released: p.count(at: "stop")! - p.count(at: "start")!,
+                              secondaryBeforeFailover: s.count(at: "failover")!,
+                              secondaryAfterFailover: s.count(at: "after")! - s.count(at: "failover")!)
+        }
+    }
+
+    /// The network wiring proven by its effect: identical output from both replicas is released
+    /// by colo-compare to the outside; divergent output (the TSC in every frame) forces
+    /// checkpoints; the secondary's output reaches its own netdev only after the failover
+    /// removed its redirectors.
+    @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
+    func networkWiringByEffect() async throws {
+        let same = try await runNetwork(divergent: false)
+        let divergent = try await runNetwork(divergent: true)
+        #expect(same.released > 0, "colo-compare releases the primary's frames")
+        #expect(divergent.checkpoints > same.checkpoints, "divergent output forces checkpoints (\(divergent.checkpoints) vs \(same.checkpoints))")
+        for run in [same, divergent] {
+            #expect(run.secondaryBeforeFailover == 0, "the secondary's output goes to colo-compare, not out")
+            #expect(run.secondaryAfterFailover > 0, "the promoted secondary's output goes out")
         }
     }
 }

@@ -7,7 +7,7 @@ import Glibc
 #endif
 
 /// The lab's COLO-shaped QEMUs (`colorun --lab --guest colo`): KVM (QEMU 7.2's COLO deadlocks
-/// under TCG), the 512-byte guest on a floppy, a quorum disk made with `qemu-img`, and an
+/// under TCG), `COLOGuest` as the firmware (it counts, and sends frames if asked), a quorum disk made with `qemu-img`, and an
 /// ISA NE2000 on a `-netdev socket` listening on loopback (the same netdev type on both sides,
 /// as COLO needs). `primary` has the primary layout; `secondary` and every secondary made
 /// later (`lab.colo_secondary`) the secondary layout, waiting on `-incoming unix:...`.
@@ -17,8 +17,8 @@ import Glibc
 public final class COLOLab: @unchecked Sendable {
     /// Where the images and migration sockets live (removed with the lab).
     public let directory: String
-    /// The guest the lab boots (the counting sector, or the frame sender of the network tests).
-    public let bootSector: [UInt8]
+    /// What the lab's QEMUs run.
+    public let guest: COLOGuest
     let basePort: Int
     private var blocks = 0
     private var blockOf: [String: Int] = [:]
@@ -34,14 +34,14 @@ public final class COLOLab: @unchecked Sendable {
         public var netdev: String
     }
 
-    public init(bootSector: [UInt8] = CountingGuest.bootSector) throws(QEMULabError) {
+    public init(guest: COLOGuest = COLOGuest()) throws(QEMULabError) {
         do {
             directory = try makeTemporaryDirectory(in: QEMUSpec().runDirectoryParent, prefix: "colorun-colo")
             try RunDirectoryOwner.current().write(to: directory)
         } catch {
             throw QEMULabError("cannot create the COLO lab directory: \(error)")
         }
-        self.bootSector = bootSector
+        self.guest = guest
         // A random block of loopback ports (20000-59999, 10 per domain).
         basePort = 20000 + Int.random(in: 0..<3900) * 10
     }
@@ -70,11 +70,11 @@ public final class COLOLab: @unchecked Sendable {
             blocks += 1
         }
         let addresses = addresses(name)!
-        let guest = "\(directory)/guest.img"
-        if access(guest, F_OK) != 0 {
-            do { try writeFile(guest, bootSector) } catch { throw QEMULabError("\(error)") }
+        let firmware = "\(directory)/guest.bin"
+        if access(firmware, F_OK) != 0 {
+            do { try writeFile(firmware, guest.firmware) } catch { throw QEMULabError("\(error)") }
         }
-        var arguments = ["-drive", "if=floppy,format=raw,file=\(guest),readonly=on", "-boot", "a"]
+        var arguments = ["-bios", firmware]
         arguments += COLOLayout.network(netdev: "socket,listen=\(addresses.netdev)")
         var incoming: String?
         if name == "primary" {
