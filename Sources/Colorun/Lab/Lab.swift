@@ -416,10 +416,14 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         writers = [:]
         let promise = session.eventLoop.makePromise(of: Void.self)
         let all = instances.map(\.instance)
-        promise.completeWithTask {
+        var coloDirectory: String?
+        if case .colo(let colo) = guest { coloDirectory = colo.directory }
+        promise.completeWithTask { [coloDirectory] in
             await withTaskGroup(of: Void.self) { group in
                 for instance in all { group.addTask { await instance.stop(grace: .milliseconds(500)) } }
             }
+            // The COLO lab's images and sockets go with the run.
+            if let coloDirectory { removeTree(coloDirectory) }
         }
         return promise.futureResult
     }
