@@ -39,6 +39,9 @@ opts.cycles = tonumber(opts.cycles)
 
 local lab = rawget(_G, "lab")
 local in_lab = lab ~= nil and lab.colo ~= nil
+if not in_lab and (opts.uri == nil or opts.nbd == nil or opts.net == nil) then
+  error("qemu-colo.lua: outside the COLO lab (--lab --guest colo) pass -- uri=URI nbd=HOST:PORT net=HOST:PORT (see its header)")
+end
 
 -- The addresses colo.native needs to use `s` as the secondary.
 local function addresses(s)
