@@ -218,8 +218,15 @@ local function start_colo(report, pn, sn, o, fname)
   must(report, pn, "migrate", { uri = o.uri })
   local status
   local ok = wait_for(function()
+    -- The primary reports mode "primary" before it starts replication; it resumes its VM
+    -- (stopped since the end of the migration) only after: wait for that too, or a write
+    -- made right after this returns may fail on the replication child and never reach the
+    -- secondary.
     status = raw.execute(pn, "query-colo-status")
-    if status.mode == "primary" and raw.execute(sn, "query-colo-status").mode == "secondary" then return true end
+    if status.mode == "primary" and raw.execute(sn, "query-colo-status").mode == "secondary"
+      and raw.execute(pn, "query-status").running then
+      return true
+    end
     local m = raw.execute(pn, "query-migrate")
     if m.status == "failed" or m.status == "cancelled" then
       error(fname .. ": migration to the secondary " .. m.status .. ": " .. tostring(m["error-desc"]), 0)
