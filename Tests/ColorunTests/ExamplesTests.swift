@@ -117,7 +117,10 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
     @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
     func qemuCOLOExampleWithKVM() async throws {
         try await withCOLOLab { lab, _ in
-            let run = try await runExample("qemu-colo.lua", lab: lab) { $0.arguments = ["cycles=3", "every=300ms"] }
+            let run = try await runExample("qemu-colo.lua", lab: lab) {
+                coloTimeouts(&$0)
+                $0.arguments = ["cycles=3", "every=300ms"]
+            }
             guard case .stopped = run.report.outcome else {
                 Issue.record("\(run.report.outcome)\n\(run.logs.text)")
                 return

@@ -19,6 +19,12 @@ let kvmUsable: Bool = {
 
 /// Runs `body` with a fresh COLO lab (KVM, COLO-shaped QEMUs); its QEMUs are gone when
 /// this returns, also when `body` throws.
+/// COLO domains' monitors can be slow while a secondary loads checkpoints on a busy host (the
+/// lab's QEMUs also start slower there): the COLO runs give them 10 s rather than 2.
+func coloTimeouts(_ options: inout PolicyOptions) {
+    options.domainOptions = DomainOptions(connectTimeout: .seconds(10), commandTimeout: .seconds(10))
+}
+
 func withCOLOLab<T>(guest: COLOGuest = COLOGuest(), _ body: (Lab, COLOLab) async throws -> T) async throws -> T {
     let colo = try COLOLab(guest: guest)
     let lab = try Lab(colo: colo)
@@ -118,7 +124,7 @@ func withCOLOLab<T>(guest: COLOGuest = COLOGuest(), _ body: (Lab, COLOLab) async
                 assert(early == 0x5a, "the checkpointed write is on the secondary: " .. early)
                 assert(late == 0, "the write after the last checkpoint is rolled back: " .. late)
                 policy.stop()
-                """#, lab: lab)
+                """#, lab: lab, configure: coloTimeouts)
             guard case .stopped = run.report.outcome else {
                 Issue.record("\(run.report.outcome)\n\(run.logs.text)")
                 return
@@ -135,7 +141,7 @@ final class FramePeer: @unchecked Sendable {
     private let state = Mutex<(frames: [[UInt8]], marks: [String: Int])>(([], [:]))
     private var task: Task<Void, Never>?
 
-    /// Connects to 127.0.0.1:port (retrying for 2 s while QEMU comes up).
+    /// Connects to 127.0.0.1:port (retrying for 10 s while QEMU comes up).
     init(address: String) throws {
         let port = UInt16(address.split(separator: ":").last.flatMap { Int($0) } ?? 0)
         var sa = sockaddr_in()
@@ -143,7 +149,7 @@ final class FramePeer: @unchecked Sendable {
         sa.sin_port = port.bigEndian
         sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
         var connected: Int32 = -1
-        for _ in 0..<200 {
+        for _ in 0..<1000 {
             let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
             if r == 0 { connected = s; break }
@@ -234,7 +240,7 @@ extension NativeCOLOTests {
                     "stop": { peers.withLock { for peer in $0.values { peer.mark("stop") } } },
                     "failover": { peers.withLock { for peer in $0.values { peer.mark("failover") } } },
                     "after": { peers.withLock { for peer in $0.values { peer.mark("after") } } },
-                ], lab: lab)
+                ], lab: lab, configure: coloTimeouts)
             let (p, s) = peers.withLock { ($0["primary"], $0["secondary"]) }
             defer { p?.close(); s?.close() }
             guard case .stopped = run.report.outcome, let p, let s else {

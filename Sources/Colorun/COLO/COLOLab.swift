@@ -12,16 +12,16 @@ import Glibc
 /// as COLO needs). `primary` has the primary layout; `secondary` and every secondary made
 /// later (`lab.colo_secondary`) the secondary layout, waiting on `-incoming unix:...`.
 ///
-/// Each secondary gets its own block of loopback ports (NBD, the primary's chardevs), so a
-/// re-protection never reuses a port a dead QEMU held a moment ago.
+/// Each domain gets its own block of loopback ports that were free when it started (NBD, the
+/// primary's chardevs, its netdev), so a re-protection never reuses a port a dead QEMU held
+/// a moment ago.
 public final class COLOLab: @unchecked Sendable {
     /// Where the images and migration sockets live (removed with the lab).
     public let directory: String
     /// What the lab's QEMUs run.
     public let guest: COLOGuest
-    let basePort: Int
-    private var blocks = 0
-    private var blockOf: [String: Int] = [:]
+    /// Each domain's block of 6 loopback ports (NBD, the four chardev ports, its netdev).
+    private var portsOf: [String: Int] = [:]
     /// The disk size of every image.
     static let diskMiB = 16
 
@@ -42,8 +42,30 @@ public final class COLOLab: @unchecked Sendable {
             throw QEMULabError("cannot create the COLO lab directory: \(error)")
         }
         self.guest = guest
-        // A random block of loopback ports (20000-59999, 10 per domain).
-        basePort = 20000 + Int.random(in: 0..<3900) * 10
+    }
+
+    /// A block of 6 consecutive loopback ports that were free a moment ago, below Linux's
+    /// ephemeral range (32768 and up), so that no outgoing connection of another program
+    /// takes one meanwhile.
+    static func freePortBlock() -> Int {
+        for _ in 0..<200 {
+            let base = 10000 + Int.random(in: 0..<2270) * 10
+            if (base..<(base + 6)).allSatisfy(portFree) { return base }
+        }
+        return 10000 + Int.random(in: 0..<2270) * 10
+    }
+
+    private static func portFree(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0
     }
 
     deinit { removeTree(directory) }
@@ -56,8 +78,7 @@ public final class COLOLab: @unchecked Sendable {
     }
 
     public func addresses(_ name: String) -> Addresses? {
-        guard let block = blockOf[name] else { return nil }
-        let port = basePort + 10 * block
+        guard let port = portsOf[name] else { return nil }
         return Addresses(uri: "unix:\(directory)/\(name).mig", nbd: "127.0.0.1:\(port)", net: "127.0.0.1:\(port + 1)",
                          netdev: "127.0.0.1:\(port + 5)")
     }
@@ -65,10 +86,7 @@ public final class COLOLab: @unchecked Sendable {
     /// The QEMU of domain `name`: the primary layout for "primary", the secondary one otherwise.
     public func spec(_ name: String) throws(QEMULabError) -> QEMUSpec {
         guard COLOLab.kvmUsable else { throw QEMULabError("the COLO lab needs KVM: /dev/kvm is not usable (QEMU 7.2's COLO deadlocks under TCG)") }
-        if blockOf[name] == nil {
-            blockOf[name] = blocks
-            blocks += 1
-        }
+        if portsOf[name] == nil { portsOf[name] = Self.freePortBlock() }
         let addresses = addresses(name)!
         let firmware = "\(directory)/guest.bin"
         if access(firmware, F_OK) != 0 {

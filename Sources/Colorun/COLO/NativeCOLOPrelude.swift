@@ -216,24 +216,35 @@ local function start_colo(report, pn, sn, o, fname)
   must(report, pn, "migrate-set-capabilities", { capabilities = { { capability = "x-colo", state = true } } })
   must(report, pn, "migrate-set-parameters", { ["x-checkpoint-delay"] = o.delay_ms })
   must(report, pn, "migrate", { uri = o.uri })
-  local status
+  -- A secondary's monitor can be slow to answer while it loads a checkpoint (each one holds
+  -- QEMU's main lock): a query that times out only means "not yet".
+  local status, last_error
+  local function query(dn, command)
+    local ok, r = pcall(raw.execute, dn, command)
+    if ok then return r end
+    last_error = r
+    return nil
+  end
   local ok = wait_for(function()
     -- The primary reports mode "primary" before it starts replication; it resumes its VM
     -- (stopped since the end of the migration) only after: wait for that too, or a write
     -- made right after this returns may fail on the replication child and never reach the
     -- secondary.
-    status = raw.execute(pn, "query-colo-status")
-    if status.mode == "primary" and raw.execute(sn, "query-colo-status").mode == "secondary"
-      and raw.execute(pn, "query-status").running then
-      return true
+    status = query(pn, "query-colo-status")
+    if status ~= nil and status.mode == "primary" then
+      local sst, pst = query(sn, "query-colo-status"), query(pn, "query-status")
+      if sst ~= nil and sst.mode == "secondary" and pst ~= nil and pst.running then return true end
     end
-    local m = raw.execute(pn, "query-migrate")
-    if m.status == "failed" or m.status == "cancelled" then
+    local m = query(pn, "query-migrate")
+    if m ~= nil and (m.status == "failed" or m.status == "cancelled") then
       error(fname .. ": migration to the secondary " .. m.status .. ": " .. tostring(m["error-desc"]), 0)
     end
     return false
   end, o.timeout)
-  if not ok then error(fname .. ": COLO mode not reached within " .. o.timeout .. " s", 0) end
+  if not ok then
+    error(fname .. ": COLO mode not reached within " .. o.timeout .. " s"
+      .. (last_error and (" (last error: " .. desc(last_error) .. ")") or ""), 0)
+  end
   return status
 end
 
