@@ -60,7 +60,7 @@ local written = {}
 local function hmp(d, line) return qmp.execute(d, "human-monitor-command", { ["command-line"] = line }) end
 local function write_pattern(p, n)
   local pattern = string.format("0x%02x", 0x10 + n % 0xe0)
-  hmp(p, string.format('qemu-io %s "write -P %s %dk 64k"', colo.native.ids.disk, pattern, 64 * n))
+  hmp(p, string.format('qemu-io colo-disk0 "write -P %s %dk 64k"', pattern, 64 * n))   -- colo-disk0: the quorum drive
   written[#written + 1] = { n = n, pattern = pattern }
   colo.native.checkpoint(p)   -- the write is in the secondary's disk from this checkpoint on
 end

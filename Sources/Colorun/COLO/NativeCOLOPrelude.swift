@@ -61,9 +61,9 @@ local function must(report, dn, command, args)
 end
 
 local function address(s, what, fname)
-  if type(s) ~= "string" then error(fname .. ": '" .. what .. "' (HOST:PORT) is required", 3) end
+  if type(s) ~= "string" then error(fname .. ": '" .. what .. "' (HOST:PORT) is required", 4) end
   local host, port = s:match("^%[?([^%]]*)%]?:(%d+)$")
-  if host == nil then error(fname .. ": '" .. what .. "' must be HOST:PORT, got '" .. s .. "'", 3) end
+  if host == nil then error(fname .. ": '" .. what .. "' must be HOST:PORT, got '" .. s .. "'", 4) end
   return host, tonumber(port)
 end
 
@@ -76,7 +76,12 @@ local function socket_chardev(id, host, port, server)
 end
 
 local function options(opts, fname)
-  opts = opt_table(opts, fname, 3)
+  if opts == nil then
+    opts = {}
+  elseif type(opts) ~= "table" then
+    error("bad argument #3 to '" .. fname .. "' (table of options expected, got " .. type(opts) .. ")", 3)
+  end
+  check_fields(opts, fname, 3, 3)
   if type(opts.uri) ~= "string" then
     error(fname .. ": 'uri' (where the secondary's -incoming listens, e.g. tcp:10.0.0.2:9998) is required", 3)
   end
@@ -297,7 +302,7 @@ native.failover = function(s)
   report.running = ensure_running(report, sn)
   report.ms = (clock() - t0) * 1000
   if not ok then error(err, 0) end
-  raw.count_failover()
+  raw.count_failover(sn)
   return report
 end
 
@@ -331,7 +336,7 @@ native.drop_secondary = function(p)
   report.running = ensure_running(report, pn)
   report.ms = (clock() - t0) * 1000
   if not ok then error(err, 0) end
-  raw.count_failover()
+  raw.count_failover(pn)
   return report
 end
 
