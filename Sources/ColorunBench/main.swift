@@ -34,6 +34,7 @@ let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
     ("colo", benchColoCheckpointSim),
     ("remus", benchRemusCheckpoint),
     ("failover", benchFailover),
+    ("colo-failover", benchCOLOFailover),
     ("binding", benchBinding),
     ("scale", benchScale),
     ("startup", benchStartup),

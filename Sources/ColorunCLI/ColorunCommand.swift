@@ -22,7 +22,7 @@ struct ColorunCommand: AsyncParsableCommand {
             error (bad option, missing file, syntax error).
             """,
         version: colorunVersion,
-        subcommands: [RunCommand.self, CheckCommand.self, QMPCommand.self, StubsCommand.self, FleetCommand.self],
+        subcommands: [RunCommand.self, CheckCommand.self, QMPCommand.self, StubsCommand.self, FleetCommand.self, COLOArgsCommand.self],
         defaultSubcommand: RunCommand.self
     )
 

@@ -98,7 +98,7 @@ struct RunCommand: ColorunSubcommand {
     var faults: [String] = []
 
     @Option(name: .customLong("guest"), help: ArgumentHelp(
-        "With --lab, what the lab's QEMU runs: 'counting' (a boot sector counting in memory, the default) or 'linux' (the Linux lab guest of guest/README.md, built by scripts/build-guest: a qcow2 disk, a NIC forwarding a host port to its ledger; the lab then offers 'primary' alone and the lab module talks to the ledger).",
+        "With --lab, what the lab's QEMU runs: 'counting' (a boot sector counting in memory, the default) or 'linux' (the Linux lab guest of guest/README.md, built by scripts/build-guest: a qcow2 disk, a NIC forwarding a host port to its ledger; the lab then offers 'primary' alone and the lab module talks to the ledger) or 'colo' (COLO-shaped QEMUs under KVM for colo.native.*: quorum disks made with qemu-img, a NIC on a loopback socket netdev; lab.colo_secondary starts more secondaries).",
         valueName: "KIND"))
     var guest: LabGuestKind = .counting
 
@@ -187,6 +187,7 @@ struct RunCommand: ColorunSubcommand {
                 switch guest {
                 case .counting: lab = try Lab()
                 case .linux: lab = try await Lab.linux()
+                case .colo: lab = try Lab(colo: try COLOLab())
                 }
             } catch {
                 writeStandardError("colorun: --lab: \(error)")
@@ -222,7 +223,7 @@ import Darwin
 
 /// `--guest`: what the lab's QEMU runs.
 enum LabGuestKind: String, ExpressibleByArgument, CaseIterable {
-    case counting, linux
+    case counting, linux, colo
 }
 
 /// A new directory under the lab's parent directory (/tmp).

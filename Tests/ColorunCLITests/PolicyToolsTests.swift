@@ -138,7 +138,7 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
         ("colo.checkpoint('a', 'b', {kepp = 2})", "colo.checkpoint: unknown field 'kepp' (known: keep)"),
         ("remus.checkpoint('a', {disk = false})", "remus.checkpoint: unknown field 'disk' (known: disks, keep, output_commit, series)"),
         ("remus.restore{name = 's', from = 'a', qemu_args = {}}", "remus.restore: unknown field 'qemu_args' (known: from, lab, name, paused, qemu, qmp)"),
-        ("colo.native.start('a', 'b', {url = 'tcp:x:1'})", "colo.native.start: unknown field 'url' (known: delay, timeout, uri)"),
+        ("colo.native.start('a', 'b', {url = 'tcp:x:1'})", "colo.native.start: unknown field 'url' (known: check, delay, nbd, net, netdev, resync_timeout, timeout, uri)"),
         ("policy.on_lost('a', function() end, {hearbeat = '1s'})", "policy.on_lost: unknown field 'hearbeat' (known: heartbeat, timeout)"),
         ("exec.run{'/bin/true', timout = '1s'}", "exec.run: unknown field 'timout' (known: timeout)"),
         ("retry({attempt = 2}, function() end)", "retry: unknown option 'attempt'"),

@@ -283,27 +283,57 @@ function colo.policy(spec) end
 
 colo.native = {}
 
----Starts QEMU's own COLO and waits for primary/secondary mode.
+---Wires QEMU's own COLO over QMP (NBD, replication, chardevs, filters, colo-compare), migrates, waits for COLO.
 ---@param primary colorun.DomainRef
 ---@param secondary colorun.DomainRef
----@param opts {uri: string, delay?: colorun.Duration, timeout?: colorun.Duration}
+---@param opts {uri: string, nbd: string, net: string, delay?: colorun.Duration, netdev?: string, timeout?: colorun.Duration, resync_timeout?: colorun.Duration, check?: boolean}
 ---@return table
 function colo.native.start(primary, secondary, opts) end
+
+---Whether d has the COLO command-line layout for role ("primary" or "secondary"), and what is missing.
+---@param d colorun.DomainRef
+---@param role string
+---@return boolean
+---@return string[]
+function colo.native.check(d, role) end
 
 ---query-colo-status.
 ---@param d colorun.DomainRef
 ---@return table
 function colo.native.status(d) end
 
----x-colo-lost-heartbeat on the secondary (a failover).
+---The primary is lost: promotes the secondary (nbd-server-stop, x-colo-lost-heartbeat, its redirectors removed); a failover.
 ---@param secondary colorun.DomainRef
+---@return table
 function colo.native.failover(secondary) end
+
+---The secondary is lost: the primary goes on alone (replication child, filters, colo-compare removed); a failover.
+---@param primary colorun.DomainRef
+---@return table
+function colo.native.drop_secondary(primary) end
+
+---Resyncs a fresh secondary from the survivor (blockdev-mirror), then restarts COLO; reports the survivor's pause.
+---@param survivor colorun.DomainRef
+---@param new_secondary colorun.DomainRef
+---@param opts {uri: string, nbd: string, net: string, delay?: colorun.Duration, netdev?: string, timeout?: colorun.Duration, resync_timeout?: colorun.Duration, check?: boolean}
+---@return table
+function colo.native.reprotect(survivor, new_secondary, opts) end
+
+---Forces a COLO checkpoint now and waits for it; returns its milliseconds.
+---@param primary colorun.DomainRef
+---@param opts? {delay?: colorun.Duration, timeout?: colorun.Duration}
+---@return number
+function colo.native.checkpoint(primary, opts) end
 
 ---d:on("COLO_EXIT", fn).
 ---@param d colorun.DomainRef
 ---@param fn fun(ev: table)
 ---@return colorun.Handle
 function colo.native.on_exit(d, fn) end
+
+---The ids colo.native gives the disk, nodes, chardevs and objects.
+---@type table<string, string>
+colo.native.ids = nil
 
 remus = {}
 
@@ -463,6 +493,23 @@ function lab.record(d, n, timeout) end
 ---@param d colorun.DomainRef
 ---@return {records: integer[], count: integer, bad: integer, fsck: string}
 function lab.ledger(d) end
+
+-----guest colo: the addresses colo.native needs to use d as the secondary.
+---@param d colorun.DomainRef
+---@return {uri: string, nbd: string, net: string, netdev: string}
+function lab.colo(d) end
+
+-----guest colo: a fresh COLO-shaped secondary.
+---@param name string
+---@return colorun.Domain
+function lab.colo_secondary(name) end
+
+-----guest colo: the byte filling that range of d's guest disk, -1 if the bytes differ.
+---@param d colorun.DomainRef
+---@param offset integer
+---@param length integer
+---@return integer
+function lab.disk_pattern(d, offset, length) end
 
 -----guest linux: powers d off, boots its disk again, returns what that boot found.
 ---@param d colorun.DomainRef

@@ -187,49 +187,6 @@ remus.restore = function(spec, generation)
 end
 remus.generations = function(d) return raw.generations(name_of(d, "remus.generations")) end
 
--- QEMU's native COLO, managed: QEMU replicates and checkpoints by itself; colorun starts it,
--- watches it (heartbeat, COLO_EXIT) and fails over, the part QEMU leaves to the operator.
-local native = {}
-colo.native = native
-native.start = function(p, s, opts)
-  local pn = name_of(p, "colo.native.start", 1)
-  local sn = name_of(s, "colo.native.start", 2)
-  opts = opt_table(opts, "colo.native.start", 3)
-  if type(opts.uri) ~= "string" then
-    error("colo.native.start: 'uri' (where the secondary's -incoming listens, e.g. unix:/run/s.mig) is required", 2)
-  end
-  local delay = raw.seconds(opts.delay or "200ms")
-  local wait = raw.seconds(opts.timeout or "10s")
-  local caps = { capabilities = { { capability = "x-colo", state = true } } }
-  raw.execute(sn, "migrate-set-capabilities", caps)
-  raw.execute(pn, "migrate-set-capabilities", caps)
-  raw.execute(pn, "migrate-set-parameters", { ["x-checkpoint-delay"] = floor(delay * 1000 + 0.5) })
-  raw.execute(pn, "migrate", { uri = opts.uri })
-  local waited = 0
-  while true do
-    local st = raw.execute(pn, "query-colo-status")
-    if st.mode == "primary" and raw.execute(sn, "query-colo-status").mode == "secondary" then return st end
-    local m = raw.execute(pn, "query-migrate")
-    if m.status == "failed" or m.status == "cancelled" then
-      error("colo.native.start: migration to the secondary " .. m.status .. ": " .. tostring(m["error-desc"]), 2)
-    end
-    if waited >= wait then error("colo.native.start: COLO mode not reached within " .. wait .. " s", 2) end
-    sleep(0.02)
-    waited = waited + 0.02
-  end
-end
-native.status = function(d) return raw.execute(name_of(d, "colo.native.status"), "query-colo-status") end
-native.failover = function(s)
-  raw.cluster_gate("colo.native.failover")   -- with an arbiter: only the key's holder promotes
-  local name = name_of(s, "colo.native.failover")
-  raw.execute(name, "x-colo-lost-heartbeat")
-  raw.count_failover(name)
-end
-native.on_exit = function(d, fn)
-  if not isdomain(d) then d = wrap(raw.domain_get(name_of(d, "colo.native.on_exit"))) end
-  return d:on("COLO_EXIT", fn)
-end
-
 -- Policy primitives ---------------------------------------------------------------------
 
 local function timer_handle(id)

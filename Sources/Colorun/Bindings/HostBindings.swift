@@ -29,7 +29,8 @@ extension PolicySession {
         }
         try registerExec()
         try runtime.registerModule(
-            "colorun", functions: hostFunctions().merging(clusterFunctions()) { a, _ in a }, luaSource: colorunPrelude + clusterPrelude)
+            "colorun", functions: hostFunctions().merging(clusterFunctions()) { a, _ in a },
+            luaSource: colorunPrelude + nativeCOLOPrelude + clusterPrelude)
     }
 
     private func hostFunctions() -> [String: LuaHostFunction] {
@@ -53,6 +54,8 @@ extension PolicySession {
             "accepted_fields": .sync { call in
                 call.push(json: .object(LuaAPI.acceptedFields.mapValues { .array($0.map { .string($0) }) }))
             },
+            // A monotonic clock in seconds (colo.native measures pauses and failovers with it).
+            "clock": .sync { call in call.push(Double(NIODeadline.now().uptimeNanoseconds) / 1e9) },
 
             // Domains
             "domain_get": .sync { [unowned self] call in
@@ -106,6 +109,9 @@ extension PolicySession {
             },
             "resume": .async { [unowned self] call, completion in
                 try domain(named: try call.string(1)).sendResume(completing(completion))
+            },
+            "mark_resumed": .sync { [unowned self] call in
+                try domain(named: try call.string(1)).markResumed()
             },
             "alive": .async { [unowned self] call, completion in
                 let domain = try domain(named: try call.string(1))

@@ -12,6 +12,18 @@
 /// Tests hold it to the code and the docs: every function of the modules a session binds has
 /// an entry and every entry a function (`LuaAPITests`), and docs/lua-api.md names every entry.
 public enum LuaAPI {
+    /// The options of colo.native.start and colo.native.reprotect.
+    static let coloNativeFields: [LuaAPIField] = [
+        .init("uri", "string", "where the secondary's -incoming listens (required)"),
+        .init("nbd", "string", "HOST:PORT of the secondary's NBD server (required)"),
+        .init("net", "string", "HOST:PORT of the primary's mirror/compare chardevs, 4 ports from PORT (required)"),
+        .init("delay", "colorun.Duration", "x-checkpoint-delay (default 200ms)"),
+        .init("netdev", "string", "the netdev the filters attach to (default hn0)"),
+        .init("timeout", "colorun.Duration", "how long to wait for COLO mode (default 10s)"),
+        .init("resync_timeout", "colorun.Duration", "reprotect: how long the resync may take (default 120s)"),
+        .init("check", "boolean", "false skips the layout check"),
+    ]
+
     public static let entries: [LuaAPIEntry] = runtime + domains + qmpFunctions + checkpoints + policyFunctions + clusterFunctions + labFunctions
 
     /// The entry named `name` (`"qmp.stop"`, `"Domain:alive"`).
@@ -173,14 +185,23 @@ public enum LuaAPI {
             .init("on_failover", "fun(primary: colorun.Domain, secondary: colorun.Domain, reason: string)", "when the primary is lost"),
             .init("heartbeat", "colorun.Duration", "policy.on_lost's heartbeat"), .init("heartbeat_timeout", "colorun.Duration", "and its timeout"),
         ])], ["table"], "The declarative form: one protected pair; several per file."),
-        .function("colo.native.start", [.init("primary", "colorun.DomainRef"), .init("secondary", "colorun.DomainRef"), .init("opts", "table", fields: [
-            .init("uri", "string", "where the secondary's -incoming listens (required)"),
-            .init("delay", "colorun.Duration", "x-checkpoint-delay (default 200ms)"),
-            .init("timeout", "colorun.Duration", "how long to wait for COLO mode (default 10s)"),
-        ])], ["table"], "Starts QEMU's own COLO and waits for primary/secondary mode."),
+        .function("colo.native.start", [.init("primary", "colorun.DomainRef"), .init("secondary", "colorun.DomainRef"), .init("opts", "table", fields: coloNativeFields)],
+                  ["table"], "Wires QEMU's own COLO over QMP (NBD, replication, chardevs, filters, colo-compare), migrates, waits for COLO."),
+        .function("colo.native.check", [.init("d", "colorun.DomainRef"), .init("role", "string")], ["boolean", "string[]"],
+                  "Whether d has the COLO command-line layout for role (\"primary\" or \"secondary\"), and what is missing."),
         .function("colo.native.status", [.init("d", "colorun.DomainRef")], ["table"], "query-colo-status."),
-        .function("colo.native.failover", [.init("secondary", "colorun.DomainRef")], [], "x-colo-lost-heartbeat on the secondary (a failover)."),
+        .function("colo.native.failover", [.init("secondary", "colorun.DomainRef")], ["table"],
+                  "The primary is lost: promotes the secondary (nbd-server-stop, x-colo-lost-heartbeat, its redirectors removed); a failover."),
+        .function("colo.native.drop_secondary", [.init("primary", "colorun.DomainRef")], ["table"],
+                  "The secondary is lost: the primary goes on alone (replication child, filters, colo-compare removed); a failover."),
+        .function("colo.native.reprotect", [.init("survivor", "colorun.DomainRef"), .init("new_secondary", "colorun.DomainRef"), .init("opts", "table", fields: coloNativeFields)],
+                  ["table"], "Resyncs a fresh secondary from the survivor (blockdev-mirror), then restarts COLO; reports the survivor's pause."),
+        .function("colo.native.checkpoint", [.init("primary", "colorun.DomainRef"), .init("opts", "table", optional: true, fields: [
+            .init("delay", "colorun.Duration", "a new x-checkpoint-delay"),
+            .init("timeout", "colorun.Duration", "how long to wait for the checkpoint (default 10s)"),
+        ])], ["number"], "Forces a COLO checkpoint now and waits for it; returns its milliseconds."),
         .function("colo.native.on_exit", [.init("d", "colorun.DomainRef"), .init("fn", "fun(ev: table)")], ["colorun.Handle"], "d:on(\"COLO_EXIT\", fn)."),
+        .value("colo.native.ids", "table<string, string>", "The ids colo.native gives the disk, nodes, chardevs and objects."),
         .function("remus.checkpoint", [.init("d", "colorun.DomainRef"), .init("opts", "table", optional: true, fields: [
             .init("keep", "integer", "generations to keep (default --keep)"),
             .init("disks", "string[]|false", "disks to snapshot (default: every writable qcow2 disk)"),
@@ -253,6 +274,11 @@ public enum LuaAPI {
                   "--guest linux: writes record n, returns at its ack."),
         .function("lab.ledger", [.init("d", "colorun.DomainRef")], ["{records: integer[], count: integer, bad: integer, fsck: string}"],
                   "--guest linux: the ledger's records."),
+        .function("lab.colo", [.init("d", "colorun.DomainRef")], ["{uri: string, nbd: string, net: string, netdev: string}"],
+                  "--guest colo: the addresses colo.native needs to use d as the secondary."),
+        .function("lab.colo_secondary", [.init("name", "string")], ["colorun.Domain"], "--guest colo: a fresh COLO-shaped secondary."),
+        .function("lab.disk_pattern", [.init("d", "colorun.DomainRef"), .init("offset", "integer"), .init("length", "integer")], ["integer"],
+                  "--guest colo: the byte filling that range of d's guest disk, -1 if the bytes differ."),
         .function("lab.reboot", [.init("d", "colorun.DomainRef")], ["{records: integer[], count: integer, bad: integer, fsck: string}"],
                   "--guest linux: powers d off, boots its disk again, returns what that boot found."),
     ]

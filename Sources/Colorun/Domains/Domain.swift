@@ -296,7 +296,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         fencedReason = nil
     }
 
-    private func markResumed() {
+    /// The domain no longer counts as stopped by us: `cont` succeeded, or QEMU resumed it by
+    /// itself (COLO's first checkpoint after `colo.native.reprotect`'s stop).
+    func markResumed() {
         stoppedByUs = false
         journal?.didResume(domain: name)
     }

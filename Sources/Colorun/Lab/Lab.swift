@@ -34,6 +34,8 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         case counting
         /// The Linux lab guest with its disk and NIC.
         case linux(LinuxGuest)
+        /// COLO-shaped QEMUs under KVM (see `COLOLab`).
+        case colo(COLOLab)
     }
 
     let spec: QEMUSpec
@@ -67,6 +69,15 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         spec = QEMUSpec(memoryMiB: linux.options.memoryMiB)
         guest = .linux(linux)
         names = ["primary"]
+        try startAll(startNow)
+    }
+
+    /// COLO-shaped `primary` and `secondary` under KVM (`colorun --lab --guest colo`); more
+    /// secondaries come from `lab.colo_secondary`.
+    public init(colo: COLOLab, startNow: Bool = false) throws(QEMULabError) {
+        spec = QEMUSpec(accelerator: "kvm")
+        guest = .colo(colo)
+        names = ["primary", "secondary"]
         try startAll(startNow)
     }
 
@@ -107,6 +118,8 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
             instance = boot.qemu
             linuxBoots[name] = boot
             diskFiles[name] = linux.diskPath
+        case .colo(let colo):
+            instance = try QEMUInstance.start(try colo.spec(name))
         }
         instances.append((name, instance))
         return instance
@@ -133,6 +146,8 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
             switch guest {
             case .counting:
                 instance = try QEMUInstance.start(standbySpec)
+            case .colo:
+                throw LuaHostError.message("lab: the COLO lab has no remus standbys (use lab.colo_secondary)")
             case .linux(let linux):
                 // The same machine on a new host port, its disk the overlay remus.restore made;
                 // a generation without disks (`disks = false`) leaves the standby the live
@@ -173,6 +188,49 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
                 } catch {
                     throw LuaHostError.message("lab: cannot start '\(name)': \(error)")
                 }
+            },
+            "colo_secondary": .sync { [unowned self] call in
+                let name = try call.string(1)
+                guard case .colo = guest else { throw LuaHostError.message("lab.colo_secondary: the lab is not a COLO lab (run with --guest colo)") }
+                guard session.domains[name] == nil, instance(for: name) == nil else {
+                    throw LuaHostError.message("lab.colo_secondary: a domain '\(name)' exists already")
+                }
+                do {
+                    let instance = try start(name)
+                    let domain = try session.addDomain(name: name, endpoint: instance.qmpEndpoint, options: session.options.domainOptions)
+                    domain.connectFailureContext = { Self.whatBecameOf(instance) }
+                    session.logger.info("lab: started a COLO secondary", metadata: ["domain": .string(name), "pid": .stringConvertible(instance.pid)])
+                } catch {
+                    throw LuaHostError.message("lab.colo_secondary: cannot start '\(name)': \(error)")
+                }
+            },
+            "colo": .sync { [unowned self] call in
+                let name = try call.string(1)
+                guard case .colo(let colo) = guest, let addresses = colo.addresses(name) else {
+                    throw LuaHostError.message("lab.colo: '\(name)' is not a COLO lab domain")
+                }
+                _ = addresses
+                call.push(json: colo.json(name))
+            },
+            // A fresh file name for lab.disk_pattern's copy of a COLO lab domain's disk.
+            "scratch": .sync { [unowned self] call in
+                guard case .colo(let colo) = guest else { throw LuaHostError.message("lab.disk_pattern: only in the COLO lab (--guest colo)") }
+                scratchFiles += 1
+                call.push("\(colo.directory)/disk-copy-\(scratchFiles).raw")
+            },
+            // The byte that fills [offset, offset+length) of a file, or -1 if they differ.
+            "pattern": .sync { call in
+                let path = try call.string(1)
+                let offset = Int(try call.integer(2))
+                let length = Int(try call.integer(3))
+                let bytes: [UInt8]
+                do { bytes = try readFile(path) } catch { throw LuaHostError.message("lab.disk_pattern: \(error)") }
+                defer { unlink(path) }
+                guard offset >= 0, length > 0, offset + length <= bytes.count else {
+                    throw LuaHostError.message("lab.disk_pattern: \(offset)+\(length) is outside the disk (\(bytes.count) bytes)")
+                }
+                let first = bytes[offset]
+                call.push(Int64(bytes[offset..<(offset + length)].allSatisfy { $0 == first } ? Int(first) : -1))
             },
             "kill": .sync { [unowned self] call in
                 let name = try call.string(1)
@@ -336,6 +394,9 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         return boot
     }
 
+    /// Disk copies made by lab.disk_pattern.
+    private var scratchFiles = 0
+
     /// The domains that are restored standbys (their guest booted before the checkpoint).
     private var restoredNames: Set<String> = []
 
@@ -355,12 +416,21 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         writers = [:]
         let promise = session.eventLoop.makePromise(of: Void.self)
         let all = instances.map(\.instance)
-        promise.completeWithTask {
+        var coloDirectory: String?
+        if case .colo(let colo) = guest { coloDirectory = colo.directory }
+        promise.completeWithTask { [coloDirectory] in
             await withTaskGroup(of: Void.self) { group in
                 for instance in all { group.addTask { await instance.stop(grace: .milliseconds(500)) } }
             }
+            // The COLO lab's images and sockets go with the run.
+            if let coloDirectory { removeTree(coloDirectory) }
         }
         return promise.futureResult
+    }
+
+    /// Stops every QEMU the lab started (tests call it when a run could not shut the lab down).
+    public func stopAll() async {
+        for instance in instances.map(\.instance) { await instance.stop(grace: .milliseconds(500)) }
     }
 
     /// For a lab domain's connect failure: whether its QEMU exited (and what it said on
@@ -428,6 +498,37 @@ L.counter = function(d)
   local hex = out:match("0x(%x+)%s*$")
   if hex == nil then error("lab.counter: unexpected monitor output: " .. out, 2) end
   return tonumber(hex, 16)
+end
+-- The COLO lab (--guest colo): a new COLO-shaped secondary, and the addresses
+-- colo.native.start/reprotect need to use a domain as the secondary ({uri=, nbd=, net=}).
+local raw_colo_secondary, raw_colo = L.colo_secondary, L.colo
+L.colo_secondary = function(name)
+  if type(name) ~= "string" then error("bad argument #1 to 'lab.colo_secondary' (name expected, got " .. type(name) .. ")", 2) end
+  raw_colo_secondary(name)
+  return get(name)
+end
+L.colo = function(d) return raw_colo(name_of(d, "lab.colo")) end
+-- The byte that fills [offset, offset+length) of a COLO lab domain's guest disk (-1 if the
+-- bytes differ): the disk is copied to a file with drive-backup (QEMU 7.2's HMP qemu-io
+-- prints what it reads on QEMU's stdout, not in the reply).
+local raw_scratch, raw_pattern = L.scratch, L.pattern
+L.scratch, L.pattern = nil, nil
+L.disk_pattern = function(d, offset, length)
+  if not domain.is(d) then d = get(name_of(d, "lab.disk_pattern")) end
+  local path = raw_scratch()
+  local result
+  local sub = d:on("BLOCK_JOB_COMPLETED", function(ev) if ev.data.device == "lab-disk-copy" then result = ev.data end end)
+  local ok, err = pcall(qmp.execute, d, "drive-backup",
+    { ["job-id"] = "lab-disk-copy", device = "colo-disk0", target = path, format = "raw", sync = "full" })
+  for _ = 1, 5000 do
+    if not ok or result ~= nil then break end
+    sleep(0.002)
+  end
+  sub.cancel()
+  if not ok then error(err, 2) end
+  if result == nil then error("lab.disk_pattern: " .. d.name .. ": the disk copy did not end within 10 s", 2) end
+  if result.error ~= nil then error("lab.disk_pattern: " .. d.name .. ": " .. result.error, 2) end
+  return raw_pattern(path, offset, length)
 end
 -- The Linux guest's ledger (--guest linux).
 for _, f in ipairs({"ready", "record", "ledger", "reboot"}) do
