@@ -6,7 +6,7 @@ import PackageDescription
 //   CLuaShims        the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
 //   JSON             JSON values, the strict parser and the encoder (no dependencies)
 //   QMP              the QMP wire protocol: messages, the line codec (no sockets)
-//   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp:/tls: endpoints; TLS by swift-nio-ssl)
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
 //                    directories, errno text; CColorunSystem is its fork/exec in C
 //   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
@@ -31,6 +31,7 @@ let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
 let metrics: Target.Dependency = .product(name: "CoreMetrics", package: "swift-metrics")
 let prometheus: Target.Dependency = .product(name: "Prometheus", package: "swift-prometheus")
 let http: Target.Dependency = .product(name: "NIOHTTP1", package: "swift-nio")
+let ssl: Target.Dependency = .product(name: "NIOSSL", package: "swift-nio-ssl")
 
 let package = Package(
     name: "colorun",
@@ -44,6 +45,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
@@ -60,7 +62,7 @@ let package = Package(
         .target(name: "CLuaShims", dependencies: ["CLua"]),
         .target(name: "JSON"),
         .target(name: "QMP", dependencies: ["JSON", .product(name: "NIOCore", package: "swift-nio")]),
-        .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging] + nio),
+        .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging, ssl] + nio),
         .target(name: "CColorunSystem"),
         .target(name: "ColorunSystem", dependencies: ["CColorunSystem"]),
         .target(

@@ -21,6 +21,11 @@ public struct DomainOptions: Sendable {
     /// one QEMU answers an error and nothing breaks). `colo.checkpoint` and `colo.policy`
     /// refuse such a secondary before they stop anything.
     public var refusedCommands: [String: String] = [:]
+    /// Shared mode: connect, negotiate, send and close for each command or burst of
+    /// commands in flight together, as libxl does, so another client (xl, qm, libvirt) gets
+    /// the monitor in between. Events arrive only while a command is in flight, and a lost
+    /// monitor is seen by the next command (heartbeats become polls).
+    var shared = false
 
     public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
         self.connectTimeout = connectTimeout
@@ -58,6 +63,17 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     private var connection: QMPConnection?
     private var connectWaiters: [(Result<QMPConnection, DomainError>) -> Void]?
+    /// Shared mode: commands sent on the current connection and not yet answered.
+    private var sharedInFlight = 0
+    /// Shared mode: when the current connection was opened.
+    private var sharedOpenedAt: NIODeadline?
+    /// Shared mode: the current connection has been held long enough: it closes once its
+    /// commands are answered, and these callers wait for the next one.
+    private var sharedRetiring = false
+    private var sharedWaiters: [(Result<QMPConnection, DomainError>) -> Void] = []
+    /// Shared mode: the longest a connection stays open while commands keep coming, so a
+    /// policy that never pauses still lets other clients in.
+    static let sharedBurstLimit = TimeAmount.milliseconds(200)
     private var eventHandlers: [(id: Int, event: String, handler: (QMPEvent) -> Void)] = []
     private var closeHandlers: [(id: Int, handler: (String) -> Void)] = []
     private var nextHandlerID = 1
@@ -87,6 +103,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     }
 
     var isConnected: Bool { connection?.isActive ?? false }
+    var isShared: Bool { options.shared }
 
     // MARK: - The connection
 
@@ -97,6 +114,13 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             return
         }
         if let connection, connection.isActive {
+            if options.shared {
+                if sharedRetiring {
+                    sharedWaiters.append(body)
+                    return
+                }
+                scheduleSharedIdleCheck()
+            }
             body(.success(connection))
             return
         }
@@ -128,6 +152,13 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         if case .success(let connection) = result {
             self.connection = connection
             monitorLost = false
+            if options.shared {
+                sharedOpenedAt = .now()
+                sharedRetiring = false
+                sharedInFlight = 0
+                // Closes the connection again unless a waiter sends a command now.
+                scheduleSharedIdleCheck()
+            }
             greeting = connection.greeting
             stats.connects += 1
             options.metrics.domain(name, up: true)
@@ -152,6 +183,12 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         connection = nil
         stats.disconnects += 1
         options.metrics.domain(name, up: false)
+        if options.shared, !sharedWaiters.isEmpty {
+            sharedRetiring = false
+            let waiters = sharedWaiters
+            sharedWaiters = []
+            for waiter in waiters { withConnection(waiter) }
+        }
         guard reason != .closedByClient else { return }
         monitorLost = true
         logger.warning("monitor connection lost", metadata: ["reason": .string(reason.description)])
@@ -166,6 +203,45 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         options.metrics.domain(name, up: false)
         connection.close(promise: nil)
         self.connection = nil
+    }
+
+    // MARK: - Shared mode
+
+    /// After the current turn of the loop, closes a shared connection that has nothing in
+    /// flight (a completion that sends its next command at once keeps it: a burst).
+    private func scheduleSharedIdleCheck() {
+        eventLoop.assumeIsolated().execute {
+            self.closeSharedIfIdle()
+        }
+    }
+
+    private func closeSharedIfIdle() {
+        guard options.shared, let connection, sharedInFlight == 0 else { return }
+        self.connection = nil
+        sharedRetiring = false
+        connection.close(promise: nil)
+        // The next connect must not race the closing one for the monitor: waiters connect
+        // once it is closed.
+        connection.closeFuture.assumeIsolated().whenComplete { _ in
+            let waiters = self.sharedWaiters
+            self.sharedWaiters = []
+            for waiter in waiters { self.withConnection(waiter) }
+        }
+    }
+
+    /// Counts a command sent on a shared connection.
+    private func sharedCommandStarted(on connection: QMPConnection) {
+        guard options.shared, connection === self.connection else { return }
+        sharedInFlight += 1
+        if let opened = sharedOpenedAt, NIODeadline.now() - opened > Self.sharedBurstLimit {
+            sharedRetiring = true
+        }
+    }
+
+    private func sharedCommandFinished(on connection: QMPConnection) {
+        guard options.shared, connection === self.connection else { return }
+        sharedInFlight -= 1
+        if sharedInFlight == 0 { scheduleSharedIdleCheck() }
     }
 
     // MARK: - Commands (callback API, on the loop)
@@ -185,7 +261,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
                 self.stats.failures += 1
                 completion(.failure(error))
             case .success(let connection):
+                self.sharedCommandStarted(on: connection)
                 connection.syncOperations.send(command, arguments: arguments, timeout: timeout) { reply in
+                    self.sharedCommandFinished(on: connection)
                     self.stats.commands += 1
                     let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
                     self.stats.totalLatencySeconds += seconds
