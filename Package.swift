@@ -122,7 +122,7 @@ let package = Package(
         .testTarget(
             name: "QMPClientTests",
             dependencies: [
-                "JSON", "QMPClient", "QMP", "QEMULab", "ColorunTestSupport", logging, .product(name: "NIOEmbedded", package: "swift-nio"),
+                "JSON", "QMPClient", "QMP", "QEMULab", "ColorunSystem", "ColorunTestSupport", logging, .product(name: "NIOEmbedded", package: "swift-nio"),
             ] + nio
         ),
         .testTarget(name: "LuaRuntimeTests", dependencies: ["JSON", "LuaRuntime", "CLua", "ColorunTestSupport", logging] + nio),
