@@ -130,11 +130,15 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         }
         connectWaiters = [body]
         // After the monitor was lost, do not wait the full connect timeout for a QEMU that
-        // is gone: a monitor that comes back is there at once.
-        let connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
+        // is gone: a monitor that comes back is there at once. A shared monitor that
+        // answered before is treated alike (nothing else tells that its QEMU died), but may
+        // keep colorun waiting for its greeting while the other program holds it.
+        let known = monitorLost || (options.shared && stats.connects > 0)
+        let connectTimeout = known ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
+        let greetingTimeout = options.shared ? options.connectTimeout : connectTimeout
         let future = QMPConnection.connect(
             QMPConnectOptions(
-                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
+                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: greetingTimeout,
                 commandTimeout: options.commandTimeout, logger: logger),
             on: eventLoop)
         future.assumeIsolated().whenComplete { result in
