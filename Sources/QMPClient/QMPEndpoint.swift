@@ -132,8 +132,8 @@ public struct QMPTLSCredentials: Sendable, Hashable {
     public var caCertificate: String?
     public var clientCertificate: String?
     public var clientKey: String?
-    /// The name the monitor's certificate must carry, when it is not the endpoint's host
-    /// (an IP address host is checked against the certificate's IP subjectAltNames).
+    /// The DNS name the monitor's certificate must carry, when it is not the endpoint's host.
+    /// (An IP subjectAltName equal to the address connected to also satisfies the check.)
     public var hostname: String?
 
     public init(directory: String? = nil, caCertificate: String? = nil, clientCertificate: String? = nil,

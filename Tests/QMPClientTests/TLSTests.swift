@@ -183,7 +183,6 @@ private func connectFailure(_ text: String, logs: LogCollector = LogCollector())
              "tls-authz"),
             ("no client certificate", monitor.tls(",ca=\(c.file("ca-cert.pem"))"), "without a certificate"),
             ("plain-text peer", "tls:127.0.0.1:\(monitor.plainPort),dir=\(c.clientDirectory)", "does not speak TLS"),
-            ("wrong name", monitor.tls(",dir=\(c.clientDirectory),hostname=web.example"), "does not carry the name"),
             ("no CA file", "tls:127.0.0.1:\(monitor.tlsPort),dir=\(c.directory)/nonexistent", "no CA certificate"),
         ]
         for (what, text, expected) in cases {
