@@ -97,6 +97,47 @@ func otherClient(socket: String, every interval: Duration = .milliseconds(50), m
         }
     }
 
+    /// A policy that never pauses between commands (two tasks sending back to back) still
+    /// lets another client in: a shared connection is retired after 200 ms of bursts.
+    @Test func aPolicyThatNeverPausesStillLetsOthersIn() async throws {
+        try await withSimulatedPair("colorun-burst") { pair in
+            let clientDone = Atomic<Bool>(false)
+            let policyStarted = Atomic<Bool>(false)
+            let primarySocket = pair.directory + "/p.sock"
+            let client = Task {
+                try? await waitUntil("the policy started") { policyStarted.load(ordering: .relaxed) }
+                let tally = await otherClient(socket: primarySocket, minimum: 10) { true }
+                clientDone.store(true, ordering: .relaxed)
+                return tally
+            }
+            let run = try await runPolicy(#"""
+                local p = domain.open{name = "web-p", qmp = "unix:\#(pair.directory)/p.sock", shared = true}
+                local done = false
+                local function hammer()
+                  local n = 0
+                  while not done do p:status(); n = n + 1 end
+                  return n
+                end
+                local a, b = task.spawn(hammer), task.spawn(hammer)
+                test.started()
+                test.wait("client_done")
+                done = true
+                local n = a:wait() + b:wait()
+                print("commands " .. n .. " connects " .. p:stats().connects)
+                assert(p:stats().connects > 1)
+                """#,
+                hooks: ["started": { policyStarted.store(true, ordering: .relaxed) }],
+                checks: ["client_done": { clientDone.load(ordering: .relaxed) }])
+            let tally = await client.value
+            for line in run.logs.records.map(\.message) where line.hasPrefix("commands ") {
+                print("\(line); another client: \(tally.attempts) connects, worst \(tally.worst)")
+            }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(tally.failures.isEmpty, "\(tally.failures.prefix(3))")
+            #expect(tally.worst < .seconds(1))
+        }
+    }
+
     /// A real QEMU with three monitors, as a Xen domain with colorun's own monitor has:
     /// the lab's (held by another client for the whole test, as libvirt holds its own),
     /// libxl's `qmp-libxl-7` and `qmp-colorun-web`. `domain.xen` picks colorun's monitor when

@@ -202,11 +202,15 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Closes the monitor connection (the next command opens a new one). On the loop.
     func dropConnection() {
-        guard let connection else { return }
+        guard let connection else {
+            // A shared domain is up from its last good connect until the run lets it go.
+            if options.shared, stats.connects > 0 { options.metrics.domain(name, up: false) }
+            return
+        }
         // connectionClosed ignores a connection that is no longer ours: say it here.
         options.metrics.domain(name, up: false)
-        connection.close(promise: nil)
         self.connection = nil
+        releaseShared(connection)
     }
 
     // MARK: - Shared mode
@@ -222,11 +226,17 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     private func closeSharedIfIdle() {
         guard options.shared, let connection, sharedInFlight == 0 else { return }
         self.connection = nil
+        releaseShared(connection)
+    }
+
+    /// Closes a connection that is no longer `connection`; in shared mode, callers waiting
+    /// for it to retire connect anew once it is closed (not before: the next connect must
+    /// not race the closing one for the monitor).
+    private func releaseShared(_ closing: QMPConnection) {
+        closing.close(promise: nil)
+        guard options.shared else { return }
         sharedRetiring = false
-        connection.close(promise: nil)
-        // The next connect must not race the closing one for the monitor: waiters connect
-        // once it is closed.
-        connection.closeFuture.assumeIsolated().whenComplete { _ in
+        closing.closeFuture.assumeIsolated().whenComplete { _ in
             let waiters = self.sharedWaiters
             self.sharedWaiters = []
             for waiter in waiters { self.withConnection(waiter) }
