@@ -2,7 +2,11 @@
 -- retries: stop both, save the primary's device state, load it on the secondary, resume.
 --
 --   colorun examples/checkpoint.lua --domain primary=unix:/var/run/xen/qmp-libxl-7 \
---                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8
+--                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8 \
+--                                   --shared primary --shared secondary
+--
+-- (libxl's monitors are shared: colorun connects per command, so xl keeps working; a
+-- monitor of colorun's own is better, see docs/operations.md, "Shared monitors".)
 
 local p, s = domain.get("primary"), domain.get("secondary")
 local failed_in_a_row = 0
