@@ -25,7 +25,7 @@ struct QMPCommand: ColorunSubcommand {
             """
     )
 
-    @Argument(help: ArgumentHelp("The monitor: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,dir=DIR][,ca=FILE][,cert=FILE][,key=FILE][,hostname=NAME].", valueName: "ENDPOINT"))
+    @Argument(help: ArgumentHelp("The monitor: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,OPTION=VALUE]... (options dir=, ca=, cert=, key=, hostname=).", valueName: "ENDPOINT"))
     var endpoint: String
 
     @Argument(help: ArgumentHelp("The QMP command, e.g. query-status.", valueName: "COMMAND"))

@@ -14,8 +14,8 @@ struct RunCommand: ColorunSubcommand {
         abstract: "Run a policy against the named domains until it ends or colorun is stopped.",
         discussion: """
             Domains are named with --domain NAME=unix:PATH (QEMU's -qmp unix socket), \
-            NAME=tcp:HOST:PORT or NAME=tls:HOST:PORT[,dir=DIR][,ca=FILE][,cert=FILE][,key=FILE] \
-            (TLS with the monitor's certificate checked against the CA; DIR holds ca-cert.pem, \
+            NAME=tcp:HOST:PORT or NAME=tls:HOST:PORT[,dir=DIR] (or ,ca=FILE,cert=FILE,key=FILE: \
+            TLS with the monitor's certificate checked against the CA; DIR holds ca-cert.pem, \
             client-cert.pem and client-key.pem as QEMU's tls-creds-x509 dir= does, default \
             /etc/colorun/tls); the policy gets them with domain.get("NAME"). Arguments after \
             `--` are passed to the policy's main chunk as `...`. With --lab they are real lab \
