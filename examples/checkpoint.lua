@@ -1,12 +1,8 @@
 -- examples/checkpoint.lua: the seed's checkpoint (libxl's COLO flavour) every 200 ms, with
 -- retries: stop both, save the primary's device state, load it on the secondary, resume.
 --
---   colorun examples/checkpoint.lua --domain primary=unix:/var/run/xen/qmp-libxl-7 \
---                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8 \
---                                   --shared primary --shared secondary
---
--- (libxl's monitors are shared: colorun connects per command, so xl keeps working; a
--- monitor of colorun's own is better, see docs/operations.md, "Shared monitors".)
+--   colorun examples/checkpoint.lua --domain primary=unix:/var/run/xen/qmp-libxl-7 --shared primary \
+--                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8 --shared secondary
 
 local p, s = domain.get("primary"), domain.get("secondary")
 local failed_in_a_row = 0
