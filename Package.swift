@@ -6,7 +6,7 @@ import PackageDescription
 //   CLuaShims        the C side of the Lua layer: trampolines that raise errors and yield, hooks, allocator
 //   JSON             JSON values, the strict parser and the encoder (no dependencies)
 //   QMP              the QMP wire protocol: messages, the line codec (no sockets)
-//   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp: endpoints)
+//   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp:/tls: endpoints; TLS by swift-nio-ssl)
 //   Etcd             a small etcd v3 client over etcd's JSON gateway (AsyncHTTPClient): kv, txn, leases, watch
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
 //                    directories, errno text; CColorunSystem is its fork/exec in C
@@ -36,6 +36,7 @@ let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
 let metrics: Target.Dependency = .product(name: "CoreMetrics", package: "swift-metrics")
 let prometheus: Target.Dependency = .product(name: "Prometheus", package: "swift-prometheus")
 let http: Target.Dependency = .product(name: "NIOHTTP1", package: "swift-nio")
+let ssl: Target.Dependency = .product(name: "NIOSSL", package: "swift-nio-ssl")
 
 let package = Package(
     name: "colorun",
@@ -49,6 +50,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
@@ -56,7 +58,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
-        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(
@@ -67,7 +68,7 @@ let package = Package(
         .target(name: "CLuaShims", dependencies: ["CLua"]),
         .target(name: "JSON"),
         .target(name: "QMP", dependencies: ["JSON", .product(name: "NIOCore", package: "swift-nio")]),
-        .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging] + nio),
+        .target(name: "QMPClient", dependencies: ["JSON", "QMP", logging, ssl] + nio),
         .target(
             name: "Etcd",
             dependencies: [
@@ -144,7 +145,7 @@ let package = Package(
         .testTarget(
             name: "QMPClientTests",
             dependencies: [
-                "JSON", "QMPClient", "QMP", "QEMULab", "ColorunTestSupport", logging, .product(name: "NIOEmbedded", package: "swift-nio"),
+                "JSON", "QMPClient", "QMP", "QEMULab", "ColorunSystem", "ColorunTestSupport", logging, .product(name: "NIOEmbedded", package: "swift-nio"),
             ] + nio
         ),
         .testTarget(name: "LuaRuntimeTests", dependencies: ["JSON", "LuaRuntime", "CLua", "ColorunTestSupport", logging] + nio),

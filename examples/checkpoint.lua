@@ -1,8 +1,8 @@
 -- examples/checkpoint.lua: the seed's checkpoint (libxl's COLO flavour) every 200 ms, with
 -- retries: stop both, save the primary's device state, load it on the secondary, resume.
 --
---   colorun examples/checkpoint.lua --domain primary=unix:/var/run/xen/qmp-libxl-7 \
---                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8
+--   colorun examples/checkpoint.lua --domain primary=unix:/var/run/xen/qmp-libxl-7 --shared primary \
+--                                   --domain secondary=unix:/var/run/xen/qmp-libxl-8 --shared secondary
 
 local p, s = domain.get("primary"), domain.get("secondary")
 local failed_in_a_row = 0

@@ -10,9 +10,14 @@ struct PolicyArguments: ParsableArguments {
     var policy: String
 
     @Option(name: .customLong("domain"), help: ArgumentHelp(
-        "A domain the policy drives, by name: NAME=unix:PATH or NAME=tcp:HOST:PORT (repeatable).",
+        "A domain the policy drives, by name: NAME=unix:PATH, NAME=tcp:HOST:PORT or NAME=tls:HOST:PORT[,dir=DIR] (repeatable).",
         valueName: "NAME=ENDPOINT"))
     var domains: [String] = []
+
+    @Option(name: .customLong("shared"), help: ArgumentHelp(
+        "Share the monitor of domain NAME with another program (libxl, Proxmox): connect for each command or burst and close again (repeatable).",
+        valueName: "NAME"))
+    var shared: [String] = []
 
     @Option(name: .customLong("lua-path"), help: ArgumentHelp(
         "Extra directories searched by require(), colon-separated, after the policy's own directory.",
@@ -37,6 +42,12 @@ struct PolicyArguments: ParsableArguments {
         var seen: Set<String> = []
         for spec in options.domains where !seen.insert(spec.name).inserted {
             throw ValidationError("--domain: the name '\(spec.name)' is given twice")
+        }
+        for name in shared {
+            guard let index = options.domains.firstIndex(where: { $0.name == name }) else {
+                throw ValidationError("--shared \(name): no --domain \(name)=ENDPOINT names that domain")
+            }
+            options.domains[index].shared = true
         }
         if let luaPath {
             options.lua.luaPath = luaPath.split(separator: ":").map(String.init)

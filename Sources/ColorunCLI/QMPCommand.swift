@@ -9,7 +9,7 @@ struct QMPCommand: ColorunSubcommand {
         commandName: "qmp",
         abstract: "Send one QMP command to a monitor and print the reply.",
         discussion: """
-            Connects to ENDPOINT (unix:PATH or tcp:HOST:PORT), negotiates capabilities, sends \
+            Connects to ENDPOINT (unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,dir=DIR]), negotiates capabilities, sends \
             COMMAND with JSON-ARGS (a JSON object) and prints the reply's `return` value as \
             JSON on stdout. QEMU serves one client per monitor: while a colorun run holds the \
             monitor, this command waits for the greeting and times out.
@@ -18,13 +18,14 @@ struct QMPCommand: ColorunSubcommand {
               colorun qmp unix:/run/qemu/web.qmp query-status
               colorun qmp unix:/run/q.qmp migrate '{"uri": "exec:cat >/tmp/vm"}'
               colorun qmp --compact tcp:127.0.0.1:4444 query-migrate
+              colorun qmp tls:10.0.0.12:4444,dir=/etc/colorun/tls query-status
 
             Exit codes: 0 the command succeeded; 1 the monitor answered an error or could not \
             be reached (`CLASS: desc` on stderr); 2 bad usage.
             """
     )
 
-    @Argument(help: ArgumentHelp("The monitor: unix:PATH or tcp:HOST:PORT.", valueName: "ENDPOINT"))
+    @Argument(help: ArgumentHelp("The monitor: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,OPTION=VALUE]... (options dir=, ca=, cert=, key=, hostname=).", valueName: "ENDPOINT"))
     var endpoint: String
 
     @Argument(help: ArgumentHelp("The QMP command, e.g. query-status.", valueName: "COMMAND"))

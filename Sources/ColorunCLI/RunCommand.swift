@@ -13,12 +13,21 @@ struct RunCommand: ColorunSubcommand {
         commandName: "run",
         abstract: "Run a policy against the named domains until it ends or colorun is stopped.",
         discussion: """
-            Domains are named with --domain NAME=unix:PATH (QEMU's -qmp unix socket) or \
-            NAME=tcp:HOST:PORT; the policy gets them with domain.get("NAME"). Arguments after \
+            Domains are named with --domain NAME=unix:PATH (QEMU's -qmp unix socket), \
+            NAME=tcp:HOST:PORT or NAME=tls:HOST:PORT[,dir=DIR] (or ,ca=FILE,cert=FILE,key=FILE: \
+            TLS with the monitor's certificate checked against the CA; DIR holds ca-cert.pem, \
+            client-cert.pem and client-key.pem as QEMU's tls-creds-x509 dir= does, default \
+            /etc/colorun/tls); the policy gets them with domain.get("NAME"). Arguments after \
             `--` are passed to the policy's main chunk as `...`. With --lab they are real lab \
             QEMUs (the Xen cycle, colo.checkpoint and qmp.restore, is refused up front: the \
             lab's QEMU is not Xen's); with --sim, simulated ones (any name) with the faults \
             of --fault, to rehearse a policy's failover logic.
+
+            A monitor that another program also uses (libxl's qmp-libxl-DOMID, Proxmox's \
+            VMID.qmp) is named with --shared NAME as well: colorun then connects for each \
+            command or burst and closes again, so the other program gets in between; events \
+            arrive only while a command is in flight and heartbeats become polls \
+            (docs/operations.md).
 
             Before the policy starts, colorun resumes any domain a previous, killed run left \
             paused (its stop journal is in STATE-DIR/journal). Checkpoint generations are kept \

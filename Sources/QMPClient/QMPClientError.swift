@@ -13,6 +13,9 @@ public enum QMPCloseReason: Sendable, Hashable, CustomStringConvertible {
     case ioError(String)
     /// The peer broke the protocol (malformed JSON, an overlong line, a non-QMP message).
     case protocolError(QMPProtocolError)
+    /// TLS failed (`tls:` endpoints): an untrusted certificate, a refused client, a peer
+    /// that does not speak TLS; the text says which.
+    case tlsFailure(String)
 
     public var description: String {
         switch self {
@@ -21,6 +24,7 @@ public enum QMPCloseReason: Sendable, Hashable, CustomStringConvertible {
         case .connectionReset: return "connection reset by the peer"
         case .ioError(let text): return "I/O error: \(text)"
         case .protocolError(let error): return "protocol error: \(error)"
+        case .tlsFailure(let text): return "TLS: \(text)"
         }
     }
 }
@@ -29,7 +33,7 @@ public enum QMPCloseReason: Sendable, Hashable, CustomStringConvertible {
 ///
 /// Messages name the endpoint and, where there is one, the command.
 public enum QMPClientError: Error, Sendable, Hashable, CustomStringConvertible {
-    /// A text that is neither `unix:PATH` nor `tcp:HOST:PORT`.
+    /// A text that is not `unix:PATH`, `tcp:HOST:PORT` or `tls:HOST:PORT[,OPTIONS]`.
     case invalidEndpoint(text: String, reason: String)
     /// No connection could be made (after retrying ENOENT/ECONNREFUSED until the connect timeout).
     case connectFailed(endpoint: QMPEndpoint, reason: String)
@@ -69,8 +73,10 @@ public enum QMPClientError: Error, Sendable, Hashable, CustomStringConvertible {
         case .connectFailed(let endpoint, let reason):
             return "cannot connect to the QMP monitor at \(endpoint): \(reason)"
         case .greetingTimeout(let endpoint, let after):
-            return "the QMP monitor at \(endpoint) sent no greeting within \(formatDuration(after)): "
+            var text = "the QMP monitor at \(endpoint) sent no greeting within \(formatDuration(after)): "
                 + "another client may hold the monitor (QEMU serves one client per -qmp socket)"
+            if case .tcp = endpoint { text += ", or the monitor expects TLS (tls-creds=): use tls:HOST:PORT" }
+            return text
         case .commandFailed(let command, let body, let endpoint):
             return "QMP command '\(command)' on \(endpoint) failed: \(body.errorClass): \(body.desc)"
         case .timeout(let command, let after, let endpoint):

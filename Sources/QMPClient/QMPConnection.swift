@@ -2,6 +2,7 @@ import JSON
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import QMP
 
 #if canImport(Glibc)
@@ -107,6 +108,7 @@ public final class QMPConnection: Sendable {
     private static func makeConnection(_ options: QMPConnectOptions, on loop: any EventLoop) -> EventLoopFuture<QMPConnection> {
         let promise = loop.makePromise(of: QMPConnection.self)
         let deadline = NIODeadline.now() + options.connectTimeout
+        _ = QMPTLS.warnIfCleartextRemote(options.endpoint, logger: options.logger)
         loop.execute {
             attemptConnect(options, on: loop, deadline: deadline, attempt: 1, lastErrno: nil, promise: promise)
         }
@@ -118,17 +120,31 @@ public final class QMPConnection: Sendable {
         lastErrno: Int32?, promise: EventLoopPromise<QMPConnection>
     ) {
         let remaining = deadline - .now()
+        // A tls: endpoint's handlers are made here, on the channel's loop, so unreadable
+        // certificate files fail the connect at once, naming the file.
+        var tls: NIOLoopBound<(NIOSSLClientHandler, QMPTLSFiles)>?
+        if case .tls(let host, _, let credentials) = options.endpoint {
+            do {
+                tls = NIOLoopBound(try QMPTLS.makeHandler(host: host, credentials: credentials), eventLoop: loop)
+            } catch {
+                promise.fail(QMPClientError.connectFailed(endpoint: options.endpoint, reason: error.description))
+                return
+            }
+        }
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(max(remaining, .milliseconds(1)))
-            .channelInitializer { channel in
+            .channelInitializer { [tls] channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let pair = tls?.value {
+                        try channel.pipeline.syncOperations.addHandlers([pair.0, QMPTLSDiagnosisHandler(files: pair.1)])
+                    }
                     _ = try configurePipeline(channel, options: options)
                 }
             }
         let connected: EventLoopFuture<any Channel>
         switch options.endpoint {
         case .unix(let path): connected = bootstrap.connect(unixDomainSocketPath: path)
-        case .tcp(let host, let port): connected = bootstrap.connect(host: host, port: port)
+        case .tcp(let host, let port), .tls(let host, let port, _): connected = bootstrap.connect(host: host, port: port)
         }
         connected.whenComplete { result in
             switch result {

@@ -171,6 +171,12 @@ final class QMPConnectionCore {
         }
         // Errors after we decided to close (e.g. the decoder refusing data after its own error) add nothing.
         guard closeReason == nil, phase != .closed else { return }
+        if let tls = error as? QMPTLSFailure {
+            closeReason = .tlsFailure(tls.description)
+            logger.debug("QMP TLS failure", metadata: ["error": "\(tls)"])
+            context?.close(promise: nil)
+            return
+        }
         if let io = error as? IOError, io.errnoCode == ECONNRESET {
             closeReason = .connectionReset
         } else {
@@ -359,7 +365,11 @@ final class QMPConnectionCore {
         sweepDeadline = nil
         logger.debug("QMP connection closed", metadata: ["reason": "\(reason)"])
         failAllPending(reason)
-        readyPromise.fail(QMPClientError.connectFailed(endpoint: endpoint, reason: "the connection closed before QMP was ready: \(reason)"))
+        if case .tlsFailure(let text) = reason {
+            readyPromise.fail(QMPClientError.connectFailed(endpoint: endpoint, reason: text))
+        } else {
+            readyPromise.fail(QMPClientError.connectFailed(endpoint: endpoint, reason: "the connection closed before QMP was ready: \(reason)"))
+        }
         let current = subscribers
         subscribers = []
         for (_, subscriber) in current {

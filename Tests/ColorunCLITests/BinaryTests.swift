@@ -16,6 +16,8 @@ import Testing
             ([policy, "--log-format", "xml"], "--log-format"),
             ([policy, "--metrics-listen", "nowhere"], "--metrics-listen 'nowhere'"),
             ([policy, "--bogus"], "--bogus"),
+            (["run", policy, "--domain", "web=unix:/x", "--shared", "db"], "--shared db: no --domain db=ENDPOINT"),
+            (["run", policy, "--domain", "web=tls:h:1,cert=/c"], "give cert= and key= together"),
             (["run", dir + "/missing.lua"], "cannot open"),
         ]
         for (arguments, needle) in cases {
@@ -67,6 +69,22 @@ import Testing
         let broken = try await runColorun(["check", syntax])
         #expect(broken.code == 2)
         #expect(broken.stderr.contains("syntax.lua:1:"))
+    }
+
+    @Test func sharedDomainsFromTheCommandLine() async throws {
+        try await withSimulatedPair { pair in
+            let policy = writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                assert(p.shared and not s.shared)
+                assert(p:status().running and s:status().running)
+                assert(p:status().running)
+                print("connects " .. p:stats().connects .. " " .. s:stats().connects)
+                """, in: pair.directory)
+            let run = try await runColorun([policy, "--state-dir", pair.directory + "/state", "--shared", "web-p"] + pair.domainArguments)
+            #expect(run.code == 0, "\(run.stderr)")
+            // A connection per command on the shared domain, one for the run on the other.
+            #expect(run.stderr.contains("connects 2 1"), "\(run.stderr)")
+        }
     }
 
     @Test func qmpCommandAgainstTheSimulator() async throws {

@@ -131,8 +131,8 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
 
     /// Every table argument rejects unknown fields, naming the field and the policy line.
     @Test(arguments: [
-        ("local d = domain.open{name = 'x', qmp = 'unix:/nonexistent/x', shared = true}", "domain.open: unknown field 'shared' (known: name, qmp, timeout)"),
-        ("domain.xen(7, {rundir = '/run/xen'})", "domain.xen: unknown field 'rundir' (known: name, run_dir, timeout)"),
+        ("local d = domain.open{name = 'x', qmp = 'unix:/nonexistent/x', sharde = true}", "domain.open: unknown field 'sharde' (known: name, qmp, shared, timeout, tls)"),
+        ("domain.xen(7, {rundir = '/run/xen'})", "domain.xen: unknown field 'rundir' (known: monitor, name, run_dir, timeout)"),
         ("local d = domain.get('a')\nd:status{timeuot = 1}", "qmp.status: unknown field 'timeuot' (known: timeout)"),
         ("qmp.save('a', '/tmp/x', {liv = false})", "qmp.save: unknown field 'liv' (known: live, timeout)"),
         ("colo.checkpoint('a', 'b', {kepp = 2})", "colo.checkpoint: unknown field 'kepp' (known: keep)"),

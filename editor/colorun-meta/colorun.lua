@@ -12,7 +12,8 @@
 ---A VM as colorun sees it: a name and a QMP monitor (read-only).
 ---@class colorun.Domain
 ---@field name string the domain's name
----@field endpoint string its monitor: unix:PATH or tcp:HOST:PORT
+---@field endpoint string its monitor: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,OPTIONS]
+---@field shared boolean true when colorun connects per command (a monitor shared with another program)
 local Domain = {}
 
 ---A subscription or watch; cancel() ends it.
@@ -163,13 +164,13 @@ domain = {}
 function domain.get(name) end
 
 ---Binds a name to a monitor from the script.
----@param spec {name: string, qmp: string, timeout?: colorun.Duration}
+---@param spec {name: string, qmp: string, timeout?: colorun.Duration, shared?: boolean, tls?: table}
 ---@return colorun.Domain
 function domain.open(spec) end
 
----A Xen domain's device model: libxl's qmp-libxl-DOMID socket.
+---A Xen domain's device model: RUN_DIR/qmp-colorun-NAME if it exists (held), else libxl's qmp-libxl-DOMID (shared).
 ---@param domid integer
----@param opts? {run_dir?: string, name?: string, timeout?: colorun.Duration}
+---@param opts? {run_dir?: string, name?: string, monitor?: string, timeout?: colorun.Duration}
 ---@return colorun.Domain
 function domain.xen(domid, opts) end
 

@@ -29,7 +29,7 @@ local cache = {}
 local function wrap(info)
   local d = cache[info.name]
   if d == nil then
-    d = setmetatable({ name = info.name, endpoint = info.endpoint }, Domain)
+    d = setmetatable({ name = info.name, endpoint = info.endpoint, shared = info.shared }, Domain)
     cache[info.name] = d
   end
   return d
@@ -83,19 +83,46 @@ domain.get = function(name)
   end
   return wrap(raw.domain_get(name))
 end
+-- The qmp text with a tls = {dir=, ca=, cert=, key=, hostname=} table appended as endpoint options.
+local tls_options = { "dir", "ca", "cert", "key", "hostname" }
+local function with_tls(qmp, tls)
+  if tls == nil then return qmp end
+  if type(tls) ~= "table" then error("domain.open: 'tls' must be a table {dir=, ca=, cert=, key=, hostname=}", 3) end
+  if qmp:sub(1, 4) ~= "tls:" then error("domain.open: 'tls' options need a tls:HOST:PORT endpoint, not " .. qmp, 3) end
+  for k in pairs(tls) do
+    local known = false
+    for _, name in ipairs(tls_options) do if k == name then known = true end end
+    if not known then error("domain.open: unknown field 'tls." .. tostring(k) .. "' (dir, ca, cert, key, hostname)", 3) end
+  end
+  for _, name in ipairs(tls_options) do
+    local v = tls[name]
+    if v ~= nil then
+      if type(v) ~= "string" or v:find(",", 1, true) then error("domain.open: 'tls." .. name .. "' must be a string without ','", 3) end
+      qmp = qmp .. "," .. name .. "=" .. v
+    end
+  end
+  return qmp
+end
 domain.open = function(spec)
   spec = opt_table(spec, "domain.open", 1)
   if type(spec.name) ~= "string" then error("domain.open: 'name' (a string) is required", 2) end
-  if type(spec.qmp) ~= "string" then error("domain.open: 'qmp' (unix:PATH or tcp:HOST:PORT) is required", 2) end
-  return wrap(raw.domain_open(spec.name, spec.qmp, spec.timeout))
+  if type(spec.qmp) ~= "string" then error("domain.open: 'qmp' (unix:PATH, tcp:HOST:PORT or tls:HOST:PORT) is required", 2) end
+  if spec.shared ~= nil and type(spec.shared) ~= "boolean" then error("domain.open: 'shared' must be true or false", 2) end
+  return wrap(raw.domain_open(spec.name, with_tls(spec.qmp, spec.tls), spec.timeout, spec.shared == true))
 end
 domain.xen = function(domid, opts)
   opts = opt_table(opts, "domain.xen", 2)
   if math.type(domid) ~= "integer" or domid < 0 then
     error("bad argument #1 to 'domain.xen' (domain id expected, got " .. tostring(domid) .. ")", 2)
   end
-  local run_dir = opts.run_dir or "/var/run/xen"
-  return wrap(raw.domain_open(opts.name or ("xen-" .. domid), "unix:" .. run_dir .. "/qmp-libxl-" .. domid, opts.timeout))
+  local name = opts.name or ("xen-" .. domid)
+  if opts.monitor ~= nil then
+    if type(opts.monitor) ~= "string" then error("domain.xen: 'monitor' must be an endpoint (unix:PATH)", 2) end
+    return wrap(raw.domain_open(name, opts.monitor, opts.timeout, false))
+  end
+  -- colorun's own monitor (device_model_args) when the domain has one; else libxl's, shared.
+  local m = raw.xen_monitor(domid, name, opts.run_dir or "/var/run/xen")
+  return wrap(raw.domain_open(name, m.qmp, opts.timeout, m.shared))
 end
 domain.list = function()
   local list = {}

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import JSON
 import Logging
 import LuaRuntime
@@ -71,10 +76,24 @@ extension PolicySession {
                 }
                 var domainOptions = options.domainOptions
                 if !call.isNil(3) { domainOptions.commandTimeout = try call.duration(3).timeAmount }
+                domainOptions.shared = call.boolean(4)
                 do {
                     call.push(json: info(try addDomain(name: name, endpoint: endpoint, options: domainOptions)))
                 } catch {
                     throw LuaHostError.message("domain.open: \(error)")
+                }
+            },
+            "xen_monitor": .sync { call in
+                // domain.xen: colorun's own monitor when the domain has one, else libxl's, shared.
+                let domid = try call.integer(1)
+                let name = try call.string(2)
+                let runDirectory = try call.string(3)
+                let dedicated = "\(runDirectory)/qmp-colorun-\(name)"
+                var info = stat()
+                if stat(dedicated, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK {
+                    call.push(json: ["qmp": .string("unix:" + dedicated), "shared": false])
+                } else {
+                    call.push(json: ["qmp": .string("unix:\(runDirectory)/qmp-libxl-\(domid)"), "shared": true])
                 }
             },
             "domain_list": .sync { [unowned self] call in
@@ -218,7 +237,7 @@ extension PolicySession {
     }
 
     func info(_ domain: Domain) -> JSONValue {
-        ["name": .string(domain.name), "endpoint": .string(domain.endpoint.description)]
+        ["name": .string(domain.name), "endpoint": .string(domain.endpoint.description), "shared": .bool(domain.isShared)]
     }
 
     /// The completion handler of a domain operation that answers a Lua call: the values

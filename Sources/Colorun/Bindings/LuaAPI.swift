@@ -50,7 +50,8 @@ public enum LuaAPI {
     /// Classes the stubs describe (values of these shapes are returned or passed around).
     public static let classes: [LuaAPIClass] = [
         LuaAPIClass(name: "colorun.Domain", summary: "A VM as colorun sees it: a name and a QMP monitor (read-only).", fields: [
-            .init("name", "string", "the domain's name"), .init("endpoint", "string", "its monitor: unix:PATH or tcp:HOST:PORT"),
+            .init("name", "string", "the domain's name"), .init("endpoint", "string", "its monitor: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,OPTIONS]"),
+            .init("shared", "boolean", "true when colorun connects per command (a monitor shared with another program)"),
         ]),
         LuaAPIClass(name: "colorun.Handle", summary: "A subscription or watch; cancel() ends it.", fields: [
             .init("cancel", "fun()", "ends it"),
@@ -128,13 +129,17 @@ public enum LuaAPI {
     static let domains: [LuaAPIEntry] = [
         .function("domain.get", [.init("name", "string")], ["colorun.Domain"], "A domain named on the command line, by the lab, or opened earlier."),
         .function("domain.open", [.init("spec", "table", fields: [
-            .init("name", "string", "the domain's name (required)"), .init("qmp", "string", "unix:PATH or tcp:HOST:PORT (required)"),
+            .init("name", "string", "the domain's name (required)"),
+            .init("qmp", "string", "unix:PATH, tcp:HOST:PORT or tls:HOST:PORT[,dir=DIR][,ca=FILE][,cert=FILE][,key=FILE][,hostname=NAME] (required)"),
             timeoutField,
+            .init("shared", "boolean", "connect per command or burst, for a monitor another program uses (default false)"),
+            .init("tls", "table", "a tls: endpoint's options as a table: {dir=, ca=, cert=, key=, hostname=}"),
         ])], ["colorun.Domain"], "Binds a name to a monitor from the script."),
         .function("domain.xen", [.init("domid", "integer"), .init("opts", "table", optional: true, fields: [
             .init("run_dir", "string", "libxl's run directory (default /var/run/xen)"), .init("name", "string", "default xen-DOMID"),
+            .init("monitor", "string", "colorun's own monitor (an endpoint), held for the run"),
             timeoutField,
-        ])], ["colorun.Domain"], "A Xen domain's device model: libxl's qmp-libxl-DOMID socket."),
+        ])], ["colorun.Domain"], "A Xen domain's device model: RUN_DIR/qmp-colorun-NAME if it exists (held), else libxl's qmp-libxl-DOMID (shared)."),
         .function("domain.list", [], ["colorun.Domain[]"], "Every domain known to this run, in the order they were added."),
         .function("domain.is", [.init("value", "any")], ["boolean"], "True if value is a domain."),
         .method("Domain:status", [.init("opts", "table", optional: true, fields: [timeoutField])], ["table"], "qmp.status as a method."),

@@ -21,6 +21,11 @@ public struct DomainOptions: Sendable {
     /// one QEMU answers an error and nothing breaks). `colo.checkpoint` and `colo.policy`
     /// refuse such a secondary before they stop anything.
     public var refusedCommands: [String: String] = [:]
+    /// Shared mode: connect, negotiate, send and close for each command or burst of
+    /// commands in flight together, as libxl does, so another client (xl, qm, libvirt) gets
+    /// the monitor in between. Events arrive only while a command is in flight, and a lost
+    /// monitor is seen by the next command (heartbeats become polls).
+    var shared = false
 
     public init(connectTimeout: TimeAmount = .seconds(5), commandTimeout: TimeAmount = .seconds(5)) {
         self.connectTimeout = connectTimeout
@@ -58,6 +63,17 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     private var connection: QMPConnection?
     private var connectWaiters: [(Result<QMPConnection, DomainError>) -> Void]?
+    /// Shared mode: commands sent on the current connection and not yet answered.
+    private var sharedInFlight = 0
+    /// Shared mode: when the current connection was opened.
+    private var sharedOpenedAt: NIODeadline?
+    /// Shared mode: the current connection has been held long enough: it closes once its
+    /// commands are answered, and these callers wait for the next one.
+    private var sharedRetiring = false
+    private var sharedWaiters: [(Result<QMPConnection, DomainError>) -> Void] = []
+    /// Shared mode: the longest a connection stays open while commands keep coming, so a
+    /// policy that never pauses still lets other clients in.
+    static let sharedBurstLimit = TimeAmount.milliseconds(200)
     private var eventHandlers: [(id: Int, event: String, handler: (QMPEvent) -> Void)] = []
     private var closeHandlers: [(id: Int, handler: (String) -> Void)] = []
     private var nextHandlerID = 1
@@ -90,6 +106,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     }
 
     var isConnected: Bool { connection?.isActive ?? false }
+    var isShared: Bool { options.shared }
 
     // MARK: - The connection
 
@@ -103,6 +120,13 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             return
         }
         if let connection, connection.isActive {
+            if options.shared {
+                if sharedRetiring {
+                    sharedWaiters.append(body)
+                    return
+                }
+                scheduleSharedIdleCheck()
+            }
             body(.success(connection))
             return
         }
@@ -112,12 +136,17 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         }
         connectWaiters = [body]
         // After the monitor was lost, do not wait the full connect timeout for a QEMU that
-        // is gone: a monitor that comes back is there at once.
-        var connectTimeout = monitorLost ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
+        // is gone: a monitor that comes back is there at once. A shared monitor that
+        // answered before is treated alike (nothing else tells that its QEMU died), but may
+        // keep colorun waiting for its greeting while the other program holds it. A command's
+        // own timeout bounds its connect too.
+        let known = monitorLost || (options.shared && stats.connects > 0)
+        var connectTimeout = known ? min(options.connectTimeout, Self.reconnectTimeout) : options.connectTimeout
         if let timeout { connectTimeout = min(connectTimeout, timeout) }
+        let greetingTimeout = options.shared ? options.connectTimeout : connectTimeout
         let future = QMPConnection.connect(
             QMPConnectOptions(
-                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: connectTimeout,
+                endpoint: endpoint, connectTimeout: connectTimeout, greetingTimeout: greetingTimeout,
                 commandTimeout: options.commandTimeout, logger: logger),
             on: eventLoop)
         future.assumeIsolated().whenComplete { result in
@@ -135,6 +164,13 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         if case .success(let connection) = result {
             self.connection = connection
             monitorLost = false
+            if options.shared {
+                sharedOpenedAt = .now()
+                sharedRetiring = false
+                sharedInFlight = 0
+                // Closes the connection again unless a waiter sends a command now.
+                scheduleSharedIdleCheck()
+            }
             greeting = connection.greeting
             stats.connects += 1
             options.metrics.domain(name, up: true)
@@ -159,6 +195,12 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
         connection = nil
         stats.disconnects += 1
         options.metrics.domain(name, up: false)
+        if options.shared, !sharedWaiters.isEmpty {
+            sharedRetiring = false
+            let waiters = sharedWaiters
+            sharedWaiters = []
+            for waiter in waiters { withConnection(waiter) }
+        }
         guard reason != .closedByClient else { return }
         monitorLost = true
         logger.warning("monitor connection lost", metadata: ["reason": .string(reason.description)])
@@ -168,11 +210,60 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// Closes the monitor connection (the next command opens a new one). On the loop.
     func dropConnection() {
-        guard let connection else { return }
+        guard let connection else {
+            // A shared domain is up from its last good connect until the run lets it go.
+            if options.shared, stats.connects > 0 { options.metrics.domain(name, up: false) }
+            return
+        }
         // connectionClosed ignores a connection that is no longer ours: say it here.
         options.metrics.domain(name, up: false)
-        connection.close(promise: nil)
         self.connection = nil
+        releaseShared(connection)
+    }
+
+    // MARK: - Shared mode
+
+    /// After the current turn of the loop, closes a shared connection that has nothing in
+    /// flight (a completion that sends its next command at once keeps it: a burst).
+    private func scheduleSharedIdleCheck() {
+        eventLoop.assumeIsolated().execute {
+            self.closeSharedIfIdle()
+        }
+    }
+
+    private func closeSharedIfIdle() {
+        guard options.shared, let connection, sharedInFlight == 0 else { return }
+        self.connection = nil
+        releaseShared(connection)
+    }
+
+    /// Closes a connection that is no longer `connection`; in shared mode, callers waiting
+    /// for it to retire connect anew once it is closed (not before: the next connect must
+    /// not race the closing one for the monitor).
+    private func releaseShared(_ closing: QMPConnection) {
+        closing.close(promise: nil)
+        guard options.shared else { return }
+        sharedRetiring = false
+        closing.closeFuture.assumeIsolated().whenComplete { _ in
+            let waiters = self.sharedWaiters
+            self.sharedWaiters = []
+            for waiter in waiters { self.withConnection(waiter) }
+        }
+    }
+
+    /// Counts a command sent on a shared connection.
+    private func sharedCommandStarted(on connection: QMPConnection) {
+        guard options.shared, connection === self.connection else { return }
+        sharedInFlight += 1
+        if let opened = sharedOpenedAt, NIODeadline.now() - opened > Self.sharedBurstLimit {
+            sharedRetiring = true
+        }
+    }
+
+    private func sharedCommandFinished(on connection: QMPConnection) {
+        guard options.shared, connection === self.connection else { return }
+        sharedInFlight -= 1
+        if sharedInFlight == 0 { scheduleSharedIdleCheck() }
     }
 
     // MARK: - Commands (callback API, on the loop)
@@ -198,7 +289,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
                 self.stats.failures += 1
                 completion(.failure(error))
             case .success(let connection):
+                self.sharedCommandStarted(on: connection)
                 connection.syncOperations.send(command, arguments: arguments, timeout: timeout) { reply in
+                    self.sharedCommandFinished(on: connection)
                     self.stats.commands += 1
                     let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
                     self.stats.totalLatencySeconds += seconds

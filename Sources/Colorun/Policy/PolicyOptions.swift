@@ -8,20 +8,23 @@ import NIOCore
 import NIOPosix
 import QMPClient
 
-/// A domain named on the command line: `NAME=unix:/path` or `NAME=tcp:host:port`.
+/// A domain named on the command line: `NAME=unix:/path`, `NAME=tcp:host:port` or `NAME=tls:host:port[,dir=DIR]`.
 public struct DomainSpec: Sendable, Hashable {
     public var name: String
     var endpoint: QMPEndpoint
+    /// Shared mode (`--shared NAME`): a connection per command or burst (see `DomainOptions.shared`).
+    public var shared = false
 
-    public init(name: String, endpoint: QMPEndpoint) {
+    public init(name: String, endpoint: QMPEndpoint, shared: Bool = false) {
         self.name = name
         self.endpoint = endpoint
+        self.shared = shared
     }
 
     /// Parses `NAME=ENDPOINT`; the error names the bad text.
     public init(parsing text: String) throws(PolicyError) {
         guard let eq = text.firstIndex(of: "="), eq != text.startIndex else {
-            throw PolicyError.usage("--domain '\(text)': expected NAME=unix:PATH or NAME=tcp:HOST:PORT")
+            throw PolicyError.usage("--domain '\(text)': expected NAME=unix:PATH, NAME=tcp:HOST:PORT or NAME=tls:HOST:PORT[,dir=DIR]")
         }
         let name = String(text[..<eq])
         guard DomainSpec.isValidName(name) else {

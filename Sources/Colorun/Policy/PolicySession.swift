@@ -110,7 +110,9 @@ public final class PolicySession: @unchecked Sendable {
         }
         self.extensions = extensions
         for spec in options.domains {
-            _ = try addDomain(name: spec.name, endpoint: spec.endpoint, options: options.domainOptions)
+            var domainOptions = options.domainOptions
+            domainOptions.shared = spec.shared
+            _ = try addDomain(name: spec.name, endpoint: spec.endpoint, options: domainOptions)
         }
         do {
             try registerBindings()
@@ -130,6 +132,10 @@ public final class PolicySession: @unchecked Sendable {
         if let existing = domains[name] {
             guard existing.endpoint == endpoint else {
                 throw .usage("domain '\(name)' is already bound to \(existing.endpoint), not \(endpoint)")
+            }
+            guard existing.isShared == domainOptions.shared else {
+                let mode = { (shared: Bool) in shared ? "shared" : "not shared" }
+                throw .usage("domain '\(name)' is already open \(mode(existing.isShared)), not \(mode(domainOptions.shared)) (--shared NAME, or shared = true)")
             }
             return existing
         }
