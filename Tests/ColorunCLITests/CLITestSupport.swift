@@ -5,14 +5,7 @@ import QEMUSimulator
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func colorunBinary() -> String? {
-    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-    var dir = exe.deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("colorun").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    return nil
+    builtColorunBinary()
 }
 
 struct ProcessResult {

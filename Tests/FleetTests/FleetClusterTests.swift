@@ -51,14 +51,7 @@ struct FleetTestError: Error, CustomStringConvertible {
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func fleetColorunBinary() -> String? {
-    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-    var dir = exe.deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("colorun").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    return nil
+    builtColorunBinary()
 }
 
 /// Checkpoints in a domain's command log: each `stop` and the commands up to its `cont`.

@@ -8,14 +8,8 @@ import QMPClient
 
 /// The built `colorun` binary: next to the test bundle in `.build/<triple>/debug/`.
 func colorunBinary() throws -> String {
-    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-    var dir = exe.deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("colorun").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    throw RigError("the colorun binary is not built (swift build)")
+    guard let binary = builtColorunBinary() else { throw RigError("the colorun binary is not built (swift build)") }
+    return binary
 }
 
 struct RigError: Error, CustomStringConvertible {
