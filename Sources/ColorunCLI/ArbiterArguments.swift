@@ -40,11 +40,7 @@ struct ArbiterArguments: ParsableArguments {
             }
             return nil
         }
-        let endpoints = etcd.split(separator: ",").map { String($0).trimmingSpaces }.filter { !$0.isEmpty }
-        guard !endpoints.isEmpty else { throw ValidationError("--etcd '\(etcd)': give at least one URL (http://HOST:PORT)") }
-        for endpoint in endpoints where !(endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://")) {
-            throw ValidationError("--etcd '\(endpoint)': a URL is http://HOST:PORT or https://HOST:PORT")
-        }
+        let endpoints = try etcdEndpoints(etcd)
         guard let node else { throw ValidationError("--etcd needs --node NAME (this host's name in the pair)") }
         guard ArbiterOptions.isValidName(node) else {
             throw ValidationError("--node '\(node)': a node name may use letters, digits, '-', '_' and '.'")
@@ -74,4 +70,15 @@ extension String {
     fileprivate var trimmingSpaces: String {
         String(drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " }).reversed())
     }
+}
+
+/// The URLs an `--etcd` option names (comma-separated, each http:// or https://), for the
+/// two-host arbiter and the fleet alike; errors name the flag.
+func etcdEndpoints(_ text: String) throws -> [String] {
+    let endpoints = text.split(separator: ",").map { String($0).trimmingSpaces }.filter { !$0.isEmpty }
+    guard !endpoints.isEmpty else { throw ValidationError("--etcd '\(text)': give at least one URL (http://HOST:PORT)") }
+    for endpoint in endpoints where !(endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://")) {
+        throw ValidationError("--etcd '\(endpoint)': a URL is http://HOST:PORT or https://HOST:PORT")
+    }
+    return endpoints
 }

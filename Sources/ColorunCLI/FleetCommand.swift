@@ -35,13 +35,10 @@ struct FleetEtcdArguments: ParsableArguments {
     @Option(name: .customLong("prefix"), help: ArgumentHelp("The fleet's key prefix in etcd.", valueName: "KEY"))
     var prefix = "/colorun/fleet"
 
-    var endpoints: [String] { etcd.split(separator: ",").map(String.init).filter { !$0.isEmpty } }
+    var endpoints: [String] { (try? etcdEndpoints(etcd)) ?? [] }
 
     func validateEndpoints() throws {
-        guard !endpoints.isEmpty else { throw ValidationError("--etcd '\(etcd)': give at least one URL (http://HOST:PORT)") }
-        for endpoint in endpoints where !(endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://")) {
-            throw ValidationError("--etcd '\(endpoint)': a URL is http://HOST:PORT or https://HOST:PORT")
-        }
+        _ = try etcdEndpoints(etcd)
         guard prefix.hasPrefix("/"), !prefix.hasSuffix("/") || prefix == "/" else {
             throw ValidationError("--prefix '\(prefix)': a key prefix starts with '/' and does not end with one")
         }
