@@ -44,14 +44,40 @@ import Testing
         try EtcdClient(endpoints: server.clientURLs, requestTimeout: .seconds(2), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
     }
 
-    @Test func theHolderFencesItselfBeforeTheTTLEndsWhenEtcdStopsAnswering() async throws {
+    /// Runs `body` with a healthy one-member etcd and a client of it; both are stopped when
+    /// `body` returns or throws.
+    static func withEtcd(_ body: (EtcdServer, EtcdClient) async throws -> Void) async throws {
         let etcd = try EtcdServer.start()
-        let vm = try await ObservedVM.start()
-        let client = try Self.etcdClient(etcd)
-        let dir = makeTempDirectory("colorun-arb")
-        defer { removeDirectory(dir) }
+        let client: EtcdClient
+        do { client = try etcdClient(etcd) } catch {
+            await etcd.stop()
+            throw error
+        }
+        var failure: (any Error)?
         do {
             try await etcd.waitHealthy()
+            try await body(etcd, client)
+        } catch {
+            failure = error
+        }
+        await client.shutdown()
+        await etcd.stop()
+        if let failure { throw failure }
+    }
+
+    /// Runs `body` with an ``ObservedVM`` that is stopped when `body` returns or throws.
+    static func withObservedVM(_ body: (ObservedVM) async throws -> Void) async throws {
+        let vm = try await ObservedVM.start()
+        var failure: (any Error)?
+        do { try await body(vm) } catch { failure = error }
+        await vm.stop()
+        if let failure { throw failure }
+    }
+
+    @Test func theHolderFencesItselfBeforeTheTTLEndsWhenEtcdStopsAnswering() async throws {
+        let dir = makeTempDirectory("colorun-arb")
+        defer { removeDirectory(dir) }
+        try await Self.withEtcd { etcd, client in try await Self.withObservedVM { vm in
             let policy = writePolicy("""
                 local vm = domain.get("vm")
                 assert(cluster.acquire(), "the only node wins the key")
@@ -104,15 +130,7 @@ import Testing
             #expect(result.stderr.contains("TEST resume while fenced: false Fenced"), "\(result.stderr)")
             // The end of the run does not resume a fenced VM.
             #expect(try await vm.status() == "paused")
-        } catch {
-            await client.shutdown()
-            await vm.stop()
-            await etcd.stop()
-            throw error
-        }
-        await client.shutdown()
-        await vm.stop()
-        await etcd.stop()
+        } }
     }
 
     /// examples/two-hosts.lua on both "hosts": B never promotes while A's lease lives (A's
@@ -120,13 +138,11 @@ import Testing
     /// alive, B wins the key only after A's lease expired, pauses A's QEMU through its
     /// monitor, and restores a standby from the shared checkpoints.
     @Test func theOtherHostPromotesOnlyAfterTheLeaseExpiredAndPausesTheOldPrimary() async throws {
-        let etcd = try EtcdServer.start()
-        let vm = try await ObservedVM.start()
-        let client = try Self.etcdClient(etcd)
         let dir = makeTempDirectory("colorun-arb")
+        defer { removeDirectory(dir) }
         var standbyPID: pid_t?
-        do {
-            try await etcd.waitHealthy()
+        defer { if let standbyPID { kill(standbyPID, SIGKILL) } }
+        try await Self.withEtcd { etcd, client in try await Self.withObservedVM { vm in
             let image = dir + "/guest.img"
             try ColorunSystem.writeFile(image, CountingGuest.bootSector)
             let standbyQEMU = (["qemu-system-x86_64"] + QEMUSpec(countingGuest: true, extraArguments: [
@@ -185,30 +201,15 @@ import Testing
             b.signal(SIGTERM)
             let result = await b.wait()
             #expect(result.code == 0, "\(result.stderr)")
-        } catch {
-            if let standbyPID { kill(standbyPID, SIGKILL) }
-            await client.shutdown()
-            await vm.stop()
-            await etcd.stop()
-            removeDirectory(dir)
-            throw error
-        }
-        if let standbyPID { kill(standbyPID, SIGKILL) }
-        await client.shutdown()
-        await vm.stop()
-        await etcd.stop()
-        removeDirectory(dir)
+        } }
     }
 
     /// Checkpoints need the key; `policy.on_lost`'s handler waits until its node wins the key
     /// (the holder hands over when its run ends); `cluster.override` is loud.
     @Test func promotionsWaitForTheKeyAndTheOverrideIsLogged() async throws {
-        let etcd = try EtcdServer.start()
-        let client = try Self.etcdClient(etcd)
         let dir = makeTempDirectory("colorun-arb")
         defer { removeDirectory(dir) }
-        do {
-            try await etcd.waitHealthy()
+        try await Self.withEtcd { etcd, client in
             let holderPolicy = writePolicy("""
                 assert(cluster.acquire())
                 while true do sleep("100ms") end
@@ -250,13 +251,7 @@ import Testing
             #expect(result.stderr.contains("ARBITER OVERRIDE set at"))
             #expect(result.stderr.contains("ARBITER OVERRIDE: remus.restore x at"), "\(result.stderr)")
             #expect(result.stderr.contains("TEST restore after override: NoCheckpoint"), "\(result.stderr)")
-        } catch {
-            await client.shutdown()
-            await etcd.stop()
-            throw error
         }
-        await client.shutdown()
-        await etcd.stop()
     }
 
     @Test func badArbiterFlagsAreUsageErrors() async throws {
@@ -287,12 +282,9 @@ import Testing
 extension ArbiterBinaryTests {
     /// colo.policy{} under an arbiter: it checkpoints only once its host holds the key.
     @Test func theDeclarativeFormWaitsForTheKey() async throws {
-        let etcd = try EtcdServer.start()
-        let client = try Self.etcdClient(etcd)
         let dir = makeTempDirectory("colorun-arb")
         defer { removeDirectory(dir) }
-        do {
-            try await etcd.waitHealthy()
+        try await Self.withEtcd { etcd, client in
             // Someone else holds the key for 3 s (a lease of its own).
             let lease = try await client.grantLease(ttl: 60)
             _ = try await client.txn(compare: [.createRevision("/colorun/pairs/decl/active", .equal, 0)],
@@ -304,24 +296,18 @@ extension ArbiterBinaryTests {
                   on_checkpoint_error = function(err) log.warn("TEST checkpoint error " .. tostring(err)) ; policy.stop() end,
                 }
                 """, in: dir)
-            let vm = try await ObservedVM.start()
-            let colorun = try ColorunProcess([
-                policy, "--etcd", etcd.clientURLs[0], "--node", "a", "--pair", "decl", "--etcd-ttl", "2s", "--state-dir", dir + "/state",
-                "--domain", "p=\(vm.qemu.qmpEndpoint)", "--domain", "s=unix:\(dir)/none.qmp",
-            ])
-            try await Task.sleep(for: .seconds(3))
-            #expect(!colorun.stderrSoFar.contains("TEST checkpoint"), "\(colorun.stderrSoFar)")
-            try await client.revokeLease(lease.id)
-            let result = await colorun.wait(timeout: 30)
-            await vm.stop()
-            #expect(result.code == 0, "\(result.stderr)")
-            #expect(result.stderr.contains("TEST checkpoint by the holder true"), "\(result.stderr)")
-        } catch {
-            await client.shutdown()
-            await etcd.stop()
-            throw error
+            try await Self.withObservedVM { vm in
+                let colorun = try ColorunProcess([
+                    policy, "--etcd", etcd.clientURLs[0], "--node", "a", "--pair", "decl", "--etcd-ttl", "2s", "--state-dir", dir + "/state",
+                    "--domain", "p=\(vm.qemu.qmpEndpoint)", "--domain", "s=unix:\(dir)/none.qmp",
+                ])
+                try await Task.sleep(for: .seconds(3))
+                #expect(!colorun.stderrSoFar.contains("TEST checkpoint"), "\(colorun.stderrSoFar)")
+                try await client.revokeLease(lease.id)
+                let result = await colorun.wait(timeout: 30)
+                #expect(result.code == 0, "\(result.stderr)")
+                #expect(result.stderr.contains("TEST checkpoint by the holder true"), "\(result.stderr)")
+            }
         }
-        await client.shutdown()
-        await etcd.stop()
     }
 }

@@ -166,33 +166,32 @@ final class TwoHostRig: @unchecked Sendable {
             + ["-qmp", "unix:\(dir)/\(observed)-observer.qmp,server=on,wait=off"]
     }
 
+    /// colorun A on host a: with the arbiter, examples/two-hosts.lua holding A's QEMU as `vm`;
+    /// in the control run, a.lua checkpointing it.
     func startColorunA() throws -> LabProcess {
-        let arguments: [String]
-        if let etcd {
-            arguments = [Self.twoHostsPolicy, "--domain", "vm=unix:\(aQMP)", "--state-dir", "\(dir)/shared"]
-                + etcd.arbiterArguments(node: "a", ttl: Self.ttl)
-                + ["--", "interval=100ms",
-                   "standby_qmp=unix:\(dir)/a-{token}.qmp",
-                   "standby_qemu=" + standbyCommandLine(qmp: "\(dir)/a-{token}.qmp", observed: Self.vmA2).joined(separator: " ")]
-        } else {
-            arguments = ["\(dir)/a.lua", "--domain", "primary=unix:\(aQMP)", "--state-dir", "\(dir)/a-state"]
-        }
-        return try LabProcess("colorun-a", net.commandLine(on: "a", [try colorunBinary(), "run"] + arguments), logPath: "\(dir)/colorun-a.log")
+        try startColorun(on: "a", arbiterDomain: "vm", endpoint: "unix:\(aQMP)", standbyObserved: Self.vmA2)
     }
 
+    /// colorun B on host b, reaching A's QEMU only over the network: as `peer` under the
+    /// arbiter, as the watched `primary` in the control run.
     private func startColorunB() throws -> LabProcess {
-        let peer = "tcp:\(net.address(of: "a")):\(Self.primaryMonitorPort)"
+        try startColorun(on: "b", arbiterDomain: "peer", endpoint: "tcp:\(net.address(of: "a")):\(Self.primaryMonitorPort)",
+                         standbyObserved: Self.vmB)
+    }
+
+    private func startColorun(on host: String, arbiterDomain: String, endpoint: String, standbyObserved: String) throws -> LabProcess {
         let arguments: [String]
         if let etcd {
-            arguments = [Self.twoHostsPolicy, "--domain", "peer=\(peer)", "--state-dir", "\(dir)/shared"]
-                + etcd.arbiterArguments(node: "b", ttl: Self.ttl)
-                + ["--", "interval=100ms",
-                   "standby_qmp=unix:\(dir)/b-{token}.qmp",
-                   "standby_qemu=" + standbyCommandLine(qmp: "\(dir)/b-{token}.qmp", observed: Self.vmB).joined(separator: " ")]
+            let standbyQMP = "\(dir)/\(host)-{token}.qmp"
+            arguments = [Self.twoHostsPolicy, "--domain", "\(arbiterDomain)=\(endpoint)", "--state-dir", "\(dir)/shared"]
+                + etcd.arbiterArguments(node: host, ttl: Self.ttl)
+                + ["--", "interval=100ms", "standby_qmp=unix:\(standbyQMP)",
+                   "standby_qemu=" + standbyCommandLine(qmp: standbyQMP, observed: standbyObserved).joined(separator: " ")]
         } else {
-            arguments = ["\(dir)/b.lua", "--domain", "primary=\(peer)", "--state-dir", "\(dir)/b-state"]
+            arguments = ["\(dir)/\(host).lua", "--domain", "primary=\(endpoint)", "--state-dir", "\(dir)/\(host)-state"]
         }
-        return try LabProcess("colorun-b", net.commandLine(on: "b", [try colorunBinary(), "run"] + arguments), logPath: "\(dir)/colorun-b.log")
+        return try LabProcess("colorun-\(host)", net.commandLine(on: host, [try colorunBinary(), "run"] + arguments),
+                              logPath: "\(dir)/colorun-\(host).log")
     }
 
     /// The control run's policies: A checkpoints; B watches A and restores the standby when A
