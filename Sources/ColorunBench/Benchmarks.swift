@@ -17,6 +17,8 @@ struct BenchConfig: Sendable {
     var colorun: String?
     /// Only these benchmarks (empty: all).
     var only: Set<String> = []
+    /// The length of the 4,000 checkpoints/s run (default 60 s, 10 s with --quick).
+    var scaleSeconds: Double?
 
     func n(_ full: Int, _ quick: Int) -> Int { self.quick ? quick : full }
     func wants(_ name: String) -> Bool { only.isEmpty || only.contains(name) }

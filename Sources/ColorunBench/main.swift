@@ -25,7 +25,8 @@ let config = BenchConfig(
     qemuSim: option("--qemu-sim") ?? myDirectory + "/qemu-sim",
     qmpBench: option("--qmp-bench"),
     colorun: option("--colorun"),
-    only: Set((option("--only") ?? "").split(separator: ",").map(String.init)))
+    only: Set((option("--only") ?? "").split(separator: ",").map(String.init)),
+    scaleSeconds: option("--scale-seconds").flatMap(Double.init))
 
 let results = Results()
 let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
@@ -37,6 +38,7 @@ let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
     ("colo-failover", benchCOLOFailover),
     ("binding", benchBinding),
     ("scale", benchScale),
+    ("scale4k", { config, results in if !config.wants("scale") { try await benchScale4k(config, results) } }),
     ("startup", benchStartup),
 ]
 

@@ -1,3 +1,4 @@
+import CColorunSystem
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -108,4 +109,20 @@ public func makeTemporaryDirectory(in parent: String = "/tmp", prefix: String) t
         throw SystemError("cannot create a directory under \(parent): \(errnoText(code))", code: code)
     }
     return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// Starts writing `fd`'s dirty pages to disk without waiting for them (Linux's
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `fsync` finds them written. Fsyncing a
+/// batch of files after starting each one's writeback commits the filesystem's journal once
+/// for all of them instead of once per file. Best effort: an error only means the `fsync`
+/// does the work.
+public func startWriteback(_ fd: Int32) {
+    _ = colorun_start_writeback(fd)
+}
+
+/// Makes everything written to the filesystem holding `fd` durable, in one call (Linux's
+/// `syncfs`): data, metadata and the journal of every file on it, other processes' included.
+public func syncFilesystem(_ fd: Int32) throws(SystemError) {
+    let code = colorun_syncfs(fd)
+    guard code == 0 else { throw SystemError("syncfs failed: \(errnoText(code))", code: code) }
 }

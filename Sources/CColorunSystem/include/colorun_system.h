@@ -22,4 +22,16 @@ enum {
 int colorun_spawn(const char *path, char *const argv[], char *const envp[],
                   int stdin_fd, int stdout_fd, int stderr_fd, int mode, pid_t *pid);
 
+/// Starts writing the file's dirty pages to disk without waiting (sync_file_range with
+/// SYNC_FILE_RANGE_WRITE). Before fsyncing many files, starting every file's writeback
+/// first lets the filesystem allocate all their blocks in one journal transaction, so
+/// the first fsync commits it for all and the others find their data written (a group
+/// commit). Returns 0 or an errno value.
+int colorun_start_writeback(int fd);
+
+/// syncfs(2): writes every dirty page and the journal of the filesystem holding `fd` and
+/// waits for them. Returns 0 or an errno value (Linux 5.8 and later also report writeback
+/// errors of the filesystem here).
+int colorun_syncfs(int fd);
+
 #endif

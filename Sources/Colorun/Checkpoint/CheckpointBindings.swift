@@ -21,11 +21,8 @@ extension PolicySession {
         let series = "\(primary.name)+\(secondary.name)"
         try requireHolding("colo.checkpoint")
         let store = try store(series: series, fileExtension: "devstate", keep: keep)
-        let io = blockingIO
-        try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) {
-            await CheckpointEngine.capture { () async throws(CheckpointError) in
-                try await CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, io: io)
-            }
+        try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) { [committer] done in
+            CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, done)
         }
     }
 
@@ -47,7 +44,7 @@ extension PolicySession {
         let tune = !tunedForRemus.contains(domain.name)
         tunedForRemus.insert(domain.name)
         let io = blockingIO
-        try startCheckpoint(series: seriesName, domains: [domain], completion: completion) {
+        try startCheckpoint(series: seriesName, domains: [domain], completion: completion, inTask: {
             if tune {
                 // QEMU's default migration bandwidth (128 MiB/s) stretches every pause.
                 _ = try? await domain.execute("migrate-set-parameters", ["max-bandwidth": .int(107_374_182_400)])
@@ -56,7 +53,7 @@ extension PolicySession {
                 try await CheckpointEngine.remusCheckpoint(
                     domain, store: store, io: io, disks: disks, outputCommit: outputCommit, state: remusState, fencingToken: fencingToken)
             }
-        }
+        })
     }
 
     /// Raises before anything is stopped when `secondary` refuses the Xen cycle's load (a lab
@@ -187,8 +184,23 @@ extension PolicySession {
         }
     }
 
+    /// Starts a checkpoint that runs as a Swift `Task` (Remus).
     private func startCheckpoint(series: String, domains involved: [Domain], completion: LuaCompletion,
-                                 _ operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
+                                 inTask operation: @escaping @Sendable () async -> Result<CheckpointResult, CheckpointError>) throws {
+        let loop = eventLoop
+        try startCheckpoint(series: series, domains: involved, completion: completion) { done in
+            let finish = UncheckedSendable(done)
+            Task {
+                let result = await operation()
+                loop.execute { finish.value(result) }
+            }
+        }
+    }
+
+    /// Starts a checkpoint that runs on the loop: `operation` calls its argument once, on the
+    /// loop, with the outcome.
+    private func startCheckpoint(series: String, domains involved: [Domain], completion: LuaCompletion,
+                                 _ operation: (@escaping (Result<CheckpointResult, CheckpointError>) -> Void) -> Void) throws {
         guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
         if let busy = involved.first(where: { busyDomains.contains($0.name) }) {
             throw LuaHostError.structured(

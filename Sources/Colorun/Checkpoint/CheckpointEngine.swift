@@ -95,85 +95,43 @@ enum CheckpointEngine {
     static let stateMagic: [UInt8] = [0x51, 0x45, 0x56, 0x4D, 0x00, 0x00, 0x00, 0x03]
 
     /// Xen flavour (libxl's COLO checkpoint): stop both, save the primary's device state,
-    /// load it on the secondary, resume both.
+    /// load it on the secondary, resume both, commit the generation.
     ///
-    /// `io` runs the blocking file work of the commit (fsync, rename, fsync of the
-    /// directory) off the Swift concurrency pool, so that many checkpoints commit at once
-    /// (the filesystem batches their fsyncs) without stalling other work.
+    /// Runs on the domains' event loop (the session's) as one straight line of callbacks:
+    /// each QMP reply continues the checkpoint where it arrives, with no hop to another thread
+    /// (`XenCheckpoint`). The commit (fsync, rename, fsync of the directory) goes to
+    /// `committer`, which makes the generations of many pairs durable together off the loop;
+    /// without one it runs here, on the loop. `completion` runs on the loop, once.
     static func xenCheckpoint(
-        primary: some CheckpointTarget, secondary: some CheckpointTarget, store: GenerationStore, io: NIOThreadPool? = nil
-    ) async throws(CheckpointError) -> CheckpointResult {
-        let (generation, partial) = store.begin()
-        let lastGood = store.lastGood
-        let clock = ContinuousClock()
-        let pauseStart = clock.now
+        primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
+        _ completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void
+    ) {
+        XenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, completion: completion).start()
+    }
 
-        func fail(_ step: String, _ error: DomainError, resuming targets: [any CheckpointTarget]) async -> CheckpointError {
-            store.discard(generation)
-            return CheckpointError(step: step, error, generation: generation, lastGood: lastGood, unresumed: await resumeAll(targets))
-        }
-
-        // 1. Stop both at once.
-        async let stopPrimary = capture { () async throws(DomainError) in try await primary.stop() }
-        async let stopSecondary = capture { () async throws(DomainError) in try await secondary.stop() }
-        let stops = await (stopPrimary, stopSecondary)
-        for result in [stops.0, stops.1] {
-            if case .failure(let error) = result {
-                // A stop that timed out may still have stopped its VM: resume both.
-                throw await fail("stop", error, resuming: [primary, secondary])
+    /// Resumes every domain at once, on their loop (the callback twin of the async
+    /// `resumeAll`, same rules); `completion` gets the failures that remain.
+    static func resumeAll(_ domains: [Domain], attempts: Int = 3, _ completion: @escaping ([DomainError]) -> Void) {
+        var failures: [DomainError?] = Array(repeating: nil, count: domains.count)
+        var left = domains.count
+        for (i, domain) in domains.enumerated() {
+            resume(domain, attempt: 1, attempts: max(attempts, 1)) { failure in
+                failures[i] = failure
+                left -= 1
+                if left == 0 { completion(failures.compactMap { $0 }) }
             }
         }
+    }
 
-        // 2. Save the primary's device state under the partial name.
-        let saveStart = clock.now
-        do {
-            _ = try await primary.execute("xen-save-devices-state", ["filename": .string(partial), "live": .bool(false)])
-        } catch {
-            throw await fail("save", error, resuming: [primary, secondary])
+    private static func resume(_ domain: Domain, attempt: Int, attempts: Int, _ done: @escaping (DomainError?) -> Void) {
+        domain.sendResume { result in
+            guard case .failure(let error) = result else { return done(nil) }
+            // Its QEMU is not running: nothing is paused (the domain forgot the stop).
+            if error.monitorGone { return done(nil) }
+            if error.errorClass == DomainError.connectFailed || attempt >= attempts { return done(error) }
+            if [DomainError.timeout, DomainError.protocolError].contains(error.errorClass) { domain.dropConnection() }
+            resume(domain, attempt: attempt + 1, attempts: attempts, done)
         }
-        let saveEnd = clock.now
-
-        // 3. Never hand the secondary a torn or foreign file.
-        let bytes: Int
-        do {
-            bytes = try store.validate(generation, magic: stateMagic)
-        } catch {
-            throw await fail(
-                "verify", DomainError(domain: primary.name, command: "xen-save-devices-state", errorClass: "TornCheckpoint", desc: error.description),
-                resuming: [primary, secondary])
-        }
-
-        // 4. Load it on the secondary.
-        do {
-            _ = try await secondary.execute("xen-load-devices-state", ["filename": .string(partial)])
-        } catch {
-            throw await fail("restore", error, resuming: [primary, secondary])
-        }
-        let restoreEnd = clock.now
-
-        // 5. Resume both at once.
-        let unresumed = await resumeAll([primary, secondary])
-        let pauseEnd = clock.now
-        if let first = unresumed.first {
-            store.discard(generation)
-            throw CheckpointError(step: "resume", first, generation: generation, lastGood: lastGood, unresumed: unresumed)
-        }
-
-        // 6. Make it the last good generation (after the resume: the fsync is not pause time).
-        let committed: Generation
-        do {
-            committed = try await blocking(io) { () throws(GenerationStoreError) in try store.commit(generation) }
-        } catch {
-            store.discard(generation)
-            throw CheckpointError(
-                step: "commit", domain: "", cause: error.description, errorClass: "StateDirError", command: nil,
-                generation: generation, lastGood: lastGood, unresumed: [])
-        }
-        return CheckpointResult(
-            generation: generation, path: committed.path, bytes: bytes,
-            pauseMilliseconds: milliseconds(pauseEnd - pauseStart),
-            saveMilliseconds: milliseconds(saveEnd - saveStart),
-            restoreMilliseconds: milliseconds(restoreEnd - saveEnd))
     }
 
     // Remus style on plain QEMU: RemusCheckpoint.swift.
@@ -239,5 +197,126 @@ enum CheckpointEngine {
     static func milliseconds(_ d: Duration) -> Double {
         let (s, attos) = d.components
         return Double(s) * 1000 + Double(attos) / 1e15
+    }
+}
+
+/// One Xen-flavour checkpoint in progress, on the loop: each step is started by the reply
+/// to the previous one. Whatever fails, every domain it stopped is resumed and the partial
+/// file removed; the last good generation is untouched.
+private final class XenCheckpoint {
+    let primary: Domain
+    let secondary: Domain
+    let store: GenerationStore
+    let committer: GroupCommitter?
+    let completion: (Result<CheckpointResult, CheckpointError>) -> Void
+    let generation: Int
+    let partial: String
+    let lastGood: Int?
+    let clock = ContinuousClock()
+    let pauseStart: ContinuousClock.Instant
+    var saveStart: ContinuousClock.Instant
+    var saveEnd: ContinuousClock.Instant
+    var restoreEnd: ContinuousClock.Instant
+    var pauseEnd: ContinuousClock.Instant
+    var bytes = 0
+    var stops: [Result<Void, DomainError>?] = [nil, nil]
+
+    init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
+         completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
+        self.primary = primary
+        self.secondary = secondary
+        self.store = store
+        self.committer = committer
+        self.completion = completion
+        (generation, partial) = store.begin()
+        lastGood = store.lastGood
+        pauseStart = clock.now
+        (saveStart, saveEnd, restoreEnd, pauseEnd) = (pauseStart, pauseStart, pauseStart, pauseStart)
+    }
+
+    /// 1. Stop both at once.
+    func start() {
+        primary.eventLoop.preconditionInEventLoop()
+        for (i, domain) in [primary, secondary].enumerated() {
+            domain.sendStop { result in
+                self.stops[i] = result
+                guard let first = self.stops[0], let second = self.stops[1] else { return }
+                for outcome in [first, second] {
+                    // A stop that timed out may still have stopped its VM: resume both.
+                    if case .failure(let error) = outcome { return self.fail("stop", error) }
+                }
+                self.save()
+            }
+        }
+    }
+
+    /// 2. Save the primary's device state under the partial name.
+    func save() {
+        saveStart = clock.now
+        primary.send("xen-save-devices-state", ["filename": .string(partial), "live": .bool(false)]) { result in
+            if case .failure(let error) = result { return self.fail("save", error) }
+            self.saveEnd = self.clock.now
+            self.verifyAndLoad()
+        }
+    }
+
+    /// 3. Never hand the secondary a torn or foreign file (a read of its head, from the page
+    /// cache), 4. then load it on the secondary.
+    func verifyAndLoad() {
+        do {
+            bytes = try store.validate(generation, magic: CheckpointEngine.stateMagic)
+        } catch {
+            return fail("verify", DomainError(domain: primary.name, command: "xen-save-devices-state", errorClass: "TornCheckpoint", desc: error.description))
+        }
+        secondary.send("xen-load-devices-state", ["filename": .string(partial)]) { result in
+            if case .failure(let error) = result { return self.fail("restore", error) }
+            self.restoreEnd = self.clock.now
+            self.resume()
+        }
+    }
+
+    /// 5. Resume both at once.
+    func resume() {
+        CheckpointEngine.resumeAll([primary, secondary]) { unresumed in
+            self.pauseEnd = self.clock.now
+            if let first = unresumed.first {
+                self.store.discard(self.generation)
+                return self.completion(.failure(CheckpointError(
+                    step: "resume", first, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
+            }
+            self.commit()
+        }
+    }
+
+    /// 6. Make it the last good generation (after the resume: the fsync is not pause time).
+    func commit() {
+        guard let committer else {
+            return committed(Result { () throws(GenerationStoreError) in try store.commit(generation) })
+        }
+        committer.commit(store, generation) { self.committed($0) }
+    }
+
+    func committed(_ result: Result<Generation, GenerationStoreError>) {
+        switch result {
+        case .failure(let error):
+            store.discard(generation)
+            completion(.failure(CheckpointError(
+                step: "commit", domain: "", cause: error.description, errorClass: "StateDirError", command: nil,
+                generation: generation, lastGood: lastGood, unresumed: [])))
+        case .success(let generation):
+            completion(.success(CheckpointResult(
+                generation: self.generation, path: generation.path, bytes: bytes,
+                pauseMilliseconds: CheckpointEngine.milliseconds(pauseEnd - pauseStart),
+                saveMilliseconds: CheckpointEngine.milliseconds(saveEnd - saveStart),
+                restoreMilliseconds: CheckpointEngine.milliseconds(restoreEnd - saveEnd))))
+        }
+    }
+
+    func fail(_ step: String, _ error: DomainError) {
+        store.discard(generation)
+        CheckpointEngine.resumeAll([primary, secondary]) { unresumed in
+            self.completion(.failure(CheckpointError(
+                step: step, error, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
+        }
     }
 }

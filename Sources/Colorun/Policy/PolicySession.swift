@@ -32,11 +32,12 @@ public struct PolicyReport: Sendable {
 ///
 /// The Lua state, the domains' monitor connections and the timers live on one event loop, so
 /// the reply to a plain QMP call from Lua (`qmp.execute`, `qmp.stop`, `qmp.resume`) resumes
-/// the waiting Lua task with no thread hop. Checkpoints and restores do hop: the
-/// `CheckpointEngine` runs as a Swift `Task` on the concurrency pool, goes to the event loop
-/// and back for each QMP command, commits a generation on the blocking-I/O pool, and hands
-/// its result back to the loop; a `colo.checkpoint` (six QMP commands) makes about 16
-/// thread switches.
+/// the waiting Lua task with no thread hop. A `colo.checkpoint` runs on the loop too, as one
+/// line of callbacks (each QMP reply starts the next step where it arrives); only its commit
+/// leaves the loop, grouped with the other pairs' commits on the blocking-I/O pool
+/// (`GroupCommitter`), and comes back once per group. Remus checkpoints and restores, whose
+/// steps wait for QEMU's migration and for qemu-img, run as Swift `Task`s that hop to the
+/// loop for each QMP command.
 ///
 /// Whatever ends the run (the policy finishing, `policy.stop()`, `stop()` on a signal, an
 /// uncaught error), its end waits for in-flight checkpoints to finish or roll back, then
@@ -61,10 +62,14 @@ public final class PolicySession: @unchecked Sendable {
     var tunedForRemus: Set<String> = []
     /// Remus domains' output buffers and layer names, by domain (RemusBindings.swift).
     var remusStates: [String: RemusDomainState] = [:]
-    /// Threads for blocking file work (checkpoint commits: fsync, rename).
+    /// Threads for blocking file work: one drains the group commits of `colo.checkpoint`
+    /// (however many pairs), the others serve Remus commits (fsync of a memory file and
+    /// disk images) and `qemu-img` for standbys, a few at once.
     let blockingIO: NIOThreadPool
     /// False when the pool is `options.sharedBlockingIO` (its owner starts and stops it).
     let ownsBlockingIO: Bool
+    /// Makes the generations of the pairs' checkpoints durable in groups (on `blockingIO`).
+    let committer: GroupCommitter
     /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
     var busyDomains: Set<String> = []
     /// Domains a resume keeper is retrying `cont` on.
@@ -94,8 +99,9 @@ public final class PolicySession: @unchecked Sendable {
         self.options = options
         self.eventLoop = eventLoop
         self.logger = logger
-        blockingIO = options.sharedBlockingIO ?? NIOThreadPool(numberOfThreads: 16)
+        blockingIO = options.sharedBlockingIO ?? NIOThreadPool(numberOfThreads: 4)
         ownsBlockingIO = options.sharedBlockingIO == nil
+        committer = GroupCommitter(pool: blockingIO, eventLoop: eventLoop)
         do {
             journal = try StopJournal(stateDirectory: options.stateDirectory)
         } catch {
@@ -288,18 +294,28 @@ public final class PolicySession: @unchecked Sendable {
     /// Runs a multi-step operation (a checkpoint) that must finish or roll back even if the
     /// run ends meanwhile; the run's end waits for it.
     func track<T: Sendable>(_ operation: @escaping @Sendable () async -> T, then: @escaping (T) -> Void) {
-        inFlight += 1
         let box = UncheckedSendable(then)
-        Task { [self] in
-            let value = await operation()
-            eventLoop.execute { [self] in
-                inFlight -= 1
-                box.value(value)
-                if inFlight == 0 {
-                    let waiters = idleWaiters
-                    idleWaiters = []
-                    for waiter in waiters { waiter.succeed() }
-                }
+        track({ [eventLoop] done in
+            let finish = UncheckedSendable(done)
+            Task {
+                let value = await operation()
+                eventLoop.execute { finish.value(value) }
+            }
+        }, then: { box.value($0) })
+    }
+
+    /// The same for an operation that runs on the loop: `start` is called now and calls its
+    /// argument once, on the loop, with the outcome.
+    func track<T>(_ start: (@escaping (T) -> Void) -> Void, then: @escaping (T) -> Void) {
+        inFlight += 1
+        start { [self] value in
+            eventLoop.preconditionInEventLoop()
+            inFlight -= 1
+            then(value)
+            if inFlight == 0 {
+                let waiters = idleWaiters
+                idleWaiters = []
+                for waiter in waiters { waiter.succeed() }
             }
         }
     }
