@@ -188,9 +188,15 @@ struct BenchError: Error, CustomStringConvertible {
 /// Runs the Python baseline script; returns its samples, or nil and why not.
 func pythonBaseline(_ python: String?, _ script: String, _ arguments: [String]) -> (samples: [Int64]?, why: String) {
     guard let python else { return (nil, "no python venv") }
+    return toolBaseline(python, [script] + arguments, missing: "")
+}
+
+/// Runs a baseline program that prints {"samples_ns": [...]} (or {"skip": why}).
+func toolBaseline(_ executable: String?, _ arguments: [String], missing: String) -> (samples: [Int64]?, why: String) {
+    guard let executable else { return (nil, missing) }
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: python)
-    process.arguments = [script] + arguments
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
     let out = Pipe()
     let err = Pipe()
     process.standardOutput = out
@@ -198,7 +204,7 @@ func pythonBaseline(_ python: String?, _ script: String, _ arguments: [String]) 
     do {
         try process.run()
     } catch {
-        return (nil, "cannot start \(python): \(error)")
+        return (nil, "cannot start \(executable): \(error)")
     }
     let data = out.fileHandleForReading.readDataToEndOfFile()
     let errData = err.fileHandleForReading.readDataToEndOfFile()

@@ -24,6 +24,7 @@ let config = BenchConfig(
     baselineScript: option("--script") ?? "scripts/bench_baselines.py",
     qemuSim: option("--qemu-sim") ?? myDirectory + "/qemu-sim",
     qmpBench: option("--qmp-bench"),
+    cClient: option("--c-client"),
     colorun: option("--colorun"),
     only: Set((option("--only") ?? "").split(separator: ",").map(String.init)),
     scaleSeconds: option("--scale-seconds").flatMap(Double.init))
