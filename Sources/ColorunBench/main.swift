@@ -41,6 +41,7 @@ let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
     ("scale", benchScale),
     ("scale4k", { config, results in if !config.wants("scale") { try await benchScale4k(config, results) } }),
     ("startup", benchStartup),
+    ("growth", benchGrowth),
 ]
 
 say("| benchmark | colorun | baseline | ratio | target | status |")
