@@ -48,6 +48,7 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     var all: [String: [Int64]] = [:]
     var why: [String: String] = [:]
     var ratioC: [Double] = [], ratioRaw: [Double] = []
+    var cpuPerCall: [Int64] = []
     for _ in 0..<rounds {
         var p50: [String: Double] = [:]
         let c = toolBaseline(config.cClient, [qemu.qmpSocketPath, String(n)], missing: "no C client (scripts/bench compiles scripts/bench_qmp_client.c)")
@@ -69,13 +70,16 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
             local now = bench.now
             for i = 1, 50 do qmp.status(d) end
             local s = {}
+            local cpu0 = bench.cpu()
             for i = 1, n do
               local t = now()
               qmp.status(d)
               s[i] = now() - t
             end
+            bench.put("cpu_ns", { math.floor((bench.cpu() - cpu0) * 1e9 / n) })
             bench.put("rt", s)
             """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
+        cpuPerCall += bench.samples("cpu_ns")
         let mine = bench.samples("rt")
         all["colorun", default: []] += mine
         let own = Stats(mine).p50
@@ -95,7 +99,7 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     if let m = median(ratioRaw), m > 1.0 { missed.append("raw py") }
     let measured = !ratioC.isEmpty && !ratioRaw.isEmpty
     results.add(Row(
-        name: "QMP round trip (query-status), p50 / p99", colorun: ms(colorun), baseline: baseline,
+        name: "QMP round trip (query-status), p50 / p99", colorun: "\(ms(colorun)); CPU \(fmt(Stats(cpuPerCall).p50 / 1e3, 1)) µs/call", baseline: baseline,
         ratio: ratio.isEmpty ? "n/a" : ratio.joined(separator: "; "),
         target: "≤ 1.10× blocking C p50, ≤ 1.0× raw py p50 (medians of the rounds)",
         status: !measured ? "skipped: \(why["c"] ?? why["raw"] ?? "?")" : missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
