@@ -188,7 +188,7 @@ func benchScale(_ config: BenchConfig, _ results: Results) async throws {
 
     // The highest sustained rates.
     let probe = config.quick ? 3.0 : 5.0
-    for (pairs, intervals) in [(100, [0.05, 0.025, 0.02, 0.015, 0.0125, 0.01]), (1000, [0.5, 0.25, 0.2, 0.15, 0.125])] {
+    for (pairs, intervals) in [(100, [0.2, 0.1, 0.05, 0.025, 0.02, 0.0125]), (1000, [2.0, 1.0, 0.5, 0.25, 0.2])] {
         let (best, tried) = try await highestRate(config, pairs: pairs, intervals: intervals, seconds: probe)
         results.add(Row(
             name: "Scale: highest sustained rate, \(pairs == 1000 ? "1,000" : String(pairs)) pairs",
