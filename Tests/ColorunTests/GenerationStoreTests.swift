@@ -29,6 +29,39 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(try store.latest()?.bytes == 11)
     }
 
+    /// A group commit of several stores (large enough for the `syncfs` path) makes every
+    /// complete generation visible and prunes each store to its `keep`; a generation whose
+    /// partial file is missing fails alone and holds back none of the others.
+    @Test func groupCommitAcrossStores() throws {
+        let dir = makeTempDirectory()
+        let a = try GenerationStore(directory: dir + "/a+b", fileExtension: "devstate", keep: 1)
+        let c = try GenerationStore(directory: dir + "/c+d", fileExtension: "devstate", keep: 2)
+        var items: [(store: GenerationStore, number: Int)] = []
+        for store in [a, c, a, c, c] {
+            let (number, partial) = store.begin()
+            writeFile(partial, qevm + [UInt8(number)])
+            items.append((store, number))
+        }
+        let (missing, _) = a.begin()  // never written
+        items.append((a, missing))
+        #expect(items.count > GenerationStore.syncfsGroupSize)
+        let results = GenerationStore.commitAll(items)
+        #expect(results.count == items.count)
+        for (i, result) in results.enumerated() {
+            switch result {
+            case .success(let generation):
+                #expect(i < 5)
+                #expect(generation.number == items[i].number && generation.bytes == 9)
+            case .failure(let error):
+                #expect(i == 5, "\(error)")
+            }
+        }
+        #expect(try a.generations().map(\.number) == [2])
+        #expect(try c.generations().map(\.number) == [2, 3])
+        #expect(a.lastGood == 2 && c.lastGood == 3)
+        #expect(try GenerationStore.list(dir + "/a+b").filter { $0.hasSuffix(".partial") }.isEmpty)
+    }
+
     @Test func rejectsTornOrForeignFiles() throws {
         let dir = makeTempDirectory()
         let store = try GenerationStore(directory: dir, fileExtension: "devstate")
