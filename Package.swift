@@ -9,7 +9,8 @@ import PackageDescription
 //   QMPClient        connections to a QEMU monitor over SwiftNIO (unix:/tcp:/tls: endpoints; TLS by swift-nio-ssl)
 //   Etcd             a small etcd v3 client over etcd's JSON gateway (AsyncHTTPClient): kv, txn, leases, watch
 //   ColorunSystem    POSIX plumbing: child processes that die with colorun (or outlive it), files,
-//                    directories, errno text; CColorunSystem is its fork/exec in C
+//                    directories, errno text; CColorunSystem is its fork/exec in C and the Linux file
+//                    calls Swift's Glibc does not show (sync_file_range, syncfs) for group commits
 //   QEMULab          real QEMU processes for tests and lab runs (run directory, counting guest, Linux guest)
 //   ClusterLab       real etcd members and two-host tests on one machine: network namespaces joined by a
 //                    bridge, partitions and heals, processes run inside a namespace, the run-state observer
