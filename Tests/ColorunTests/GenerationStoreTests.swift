@@ -1,4 +1,6 @@
 import ColorunTestSupport
+import NIOCore
+import NIOPosix
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -60,6 +62,73 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(try c.generations().map(\.number) == [2, 3])
         #expect(a.lastGood == 2 && c.lastGood == 3)
         #expect(try GenerationStore.list(dir + "/a+b").filter { $0.hasSuffix(".partial") }.isEmpty)
+    }
+
+    /// The fleet's fencing token holds on the grouped path too: in one group of commits (large
+    /// enough for `syncfs`), the generations of a pair whose owner's token went stale are
+    /// refused and discarded, the other pair's are committed; the same through the session's
+    /// `GroupCommitter` on a thread pool.
+    @Test func aStaleFencingTokenIsRefusedInAGroupCommit() async throws {
+        let dir = makeTempDirectory()
+        let stale = FencingToken(token: 10, path: dir + "/a+b/fencing-token", validUntil: .now + .seconds(60))
+        try stale.claim()
+        let held = FencingToken(token: 7, path: dir + "/c+d/fencing-token", validUntil: .now + .seconds(60))
+        try held.claim()
+        let a = try GenerationStore(directory: dir + "/a+b/checkpoints/a+b", fileExtension: "devstate", keep: 5, fencing: stale)
+        let c = try GenerationStore(directory: dir + "/c+d/checkpoints/c+d", fileExtension: "devstate", keep: 5, fencing: held)
+        func partial(_ store: GenerationStore) -> (store: GenerationStore, number: Int) {
+            let (number, path) = store.begin()
+            writeFile(path, qevm + [UInt8(number)])
+            return (store, number)
+        }
+        try a.commit(partial(a).number)
+        // Another owner claims a+b with a newer token.
+        try FencingToken(token: 42, path: stale.path, validUntil: .now + .seconds(60)).claim()
+
+        let items = [a, c, a, c, c].map(partial)
+        #expect(items.count >= GenerationStore.syncfsGroupSize)
+        let results = GenerationStore.commitAll(items)
+        for (item, result) in zip(items, results) {
+            switch result {
+            case .success(let generation):
+                #expect(item.store === c && generation.number == item.number)
+            case .failure(let error):
+                #expect(item.store === a && error.description.contains("fencing token 10 is stale"), "\(error)")
+            }
+        }
+        #expect(results.filter { (try? $0.get()) != nil }.count == 3)
+
+        // Through the committer the sessions use.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        let loop = group.next()
+        let committer = GroupCommitter(pool: pool, eventLoop: loop)
+        let queued = [a, c, a, c].map(partial)
+        let outcomes = try await loop.flatSubmit {
+            EventLoopFuture.whenAllComplete(queued.map { item in
+                let promise = loop.makePromise(of: Generation.self)
+                committer.commit(item.store, item.number) { result in
+                    switch result {
+                    case .success(let generation): promise.succeed(generation)
+                    case .failure(let error): promise.fail(error)
+                    }
+                }
+                return promise.futureResult
+            }, on: loop)
+        }.get()
+        for (item, outcome) in zip(queued, outcomes) {
+            switch outcome {
+            case .success: #expect(item.store === c)
+            case .failure(let error): #expect(item.store === a && "\(error)".contains("fencing token 10 is stale"), "\(error)")
+            }
+        }
+        try await pool.shutdownGracefully()
+        try await group.shutdownGracefully()
+
+        #expect(try a.generations().map(\.number) == [1])
+        #expect(try c.generations().count == 5)
+        #expect(try GenerationStore.list(a.directory).filter { $0.hasSuffix(".partial") }.isEmpty)
     }
 
     @Test func rejectsTornOrForeignFiles() throws {
