@@ -109,6 +109,43 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
         what: "as the row above with `--state-dir` on /dev/shm, where a commit waits for no disk: what the engine does when the disk is not the limit"))
     let latency = commitLatency(directory: makeTempDirectory("colorun-bench-fsync"), rounds: config.n(200, 50))
     results.note("the state directory's disk in the same run: one generation commit alone (write 2 KiB, fsync, rename, fsync the directory) takes \(ms(latency)); a pair cannot checkpoint more often than once per commit (its `colo.checkpoint` returns when the generation is durable)")
+    let group = groupCommitLatency(directory: makeTempDirectory("colorun-bench-group"), stores: 100, rounds: config.n(20, 8))
+    let bound = 100 / (0.025 + group.total.p50 / 1e9)
+    results.note("a group commit of 100 pairs' generations on the same disk, alone (the syncfs path of `GenerationStore.commitAll`: 100 files of 2 KiB in 100 directories, syncfs, 100 renames, syncfs): \(ms(group.total)) (p50 / p99), of which the files' syncfs \(ms(group.data)) and the renames' \(ms(group.names)); as every pair waits for its group, 100 pairs every 25 ms can reach at most about 100 / (25 ms + the group's p50) = \(fmt(bound, 0)) cp/s on this disk now")
+}
+
+/// What a group commit of `stores` generations costs on the disk under `directory`, alone,
+/// the way `GenerationStore.commitAll` does it for a group of 4 or more: each store's
+/// partial file written (2 KiB, as qemu-sim's device state), one `syncfs`, the renames, one
+/// more `syncfs`. Replaces the previous generation (keep = 1) as the scale runs do.
+func groupCommitLatency(directory: String, stores: Int, rounds: Int) -> (total: Stats, data: Stats, names: Stats) {
+    defer { removeTree(directory) }
+    var total: [Int64] = [], data: [Int64] = [], names: [Int64] = []
+    let payload = [UInt8](repeating: 0x51, count: 2048)
+    let dirs = (0..<stores).map { directory + "/p\($0)" }
+    for dir in dirs { mkdir(dir, 0o700) }
+    for round in 0..<rounds {
+        var fds: [Int32] = []
+        for dir in dirs {
+            let fd = open(dir + "/.gen.partial", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            _ = payload.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            fds.append(fd)
+        }
+        let t0 = monotonicNanos()
+        try? syncFilesystem(fds[0])
+        let t1 = monotonicNanos()
+        for dir in dirs {
+            rename(dir + "/.gen.partial", dir + "/gen-\(round % 2)")
+            unlink(dir + "/gen-\((round + 1) % 2)")
+        }
+        try? syncFilesystem(fds[0])
+        let t2 = monotonicNanos()
+        for fd in fds { close(fd) }
+        total.append(t2 - t0)
+        data.append(t1 - t0)
+        names.append(t2 - t1)
+    }
+    return (Stats(total), Stats(data), Stats(names))
 }
 
 /// What one commit costs on the disk under `directory`, alone: write a small file, fsync
