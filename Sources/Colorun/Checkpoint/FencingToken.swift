@@ -10,8 +10,8 @@ import Darwin
 /// The fencing token of an owner of a pair (a fleet instance): the create revision of its
 /// ownership key in etcd, and how long this process may still believe it holds that key.
 ///
-/// The generation store checks it before every commit (`GenerationStore.commit`, the one
-/// place a generation becomes visible), so an owner that lost the pair without knowing it
+/// The generation store checks it before every commit (`GenerationStore.commitAll`, the one
+/// place a generation becomes visible, alone or grouped), so an owner that lost the pair without knowing it
 /// yet cannot write a generation:
 /// - locally: once `validUntil` has passed (its lease was not renewed in time) or the token
 ///   was `revoke`d, every commit is refused;
