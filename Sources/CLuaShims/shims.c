@@ -93,15 +93,31 @@ clua_ctx *clua_ctx_of(lua_State *L) { return CTX(L); }
 void clua_set_dispatch(clua_dispatch_fn fn) { g_dispatch = fn; }
 void clua_set_release(void (*release)(void *)) { g_release = release; }
 
-/* Calls the Swift host function; raises its error after the Swift frame returned. */
+/* The continuation of an async host call: the scheduler resumed the task with
+ * (true, results...) or (false, error) above the `base` values the call had. */
+static int clua_async_k(lua_State *L, int status, lua_KContext base) {
+    (void)status;
+    int b = (int)base;
+    if (lua_toboolean(L, b + 1)) return lua_gettop(L) - b - 1;
+    lua_pushvalue(L, b + 2);
+    return lua_error(L);
+}
+
+/* Calls the Swift host function; raises its error, or yields for an async call, after the
+ * Swift frame returned (no longjmp crosses it). One C frame is the whole wrapper of an
+ * async call: no Lua function around it (issue 14). */
 static int clua_trampoline(lua_State *L) {
     clua_ctx *c = CTX(L);
     int saved = c->enforce;
     c->enforce = 0;
     int r = g_dispatch(L, lua_touserdata(L, lua_upvalueindex(1)));
     c->enforce = saved;
-    if (r < 0) return lua_error(L);
-    return r;
+    if (r >= 0) return r;
+    if (r == CLUA_YIELD) {
+        int base = lua_gettop(L);
+        return lua_yieldk(L, 0, (lua_KContext)base, clua_async_k);
+    }
+    return lua_error(L);
 }
 
 void clua_pushhostfunction(lua_State *L, void *box) {

@@ -24,7 +24,11 @@ public struct LuaCall {
     /// The running coroutine (or state) that called the function.
     public let state: OpaquePointer
     /// The runtime (use it to spawn tasks, reach the loop, push values).
-    public unowned(unsafe) let runtime: LuaRuntime
+    @inline(__always)
+    public var runtime: LuaRuntime { runtimeRef.takeUnretainedValue() }
+    /// Unretained: the state owner keeps the runtime and the box alive for the call, and a
+    /// call that never touches them costs no retain/release (issue 14: the Lua → Swift call).
+    let runtimeRef: Unmanaged<LuaRuntime>
     unowned(unsafe) let function: HostFunctionBox
     /// Number of arguments passed by Lua.
     public let argumentCount: Int
@@ -212,23 +216,31 @@ public struct LuaCall {
 }
 
 /// Boxes a host function; the Lua closure holds its address as a light userdata.
+///
+/// Both bodies are stored non-optional (the unused one is a stub) and the runtime unretained,
+/// so the dispatcher borrows them from the guaranteed box: a sync call makes no
+/// retain/release (perf showed two pairs per call when they were optionals and `unowned`).
 final class HostFunctionBox {
     let name: String
-    let sync: ((inout LuaCall) throws -> Void)?
-    let async: ((inout LuaCall, LuaCompletion) throws -> Void)?
-    unowned(unsafe) let runtime: LuaRuntime
+    let isSync: Bool
+    let sync: (inout LuaCall) throws -> Void
+    let async: (inout LuaCall, LuaCompletion) throws -> Void
+    let runtimeRef: Unmanaged<LuaRuntime>
+    var runtime: LuaRuntime { runtimeRef.takeUnretainedValue() }
 
     init(name: String, body: LuaHostFunction, runtime: LuaRuntime) {
         self.name = name
         switch body {
         case .sync(let f):
+            isSync = true
             sync = f
-            async = nil
+            async = { _, _ in }
         case .async(let f):
-            sync = nil
+            isSync = false
+            sync = { _ in }
             async = f
         }
-        self.runtime = runtime
+        self.runtimeRef = Unmanaged.passUnretained(runtime)
     }
 }
 
@@ -238,17 +250,18 @@ let luaDispatch: @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?) -> In
     // The box is kept alive by the state owner: borrow it without retain/release.
     Unmanaged<HostFunctionBox>.fromOpaque(box!)._withUnsafeGuaranteedRef { fn in
         let L = L!
-        var call = LuaCall(state: L, runtime: fn.runtime, function: fn, argumentCount: Int(lua_gettop(L)))
-        if let body = fn.sync {
+        var call = LuaCall(state: L, runtimeRef: fn.runtimeRef, function: fn, argumentCount: Int(lua_gettop(L)))
+        if fn.isSync {
             do {
-                try body(&call)
+                try fn.sync(&call)
                 return call.resultCount
             } catch {
                 fn.runtime.pushError(LuaHostError(error), on: L, positionFrom: L)
                 return CLUA_RAISE
             }
         }
-        return fn.runtime.startAsync(&call, fn.async!)
+        let r = fn.runtime.startAsync(&call, fn.async)
+        return r == 0 ? CLUA_YIELD : r
     }
 }
 

@@ -120,17 +120,12 @@ public final class LuaRuntime: @unchecked Sendable {
 
     // MARK: registration
 
-    /// Pushes a host function (async ones wrapped so that they yield) onto `L`.
+    /// Pushes a host function onto `L` (an async one yields from its C trampoline).
     func pushHostFunction(_ name: String, _ body: LuaHostFunction) throws {
         guard runState != .ended else { throw LuaHostError.message("the run has ended") }
         let box = HostFunctionBox(name: name, body: body, runtime: self)
         owner.hostFunctions.append(box)
         clua_pushhostfunction(L, Unmanaged.passUnretained(box).toOpaque())
-        if case .async = body {
-            _ = clua_getregistryfield(L, "colorun.make_async")
-            clua_insert(L, -2)
-            try pcallHost(1, 1)
-        }
     }
 
     /// Registers (or extends) a global module table `name` made of host functions, then runs

@@ -12,19 +12,10 @@ local forced = H.forced
 
 local exports = {}
 
--- Async host functions: the raw host function registers the request and returns; the
--- wrapper yields (from Lua) and the scheduler resumes it with (true, results...) or
--- (false, error).
-local function finish(ok, ...)
-  if ok then return ... end
-  error((...), 0)
-end
-local function make_async(raw)
-  return function(...)
-    raw(...)
-    return finish(co_yield())
-  end
-end
+-- Async host functions yield from their C trampoline and return what the scheduler
+-- resumes them with ((true, results...) returned, (false, error) raised): no Lua wrapper.
+-- make_async stays for code written against it.
+local function make_async(raw) return raw end
 exports.make_async = make_async
 
 -- The coroutine library, wrapped so that a host call (or a forced yield) inside a user

@@ -156,6 +156,40 @@ extension LuaRuntimeSuite {
         #expect(f.message.hasSuffix("policy.lua:7: db: stop: GenericError: Cannot stop"), "\(f.message)")
     }
 
+    /// Async host functions yield from their C trampoline (no Lua wrapper): what the call
+    /// returns is exactly what the completion gave, never the call's own arguments left on
+    /// the C function's stack, in a task, a pcall and a user coroutine alike.
+    @Test func asyncCallsReturnOnlyTheirResults() async throws {
+        let r = try await runPolicy("""
+            print(select("#", h.none("a", "b", "c")))
+            print(h.echo(1, 2, 3))
+            print(pcall(h.echo, "x", nil, "z"))
+            local co = coroutine.wrap(function(...)
+              local n = select("#", h.none(...))
+              local ok, e = pcall(h.fail, "inner")
+              coroutine.yield(n, ok, e)
+              return h.echo("after")
+            end)
+            print(co(7, 8))
+            print(co())
+            """, setup: { rt in
+                try rt.registerModule("h", functions: [
+                    "none": .async { _, completion in completion.succeed([]) },
+                    "echo": .async { call, completion in
+                        var values: [LuaValue] = []
+                        for i in stride(from: 1, through: call.argumentCount, by: 1) { values.append(try call.value(i)) }
+                        completion.succeed(values)
+                    },
+                    "fail": .async { call, completion in completion.fail(LuaHostError.message(try call.string(1))) },
+                ])
+            })
+        #expect(r.failure == nil, "\(r.outcome)")
+        try #require(r.printed.count == 5, "\(r.printed)")
+        #expect(Array(r.printed[0..<3]) == ["0", "1\t2\t3", "true\tx\tnil\tz"])
+        #expect(r.printed[3].hasPrefix("0\tfalse\tpolicy.lua:") && r.printed[3].hasSuffix(": inner"), "\(r.printed[3])")
+        #expect(r.printed[4] == "after")
+    }
+
     @Test func swiftCallsLuaFunctions() async throws {
         let r = try await runPolicy("""
             function double(x) return x * 2, "ok", {1, 2} end

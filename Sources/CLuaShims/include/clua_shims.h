@@ -21,6 +21,9 @@ typedef struct clua_ctx {
 /* The Swift dispatcher: returns the number of results, or CLUA_RAISE with the
  * error value on top of the stack (the trampoline then raises it from C). */
 #define CLUA_RAISE (-1)
+/* An async host call was registered: the trampoline yields the task, and returns what the
+ * scheduler resumes it with ((true, results...) returned, (false, error) raised). */
+#define CLUA_YIELD (-2)
 typedef int (*clua_dispatch_fn)(lua_State *L, void *box);
 
 lua_State *clua_newstate(size_t limit, int instruction_slice);
