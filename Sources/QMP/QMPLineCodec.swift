@@ -99,3 +99,58 @@ public struct QMPJSONLineEncoder: MessageToByteEncoder {
         out.writeBytes(lineEnding)
     }
 }
+
+/// Writes client commands straight into a channel's buffer, one line each (LF).
+///
+/// The bytes are those of `QMPJSONLineEncoder(crlf: false)` applied to `QMPCommand.json`
+/// (compact, keys sorted: `arguments`, `exec-oob`/`execute`, `id`), without building the
+/// `JSONValue` tree, sorting its keys or copying through an intermediate array: a command
+/// without arguments (`query-status`, `stop`, `cont`) costs no allocation besides the buffer.
+public enum QMPCommandLineEncoder {
+    /// The bytes the line of `name` with `arguments` and `id` will take, about (a capacity hint).
+    public static func estimatedLength(name: String, hasArguments: Bool) -> Int {
+        name.utf8.count + 40 + (hasArguments ? 128 : 0)
+    }
+
+    public static func write(name: String, arguments: [String: JSONValue]?, id: Int64, outOfBand: Bool = false,
+                             into out: inout ByteBuffer) {
+        out.writeStaticString("{")
+        if let arguments {
+            out.writeStaticString("\"arguments\":")
+            out.writeBytes(JSONEncoding.encode(.object(arguments)))
+            out.writeStaticString(",")
+        }
+        out.writeStaticString(outOfBand ? "\"exec-oob\":" : "\"execute\":")
+        if name.utf8.allSatisfy({ $0 >= 0x20 && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }) {
+            out.writeStaticString("\"")
+            out.writeString(name)
+            out.writeStaticString("\"")
+        } else {
+            var escaped: [UInt8] = []
+            JSONEncoding.writeString(name, into: &escaped)
+            out.writeBytes(escaped)
+        }
+        out.writeStaticString(",\"id\":")
+        writeDecimal(id, into: &out)
+        out.writeStaticString("}\n")
+    }
+
+    /// `String(value)`'s digits without making the String.
+    static func writeDecimal(_ value: Int64, into out: inout ByteBuffer) {
+        if value < 0 { out.writeStaticString("-") }
+        var magnitude = value.magnitude
+        var digits: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)  // 32 bytes: 20 digits fit
+        let count = withUnsafeMutableBytes(of: &digits) { raw -> Int in
+            var i = raw.count
+            repeat {
+                i -= 1
+                raw[i] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+                magnitude /= 10
+            } while magnitude > 0
+            return raw.count - i
+        }
+        _ = withUnsafeBytes(of: &digits) { raw in
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[(raw.count - count)...]))
+        }
+    }
+}

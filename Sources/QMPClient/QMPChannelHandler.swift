@@ -5,7 +5,7 @@ import QMP
 /// The pipeline's last handler: hands decoded JSON, errors and the channel's end to the core.
 final class QMPChannelHandler: ChannelInboundHandler {
     typealias InboundIn = JSONValue
-    typealias OutboundOut = JSONValue
+    typealias OutboundOut = ByteBuffer  // command lines, encoded by the core
 
     let core: QMPConnectionCore
 

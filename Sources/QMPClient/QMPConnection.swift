@@ -193,13 +193,13 @@ public final class QMPConnection: Sendable {
         }
     }
 
-    /// Adds the line codec and the QMP handler to `channel`'s pipeline (on its loop) and
+    /// Adds the line decoder and the QMP handler (commands are encoded by the core into
+    /// the buffers it writes) to `channel`'s pipeline (on its loop) and
     /// returns the core that drives the connection.
     static func configurePipeline(_ channel: any Channel, options: QMPConnectOptions) throws -> QMPConnectionCore {
         let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
         let handlers: [any ChannelHandler] = [
             ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
-            MessageToByteHandler(QMPJSONLineEncoder(crlf: false)),
             QMPChannelHandler(core: core),
         ]
         try channel.pipeline.syncOperations.addHandlers(handlers)

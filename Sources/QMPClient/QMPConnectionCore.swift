@@ -210,8 +210,11 @@ final class QMPConnectionCore {
         let deadline = eventLoop.now + after
         table.insert(id: id, command: command, timeout: after, deadline: deadline, token: completion)
         armSweep(for: deadline)
-        let json = QMPCommand(name: command, arguments: arguments, id: .int(id)).json
-        context.writeAndFlush(NIOAny(json), promise: nil)
+        // Encoded straight into the buffer the channel writes (no JSONValue tree, no copy).
+        var line = context.channel.allocator.buffer(
+            capacity: QMPCommandLineEncoder.estimatedLength(name: command, hasArguments: arguments != nil))
+        QMPCommandLineEncoder.write(name: command, arguments: arguments, id: id, into: &line)
+        context.writeAndFlush(NIOAny(line), promise: nil)
     }
 
     private func armSweep(for deadline: NIODeadline) {
