@@ -103,11 +103,11 @@ while opts.cycles == 0 or n < opts.cycles do
   local survivor
   if await_loss(p, s, n) == "primary" then
     local f = colo.native.failover(s)
-    log.warn("primary lost: " .. s.name .. " promoted", { ms = f.ms, failed_steps = f.failed })
+    log.warn("primary lost: " .. s.name .. " promoted", { running_ms = f.running_ms, ms = f.ms, failed_steps = f.failed })
     survivor = s
   else
     local f = colo.native.drop_secondary(p)
-    log.warn("secondary lost: " .. p.name .. " runs alone", { ms = f.ms, failed_steps = f.failed })
+    log.warn("secondary lost: " .. p.name .. " runs alone", { running_ms = f.running_ms, ms = f.ms, failed_steps = f.failed })
     survivor = p
   end
   if in_lab then verify(survivor) end

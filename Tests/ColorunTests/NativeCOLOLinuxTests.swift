@@ -192,12 +192,13 @@ final class BridgeLedger: Sendable {
         defer { secondary.kill(SIGKILL) }
         let client = Mutex<BridgeLedger?>(nil)
         let replies = Mutex<[String]>([])
-        func ask(_ line: String) throws {
+        @Sendable func ask(_ line: String) throws {
             guard let c = client.withLock({ $0 }) else { throw QEMULabError("no client") }
             let reply = try c.request(line)
             replies.withLock { $0.append(reply) }
         }
         let a = colo.addresses("secondary")!
+        let ledgerPort = UInt16(options.ledgerPort)
         let run = try await runPolicy(#"""
             local p, s = domain.get("primary"), domain.get("secondary")
             colo.native.start(p, s, {uri = "\#(a.uri)", nbd = "\#(a.nbd)", net = "\#(a.net)", delay = "200ms"})
@@ -214,7 +215,7 @@ final class BridgeLedger: Sendable {
             test.second()
             policy.stop()
             """#, domains: [("primary", "unix:\(primary.qmpSocketPath)"), ("secondary", "unix:\(secondary.qmpSocketPath)")], hooks: [
-                "connect": { let c = try BridgeLedger(host: "10.0.2.15", port: UInt16(options.ledgerPort)); client.withLock { $0 = c } },
+                "connect": { let c = try BridgeLedger(host: "10.0.2.15", port: ledgerPort); client.withLock { $0 = c } },
                 "first": { try ask("record 1 before") },
                 "kill": { primary.kill(SIGKILL) },
                 "second": { try ask("record 2 after"); try ask("count") },
