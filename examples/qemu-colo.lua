@@ -77,9 +77,9 @@ end
 -- Waits until p or s is lost; in the lab, kills one of them (the primary on odd cycles).
 local function await_loss(p, s, n)
   local lost
-  -- A monitor that closes is lost at once; one that does not answer for 2 s too (a COLO
+  -- A monitor that closes is lost at once; one that does not answer for 5 s too (a COLO
   -- secondary's monitor can be slow while it loads a checkpoint on a busy host).
-  local hb = { heartbeat = "100ms", timeout = "2s" }
+  local hb = { heartbeat = "100ms", timeout = "5s" }
   local wp = policy.on_lost(p, function() lost = lost or "primary" end, hb)
   local ws = policy.on_lost(s, function() lost = lost or "secondary" end, hb)
   if in_lab and opts.kill == "on" then
