@@ -77,9 +77,9 @@ end
 -- Waits until p or s is lost; in the lab, kills one of them (the primary on odd cycles).
 local function await_loss(p, s, n)
   local lost
-  -- A monitor that closes is lost at once; one that does not answer for 2 s too (a COLO
+  -- A monitor that closes is lost at once; one that does not answer for 5 s too (a COLO
   -- secondary's monitor can be slow while it loads a checkpoint on a busy host).
-  local hb = { heartbeat = "100ms", timeout = "2s" }
+  local hb = { heartbeat = "100ms", timeout = "5s" }
   local wp = policy.on_lost(p, function() lost = lost or "primary" end, hb)
   local ws = policy.on_lost(s, function() lost = lost or "secondary" end, hb)
   if in_lab and opts.kill == "on" then
@@ -103,11 +103,11 @@ while opts.cycles == 0 or n < opts.cycles do
   local survivor
   if await_loss(p, s, n) == "primary" then
     local f = colo.native.failover(s)
-    log.warn("primary lost: " .. s.name .. " promoted", { ms = f.ms, failed_steps = f.failed })
+    log.warn("primary lost: " .. s.name .. " promoted", { running_ms = f.running_ms, ms = f.ms, failed_steps = f.failed })
     survivor = s
   else
     local f = colo.native.drop_secondary(p)
-    log.warn("secondary lost: " .. p.name .. " runs alone", { ms = f.ms, failed_steps = f.failed })
+    log.warn("secondary lost: " .. p.name .. " runs alone", { running_ms = f.running_ms, ms = f.ms, failed_steps = f.failed })
     survivor = p
   end
   if in_lab then verify(survivor) end

@@ -37,6 +37,7 @@ let benchmarks: [(String, (BenchConfig, Results) async throws -> Void)] = [
     ("remus", benchRemusCheckpoint),
     ("failover", benchFailover),
     ("colo-failover", benchCOLOFailover),
+    ("colo-pause", benchCOLOPause),
     ("binding", benchBinding),
     ("scale", benchScale),
     ("scale4k", { config, results in if !config.wants("scale") { try await benchScale4k(config, results) } }),

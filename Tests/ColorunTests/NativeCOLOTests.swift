@@ -276,3 +276,92 @@ extension NativeCOLOTests {
         }
     }
 }
+
+/// A listening TCP socket on a loopback port, taking it from QEMU.
+final class TakenPort: Sendable {
+    let fd: Int32
+    init(_ address: String) throws {
+        let port = UInt16(address.split(separator: ":").last.flatMap { Int($0) } ?? 0)
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        let bound = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard fd >= 0, bound == 0, listen(fd, 1) == 0 else {
+            if fd >= 0 { Glibc.close(fd) }
+            throw QEMULabError("cannot take the port \(address)")
+        }
+    }
+    func close() { Glibc.close(fd) }
+}
+
+extension NativeCOLOTests {
+    /// colo.native.start takes back what it wired when a step fails, on real QEMU (KVM): the
+    /// secondary's NBD port taken (nbd-server-start fails after the primary's six chardevs and
+    /// the secondary's x-colo), then a migration to nowhere (fails after every object, the
+    /// replication node and the quorum child were added). Each time the error names the domain
+    /// and step, nothing colorun added is left on either side, the primary runs, the secondary
+    /// still waits for its migration; and a third start with the right addresses reaches COLO.
+    @Test(.enabled(if: kvmUsable, "needs /dev/kvm: QEMU 7.2's COLO deadlocks under TCG"))
+    func startUndoesPartialWiring() async throws {
+        try await withCOLOLab { lab, colo in
+            let taken = Mutex<TakenPort?>(nil)
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("primary"), domain.get("secondary")
+                local a = lab.colo(s)
+                local function leftovers(d)
+                  local found = {}
+                  for _, c in ipairs(qmp.execute(d, "query-chardev")) do
+                    if c.label:find("^colo") then found[#found + 1] = c.label end
+                  end
+                  for _, o in ipairs(qmp.execute(d, "qom-list", {path = "/objects"})) do
+                    if o.name:find("^colo") then found[#found + 1] = o.name end
+                  end
+                  for _, n in ipairs(qmp.execute(d, "query-named-block-nodes", {flat = true})) do
+                    if n["node-name"] == "replication0" then found[#found + 1] = "replication0" end
+                  end
+                  for _, c in ipairs(qmp.execute(d, "query-migrate-capabilities")) do
+                    if c.capability == "x-colo" and c.state then found[#found + 1] = "x-colo" end
+                  end
+                  return table.concat(found, ",")
+                end
+                local function clean(what)
+                  assert(leftovers(p) == "", what .. ": left on the primary: " .. leftovers(p))
+                  assert(leftovers(s) == "", what .. ": left on the secondary: " .. leftovers(s))
+                  assert(p:status().running, what .. ": the primary runs")
+                  assert(s:status().status == "inmigrate", what .. ": the secondary still waits: " .. s:status().status)
+                  local ok, missing = colo.native.check(p, "primary")
+                  assert(ok, json.encode(missing))
+                end
+                test.take_port()
+                local ok, err = pcall(colo.native.start, p, s, {uri = a.uri, nbd = a.nbd, net = a.net})
+                assert(not ok and type(err) == "table", tostring(err))
+                log.info("nbd port taken: " .. tostring(err), {undone = err.undone})
+                assert(err.domain == "secondary" and err.command == "nbd-server-start", json.encode(err))
+                assert(err.undone == 7, "six chardevs and x-colo taken back: " .. tostring(err.undone))
+                clean("nbd port taken")
+                test.free_port()
+                ok, err = pcall(colo.native.start, p, s, {uri = "unix:/nonexistent/colo.mig", nbd = a.nbd, net = a.net, timeout = "5s"})
+                assert(not ok, "a migration to nowhere fails")
+                log.info("migration to nowhere: " .. tostring(err))
+                assert(tostring(err):find("migration to the secondary failed", 1, true), tostring(err))
+                assert(tostring(err):find("wiring steps taken back", 1, true), tostring(err))
+                clean("migration to nowhere")
+                local r = colo.native.start(p, s, {uri = a.uri, nbd = a.nbd, net = a.net})
+                assert(r.mode == "primary" and r.undo == nil, json.encode(r))
+                assert(colo.native.status(s).mode == "secondary")
+                policy.stop()
+                """#, hooks: [
+                    "take_port": { let port = try TakenPort(colo.addresses("secondary")!.nbd); taken.withLock { $0 = port } },
+                    "free_port": { taken.withLock { $0?.close(); $0 = nil } },
+                ], lab: lab, configure: coloTimeouts)
+            taken.withLock { $0?.close() }
+            guard case .stopped = run.report.outcome else {
+                Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+                return
+            }
+            #expect(run.logs.text.contains("colo.native.start failed; 7 wiring steps taken back"), "\(run.logs.text)")
+        }
+    }
+}

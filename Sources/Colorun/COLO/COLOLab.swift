@@ -20,6 +20,8 @@ public final class COLOLab: @unchecked Sendable {
     public let directory: String
     /// What the lab's QEMUs run.
     public let guest: COLOGuest
+    /// Each QEMU's RAM.
+    public let memoryMiB: Int
     /// Each domain's block of 6 loopback ports (NBD, the four chardev ports, its netdev).
     private var portsOf: [String: Int] = [:]
     /// The disk size of every image.
@@ -34,7 +36,7 @@ public final class COLOLab: @unchecked Sendable {
         public var netdev: String
     }
 
-    public init(guest: COLOGuest = COLOGuest()) throws(QEMULabError) {
+    public init(guest: COLOGuest = COLOGuest(), memoryMiB: Int = 64) throws(QEMULabError) {
         do {
             directory = try makeTemporaryDirectory(in: QEMUSpec().runDirectoryParent, prefix: "colorun-colo")
             try RunDirectoryOwner.current().write(to: directory)
@@ -42,6 +44,7 @@ public final class COLOLab: @unchecked Sendable {
             throw QEMULabError("cannot create the COLO lab directory: \(error)")
         }
         self.guest = guest
+        self.memoryMiB = memoryMiB
     }
 
     /// A block of 6 consecutive loopback ports that were free a moment ago, below Linux's
@@ -107,7 +110,7 @@ public final class COLOLab: @unchecked Sendable {
             arguments += COLOLayout.secondaryDrives(images)
             incoming = addresses.uri
         }
-        return QEMUSpec(accelerator: "kvm", memoryMiB: 64, incoming: incoming, extraArguments: arguments)
+        return QEMUSpec(accelerator: "kvm", memoryMiB: memoryMiB, incoming: incoming, extraArguments: arguments)
     }
 
     /// An empty qcow2 image (`qemu-img create`).

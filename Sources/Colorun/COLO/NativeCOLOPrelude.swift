@@ -51,12 +51,32 @@ local function step(report, dn, command, args)
   return ok, r
 end
 
-local function new_report(what) return { what = what, steps = {}, failed = 0 } end
+local function new_report(what) return { what = what, steps = {}, failed = 0, undo = {} } end
 
--- A step that must succeed: raises the domain error (structured) when it fails.
+-- The step that takes back what a wiring step added (nil: nothing to take back).
+local function inverse(command, args)
+  if command == "chardev-add" then return { "chardev-remove", { id = args.id } } end
+  if command == "object-add" then return { "object-del", { id = args.id } } end
+  if command == "nbd-server-start" then return { "nbd-server-stop" } end
+  if command == "nbd-server-add" then return { "nbd-server-remove", { name = args.device, mode = "hard" } } end
+  if command == "blockdev-add" then return { "blockdev-del", { ["node-name"] = args["node-name"] } } end
+  if command == "x-blockdev-change" and args.node ~= nil then return { "x-blockdev-change", { parent = args.parent, node = args.node } } end
+  if command == "migrate-set-capabilities" then
+    local caps = {}
+    for i, c in ipairs(args.capabilities) do caps[i] = { capability = c.capability, state = not c.state } end
+    return { "migrate-set-capabilities", { capabilities = caps } }
+  end
+  if command == "migrate" then return { "migrate_cancel" } end
+  return nil
+end
+
+-- A step that must succeed: raises the domain error (structured) when it fails. What it
+-- added is remembered in report.undo, so that `undo` can take it back.
 local function must(report, dn, command, args)
   local ok, r = step(report, dn, command, args)
   if not ok then error(r, 0) end
+  local back = inverse(command, args)
+  if back ~= nil then report.undo[#report.undo + 1] = { dn, back[1], back[2] } end
   return r
 end
 
@@ -111,6 +131,19 @@ local function objects(dn)
   local ok, list = pcall(raw.execute, dn, "qom-list", { path = "/objects" })
   if ok then for _, o in ipairs(list) do set[o.name] = o.type end end
   return set
+end
+
+-- The quorum child that holds node `node` in a x-debug-query-block-graph reply, "children.1"
+-- if unknown.
+local function quorum_child(graph, node)
+  if graph ~= nil then
+    local names = {}
+    for _, n in ipairs(graph.nodes) do names[n.id] = n.name end
+    for _, e in ipairs(graph.edges) do
+      if names[e.child] == node and names[e.parent] ~= nil and e.name:match("^children%.") then return e.name end
+    end
+  end
+  return "children.1"
 end
 
 -- The layout check ------------------------------------------------------------------------
@@ -253,6 +286,46 @@ local function start_colo(report, pn, sn, o, fname)
   return status
 end
 
+-- Takes back, newest first, what the `must` steps of report added (each failure logged, the
+-- others still run); the quorum child a replication node went into is looked up at the time.
+-- Returns how many steps it took back.
+local function undo(report)
+  local n = 0
+  for i = #report.undo, 1, -1 do
+    local dn, command, args = report.undo[i][1], report.undo[i][2], report.undo[i][3]
+    if command == "x-blockdev-change" then
+      local gok, graph = pcall(raw.execute, dn, "x-debug-query-block-graph")
+      args = { parent = args.parent, child = quorum_child(gok and graph or nil, args.node) }
+    end
+    step(report, dn, command, args)
+    n = n + 1
+  end
+  report.undo = {}
+  return n
+end
+
+-- Runs fn(); if it raises, undoes what it wired, makes sure `running` domains (those that
+-- ran before) run, and raises the error with `undone` (the steps taken back) and, for a QMP
+-- step, the domain and command in its message.
+local function undoing(report, fname, running, fn)
+  local ok, err = pcall(fn)
+  if ok then
+    report.undo = nil
+    return
+  end
+  local n = undo(report)
+  for _, dn in ipairs(running) do
+    local qok, st = pcall(raw.execute, dn, "query-status")
+    if not (qok and st.running) then step(report, dn, "cont") end
+  end
+  log.warn(fname .. " failed; " .. n .. " wiring steps taken back: " .. desc(err))
+  if type(err) == "table" then
+    err.undone = n
+    error(err, 0)
+  end
+  error(tostring(err) .. " (" .. n .. " wiring steps taken back)", 0)
+end
+
 native.start = function(p, s, opts)
   local pn = name_of(p, "colo.native.start", 1)
   local sn = name_of(s, "colo.native.start", 2)
@@ -263,10 +336,14 @@ native.start = function(p, s, opts)
   end
   local report = new_report("start")
   local t0 = clock()
-  primary_chardevs(report, pn, o)
-  wire_secondary(report, sn, o)
-  wire_primary(report, pn, o)
-  local st = start_colo(report, pn, sn, o, "colo.native.start")
+  local pst = raw.execute(pn, "query-status")
+  local st
+  undoing(report, "colo.native.start", pst.running and { pn } or {}, function()
+    primary_chardevs(report, pn, o)
+    wire_secondary(report, sn, o)
+    wire_primary(report, pn, o)
+    st = start_colo(report, pn, sn, o, "colo.native.start")
+  end)
   report.ms = (clock() - t0) * 1000
   report.mode = st.mode
   return report
@@ -274,71 +351,96 @@ end
 
 -- Failovers ---------------------------------------------------------------------------------
 
--- Makes sure dn runs after a failover: waits for QEMU to resume it, `cont` otherwise.
-local function ensure_running(report, dn)
-  local function running()
-    local ok, st = pcall(raw.execute, dn, "query-status")
-    return ok and st.running
+-- Steps sent at once to dn (QEMU runs them in order, one round trip for all), each recorded
+-- in `report` like `step` (its ms counts from the send); `cmds` is a list of {command, args}.
+-- Returns the list of {ok=, value=, error=}.
+local function batch(report, dn, cmds)
+  local results = raw.execute_batch(dn, cmds)
+  for i, c in ipairs(cmds) do
+    local r, args = results[i], c[2]
+    local entry = { domain = dn, command = c[1], ok = r.ok, ms = r.ms }
+    if args ~= nil and (args.id ~= nil or args["node-name"] ~= nil) then entry.id = args.id or args["node-name"] end
+    if not r.ok then
+      entry.error = desc(r.error)
+      report.failed = report.failed + 1
+      log.warn("colo.native: " .. dn .. ": " .. c[1] .. (entry.id and (" " .. entry.id) or "") .. " failed: " .. entry.error)
+    end
+    report.steps[#report.steps + 1] = entry
   end
-  if wait_for(running, 1) then return true end
-  step(report, dn, "cont")
-  return running()
+  return results
 end
 
--- Promote the secondary (the primary is lost): QEMU's documented steps. This is the one
--- place a secondary becomes the running copy.
+-- Both failovers: `first` (a list of steps, x-colo-lost-heartbeat first, then a
+-- query-status, then the rest, all sent at once) makes dn the one running copy;
+-- `teardown(results, ok)` gives the steps that finish the job, sent at once after dn runs.
+-- Waits (1 s) until dn runs, `cont` otherwise. The report has running_ms (first command -> dn
+-- answers running) and ms (all done); a failed heartbeat is raised after the rest ran.
+local function take_over(what, dn, first, teardown)
+  local report = new_report(what)
+  report.undo = nil
+  local t0 = clock()
+  local cmds = { { "x-colo-lost-heartbeat" }, { "query-status" } }
+  for _, c in ipairs(first) do cmds[#cmds + 1] = c end
+  local results = batch(report, dn, cmds)
+  local ok, err = results[1].ok, results[1].error
+  local st = results[2]
+  if st.ok and st.value.running then
+    report.running_ms = st.ms
+  elseif wait_for(function()
+      local qok, q = pcall(raw.execute, dn, "query-status")
+      return qok and q.running
+    end, 1) then
+    report.running_ms = (clock() - t0) * 1000
+  else
+    step(report, dn, "cont")
+    local qok, q = pcall(raw.execute, dn, "query-status")
+    if qok and q.running then report.running_ms = (clock() - t0) * 1000 end
+  end
+  report.running = report.running_ms ~= nil
+  local rest = teardown(results, ok)
+  if #rest > 0 then batch(report, dn, rest) end
+  report.ms = (clock() - t0) * 1000
+  if not ok then error(err, 0) end
+  raw.count_failover(dn)
+  return report
+end
+
+-- Promote the secondary (the primary is lost): QEMU's documented steps, x-colo-lost-heartbeat
+-- first and nbd-server-stop right behind it in the same round trip (nbd-server-stop first,
+-- as QEMU's document has it, took 300 ms now and then here, and the secondary ran only after
+-- it); once it runs, its redirectors and their chardevs go (only after a heartbeat that
+-- worked: a secondary still in COLO keeps them). This is the one place a secondary becomes
+-- the running copy.
 native.failover = function(s)
   raw.cluster_gate("colo.native.failover")   -- with an arbiter: only the key's holder promotes
   local sn = name_of(s, "colo.native.failover", 1)
-  local report = new_report("failover")
-  local t0 = clock()
-  step(report, sn, "nbd-server-stop")
-  local ok, err = step(report, sn, "x-colo-lost-heartbeat")
-  if ok then
-    step(report, sn, "object-del", { id = ID.f2 })
-    step(report, sn, "object-del", { id = ID.f1 })
-    step(report, sn, "chardev-remove", { id = ID.red_out })
-    step(report, sn, "chardev-remove", { id = ID.red_in })
-  end
-  report.running = ensure_running(report, sn)
-  report.ms = (clock() - t0) * 1000
-  if not ok then error(err, 0) end
-  raw.count_failover(sn)
-  return report
+  return take_over("failover", sn, { { "nbd-server-stop" } }, function(_, ok)
+    if not ok then return {} end
+    return {
+      { "object-del", { id = ID.f2 } }, { "object-del", { id = ID.f1 } },
+      { "chardev-remove", { id = ID.red_out } }, { "chardev-remove", { id = ID.red_in } },
+    }
+  end)
 end
 
--- The quorum child that holds node `node` (x-debug-query-block-graph), "children.1" if unknown.
-local function quorum_child(dn, node)
-  local ok, g = pcall(raw.execute, dn, "x-debug-query-block-graph")
-  if ok then
-    local names = {}
-    for _, n in ipairs(g.nodes) do names[n.id] = n.name end
-    for _, e in ipairs(g.edges) do
-      if names[e.child] == node and names[e.parent] ~= nil and e.name:match("^children%.") then return e.name end
-    end
-  end
-  return "children.1"
-end
-
--- Continue without the secondary (it is lost): remove the replication child, the filters,
--- colo-compare, its iothread and the chardevs, leave COLO.
+-- Continue without the secondary (it is lost): x-colo-lost-heartbeat first (QEMU stops the
+-- primary for the failover and resumes it when COLO has ended: the sooner, the shorter the
+-- guest's pause), then the replication child, colo-compare, its iothread, the filters and the
+-- chardevs, in one round trip. The replication child's name comes from the block graph
+-- queried in the first round trip.
 native.drop_secondary = function(p)
   local pn = name_of(p, "colo.native.drop_secondary", 1)
-  local report = new_report("drop_secondary")
-  local t0 = clock()
-  if step(report, pn, "x-blockdev-change", { parent = ID.disk, child = quorum_child(pn, ID.replication) }) then
-    step(report, pn, "blockdev-del", { ["node-name"] = ID.replication })
-  end
-  for _, id in ipairs({ ID.comp, ID.iothread, ID.m0, ID.redire0, ID.redire1 }) do step(report, pn, "object-del", { id = id }) end
-  local ok, err = step(report, pn, "x-colo-lost-heartbeat")
-  for _, id in ipairs({ ID.compare_pri_in, ID.compare_pri, ID.compare_out_in, ID.compare_out, ID.mirror, ID.compare_sec }) do
-    step(report, pn, "chardev-remove", { id = id })
-  end
-  report.running = ensure_running(report, pn)
-  report.ms = (clock() - t0) * 1000
-  if not ok then error(err, 0) end
-  raw.count_failover(pn)
-  return report
+  return take_over("drop_secondary", pn, { { "x-debug-query-block-graph" } }, function(results)
+    local rest = {
+      { "x-blockdev-change", { parent = ID.disk, child = quorum_child(results[3].ok and results[3].value or nil, ID.replication) } },
+      { "blockdev-del", { ["node-name"] = ID.replication } },
+    }
+    for _, id in ipairs({ ID.comp, ID.iothread, ID.m0, ID.redire0, ID.redire1 }) do rest[#rest + 1] = { "object-del", { id = id } } end
+    for _, id in ipairs({ ID.compare_pri_in, ID.compare_pri, ID.compare_out_in, ID.compare_out, ID.mirror, ID.compare_sec }) do
+      rest[#rest + 1] = { "chardev-remove", { id = id } }
+    end
+    return rest
+  end)
 end
 
 -- Re-protection -----------------------------------------------------------------------------
@@ -368,6 +470,7 @@ native.reprotect = function(survivor, s, opts)
   local ok, err = pcall(function()
     must(report, pn, "blockdev-add", { driver = "nbd", ["node-name"] = ID.resync,
       server = { type = "inet", host = o.nbd_host, port = tostring(o.nbd_port) }, export = ID.parent })
+    report.undo[#report.undo] = nil   -- cleanup_job deletes it
     must(report, pn, "blockdev-mirror", { ["job-id"] = ID.resync, device = ID.disk, target = ID.resync, sync = "full" })
     if not wait_for(function() return job.ready ~= nil or job.concluded ~= nil end, o.resync_timeout) then
       error("colo.native.reprotect: the resync of " .. pn .. "'s disk was not ready within " .. o.resync_timeout .. " s", 0)
@@ -378,6 +481,7 @@ native.reprotect = function(survivor, s, opts)
     pcall(raw.execute, pn, "block-job-cancel", { device = ID.resync, force = true })
     wait_for(function() return job.null ~= nil end, 5)
     cleanup_job()
+    undo(report)
     error(err, 0)
   end
   report.resync_ms = (clock() - t0) * 1000
@@ -401,6 +505,7 @@ native.reprotect = function(survivor, s, opts)
   if not ok then
     raw.cancel(resume_sub)
     cleanup_job()
+    undo(report)
     pcall(raw.resume, pn)
     error(err, 0)
   end
@@ -409,6 +514,7 @@ native.reprotect = function(survivor, s, opts)
   if not resumed then pcall(raw.resume, pn) end
   -- QEMU resumed it: the run no longer has it stopped.
   if resumed then raw.mark_resumed(pn) end
+  report.undo = nil
   report.pause_ms = ((resumed or clock()) - paused) * 1000
   report.ms = (clock() - t0) * 1000
   report.mode = st.mode
