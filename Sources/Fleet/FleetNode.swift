@@ -61,8 +61,10 @@ final class PairRunner: Sendable {
 public actor FleetNode {
     public let options: FleetOptions
     let store: FleetStore
-    /// The lease's own client (its own connections): a burst of claims never delays a renewal.
+    /// The lease's own client (its own connections, on its own event loop thread): a burst of
+    /// claims or of pair sessions starting never delays a renewal.
     let leaseClient: EtcdClient
+    let leaseGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let logger: Logger
     let group: any EventLoopGroup
     let io = NIOThreadPool(numberOfThreads: 8)
@@ -100,7 +102,7 @@ public actor FleetNode {
             client = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
                                     eventLoopGroup: group, logger: logger)
             leaseClient = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
-                                         eventLoopGroup: group, logger: logger)
+                                         eventLoopGroup: leaseGroup, logger: logger)
         } catch {
             throw FleetError("--etcd: \(error)")
         }
@@ -153,6 +155,7 @@ public actor FleetNode {
         try? await io.shutdownGracefully()
         await store.client.shutdown()
         await leaseClient.shutdown()
+        try? await leaseGroup.shutdownGracefully()
     }
 
     private func register() async throws(FleetError) {
@@ -467,9 +470,17 @@ public actor FleetNode {
         let lease = self.lease
         for (pair, _, _) in pairs { starting.insert(pair) }
         Task {
+            // At most 16 sessions start at once: a take-over of a thousand pairs must not starve
+            // the renewals (nor etcd) of CPU.
             await withTaskGroup(of: Void.self) { group in
+                var running = 0
                 for (pair, declaration, token) in pairs {
+                    if running == 16 {
+                        await group.next()
+                        running -= 1
+                    }
                     group.addTask { await self.start(pair, declaration: declaration, token: token, lease: lease) }
+                    running += 1
                 }
             }
             self.updateMetrics()

@@ -63,7 +63,7 @@ struct FleetBenchmark {
                             domains: ["primary": "unix:\(dir.path)/dom\(2 * $0).sock", "secondary": "unix:\(dir.path)/dom\(2 * $0 + 1).sock"],
                             settings: ["interval": "1s", "keep": "1"])
         })
-        let common = ["--etcd", url, "--policy-dir", policyDir, "--state-dir", state, "--ttl", String(ttl), "--log-level", "error"]
+        let common = ["--etcd", url, "--policy-dir", policyDir, "--state-dir", state, "--ttl", String(ttl), "--log-level", environment["COLORUN_FLEET_BENCH_LOG"] ?? "error"]
         let started = ContinuousClock.now
         let instances = try ["n1", "n2", "n3"].map { node in
             try FleetInstance(binary: binary, node: node, arguments: common, logPath: dir.file("\(node).log"))
@@ -104,6 +104,9 @@ struct FleetBenchmark {
             | etcd requests/s, steady state (all instances) | \(String(format: "%.1f", requestsPerSecond)) |
             | time to re-own \(orphaned) pairs of a SIGKILLed instance | \(reowned) (TTL \(ttl) s; lease gone after \(leaseGone ?? .zero)) |
             """)
+        if environment["COLORUN_FLEET_BENCH_LOG"] != nil {
+            for instance in instances { print("--- \(instance.node):\n\(instance.log.suffix(4000))") }
+        }
         for instance in instances.prefix(2) { _ = await instance.stop(grace: .seconds(60)) }
         await sim.shutdown()
     }
