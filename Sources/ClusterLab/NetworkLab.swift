@@ -27,6 +27,12 @@ public struct NetworkLabError: Error, Sendable, Hashable, CustomStringConvertibl
 ///   family), while both still reach everyone else; `mend` undoes it.
 /// - `heal()` undoes every partition.
 ///
+/// With `joinsTest: true` the test process itself (the root network namespace) is plugged
+/// into the switch too, as 10.77.0.254 (`testAddress`): it reaches every host directly (etcd
+/// in a host, no `etcdctl` detour) and serves them (e.g. simulated domains on TCP, whose
+/// command log then names the host that sent each command). Its link is a veth whose other
+/// end is in the switch namespace, so it goes with the namespaces. Partitions never touch it.
+///
 /// Processes run inside a host with `commandLine(on:_:)` (`ip netns exec NS ...`, which execs:
 /// a child started with `spawnChild(_:lifetime: .owned)` keeps its death signal) and die with
 /// their owner like any owned child. Namespaces do not: they are named after their owner
@@ -40,12 +46,16 @@ public final class NetworkLab: Sendable {
     /// Where `ip netns` keeps its namespaces.
     static let namespaceDirectory = "/run/netns"
     static let subnet = "10.77.0"
+    /// The test process's address on the switch (`joinsTest`).
+    public static let testAddress = "10.77.0.254"
 
     /// This lab's part of every namespace name: `colorun-net-PID-START-N`.
     public let tag: String
     /// The hosts, in the order given (host i has address 10.77.0.(i+1)).
     public let hosts: [String]
     public let switchNamespace: String
+    /// The test process's link to the switch (in the root namespace), when it joins.
+    public let testLink: String?
     private let logger: Logger
 
     private struct State {
@@ -62,19 +72,22 @@ public final class NetworkLab: Sendable {
     /// Makes the namespaces, the switch and the links (about 30 `ip` calls), after sweeping
     /// the namespaces of dead owners if this process has not yet. Host names: letters and
     /// digits, at most 8 characters (they name the switch's ports: `p-HOST`).
-    public init(hosts: [String], logger: Logger) throws(NetworkLabError) {
+    public init(hosts: [String], joinsTest: Bool = false, logger: Logger) throws(NetworkLabError) {
         guard !hosts.isEmpty, hosts.count < 200, Set(hosts).count == hosts.count else {
             throw NetworkLabError("a network lab needs distinct hosts (1 to 199), got \(hosts)")
         }
         for host in hosts where host.isEmpty || host.count > 8 || !host.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber) }) {
             throw NetworkLabError("bad host name '\(host)': letters and digits, 1 to 8 of them")
         }
+        if joinsTest && hosts.contains("test") { throw NetworkLabError("the host name 'test' is the test process's port on the switch (joinsTest)") }
         if !Self.swept.exchange(true, ordering: .relaxed) { Self.sweep(logger: logger) }
         let owner = RunDirectoryOwner.current()
         let n = Self.counter.wrappingAdd(1, ordering: .relaxed).oldValue
         tag = "\(Self.namePrefix)\(owner.pid)-\(owner.startTime)-\(n)"
         self.hosts = hosts
         switchNamespace = "\(tag)-sw"
+        // Interface names have at most 15 characters: "cl" + pid + "-" + n.
+        testLink = joinsTest ? "cl\(owner.pid)-\(n)" : nil
         self.logger = logger
         do {
             try build()
@@ -114,6 +127,12 @@ public final class NetworkLab: Sendable {
             try runTool(["ip", "-n", ns, "addr", "add", "\(address(of: host))/24", "dev", "eth0"])
             try runTool(["ip", "-n", ns, "link", "set", "eth0", "up"])
             try runTool(["ip", "-n", ns, "link", "set", "lo", "up"])
+        }
+        if let testLink {
+            try runTool(["ip", "link", "add", testLink, "type", "veth", "peer", "name", port("test"), "netns", switchNamespace])
+            try runTool(["ip", "-n", switchNamespace, "link", "set", port("test"), "master", "br0", "up"])
+            try runTool(["ip", "addr", "add", "\(Self.testAddress)/24", "dev", testLink])
+            try runTool(["ip", "link", "set", testLink, "up"])
         }
     }
 

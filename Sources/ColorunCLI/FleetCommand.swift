@@ -169,7 +169,8 @@ struct FleetAdd: AsyncParsableCommand {
         commandName: "add", abstract: "Declare pairs: one on the command line, or many from a JSON file.",
         discussion: """
             Every declaration is checked before anything is written; a pair already declared is an \
-            error unless --replace. File format: {"PAIR": {"policy": "remus.lua", "domains": \
+            error unless --replace. All or nothing: more pairs than fit in one etcd transaction (128) \
+            are written in several, and a failed later one undoes the earlier ones. File format: {"PAIR": {"policy": "remus.lua", "domains": \
             {"primary": "tcp:10.0.0.1:4444", "secondary": "tcp:10.0.0.2:4444"}, "settings": {"interval": "1s"}}, ...}
             """)
 

@@ -1,6 +1,7 @@
 import Colorun
 import CoreMetrics
 import Etcd
+import JSON
 import Logging
 import NIOCore
 import NIOPosix
@@ -60,8 +61,10 @@ final class PairRunner: Sendable {
 public actor FleetNode {
     public let options: FleetOptions
     let store: FleetStore
-    /// The lease's own client (its own connections): a burst of claims never delays a renewal.
+    /// The lease's own client (its own connections, on its own event loop thread): a burst of
+    /// claims or of pair sessions starting never delays a renewal.
     let leaseClient: EtcdClient
+    let leaseGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let logger: Logger
     let group: any EventLoopGroup
     let io = NIOThreadPool(numberOfThreads: 8)
@@ -75,6 +78,11 @@ public actor FleetNode {
     private var endedPairs: [String: ContinuousClock.Instant] = [:]
     private var pendingReleases: Set<String> = []
     private var reconcileWanted = false
+    /// An ownership or node key vanished (a lease ended, a release): reconcile without the
+    /// usual 50 ms pause, and when the change was first seen (for the claim's log line).
+    private var urgentReconcile = false
+    private var changeSeenAt: ContinuousClock.Instant?
+    private var previousSnapshot: FleetStore.Snapshot?
     private var wakeup: CheckedContinuation<Void, Never>?
     private var stopping = false
     private var stopTask: Task<Void, Never>?
@@ -94,7 +102,7 @@ public actor FleetNode {
             client = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
                                     eventLoopGroup: group, logger: logger)
             leaseClient = try EtcdClient(endpoints: options.endpoints, tls: options.tls, requestTimeout: .milliseconds(options.ttl * 250),
-                                         eventLoopGroup: group, logger: logger)
+                                         eventLoopGroup: leaseGroup, logger: logger)
         } catch {
             throw FleetError("--etcd: \(error)")
         }
@@ -147,6 +155,7 @@ public actor FleetNode {
         try? await io.shutdownGracefully()
         await store.client.shutdown()
         await leaseClient.shutdown()
+        try? await leaseGroup.shutdownGracefully()
     }
 
     private func register() async throws(FleetError) {
@@ -252,8 +261,8 @@ public actor FleetNode {
         let store = self.store, logger = self.logger
         while !Task.isCancelled {
             do {
-                try await store.client.watch(store.prefix + "/", prefix: true) { _ in
-                    await self.requestReconcile()
+                try await store.client.watch(store.prefix + "/", prefix: true) { events in
+                    await self.eventsArrived(events)
                     return !Task.isCancelled
                 }
             } catch {
@@ -264,8 +273,10 @@ public actor FleetNode {
         }
     }
 
-    func requestReconcile() {
+    func requestReconcile(urgent: Bool = false) {
         reconcileWanted = true
+        if urgent { urgentReconcile = true }
+        if changeSeenAt == nil { changeSeenAt = ContinuousClock.now }
         wake()
     }
 
@@ -287,22 +298,31 @@ public actor FleetNode {
                 continue
             }
             reconcileWanted = false
+            let urgent = urgentReconcile
+            urgentReconcile = false
+            let seen = changeSeenAt ?? ContinuousClock.now
+            changeSeenAt = nil
             lastFull = ContinuousClock.now
+            if urgent { await fastClaims(changeSeenAt: seen) }
             do {
-                try await reconcile()
+                try await reconcile(changeSeenAt: seen)
             } catch {
                 logger.warning("fleet reconcile failed", metadata: ["error": .string("\(error)")])
             }
-            // At most one reconcile per 50 ms however many events arrive.
-            try? await Task.sleep(for: .milliseconds(50))
+            // At most one reconcile per 50 ms however many events arrive, except right after
+            // keys vanished (a dead instance's pairs are claimed at once).
+            if !urgentReconcile { try? await Task.sleep(for: .milliseconds(50)) }
         }
     }
 
     // MARK: - Reconciling
 
-    private func reconcile() async throws(EtcdError) {
+    private func reconcile(changeSeenAt: ContinuousClock.Instant) async throws(EtcdError) {
         guard lease != 0, !stopping else { return }
-        let snapshot = try await store.snapshot()
+        let started = ContinuousClock.now
+        let snapshot = try await store.snapshot(reusing: previousSnapshot)
+        previousSnapshot = snapshot
+        let read = ContinuousClock.now
         guard lease != 0, !stopping else { return }
         let view = snapshot.view
         lastView = view
@@ -354,8 +374,16 @@ public actor FleetNode {
         }
 
         // Claims.
-        let claims = FleetPlan.claims(for: options.node, in: view)
-        guard !claims.isEmpty else { updateMetrics(); return }
+        let claims = FleetPlan.claims(for: options.node, in: view).filter { runners[$0] == nil && !starting.contains($0) }
+        await claim(claims, declarations: snapshot.declarations, timing: (changeSeenAt, started, read, "read"))
+        updateMetrics()
+    }
+
+    /// Claims the pairs (each ownership key created on this instance's lease only if it does
+    /// not exist and the pair is declared) and starts those won.
+    private func claim(_ claims: [String], declarations: [String: PairDeclaration],
+                       timing: (seen: ContinuousClock.Instant, started: ContinuousClock.Instant, read: ContinuousClock.Instant, how: String)) async {
+        guard !claims.isEmpty, lease != 0, !stopping else { return }
         let store = self.store, node = options.node, lease = self.lease
         var won: [(String, Int64)] = []
         var index = 0
@@ -385,11 +413,55 @@ public actor FleetNode {
                 for await (pair, token) in group { if let token { won.append((pair, token)) } }
             }
         }
-        guard lease == self.lease else { return }
+        guard lease == self.lease, !stopping else { return }
         claimsWon += won.count
-        if !won.isEmpty { logger.notice("claimed pairs", metadata: ["count": .stringConvertible(won.count)]) }
-        startAll(won.compactMap { pair, token in snapshot.declarations[pair].map { (pair, $0, token) } })
-        updateMetrics()
+        if !won.isEmpty {
+            // Where a take-over's time goes: the change seen on the watch -> this claim
+            // started -> the fleet read (or the watch's events applied) -> the claims answered.
+            let ms = { (d: Duration) in String(d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000) }
+            logger.notice("claimed pairs", metadata: [
+                "count": .stringConvertible(won.count), "view": .string(timing.how), "waited_ms": .string(ms(timing.started - timing.seen)),
+                "read_ms": .string(ms(timing.read - timing.started)), "claim_ms": .string(ms(ContinuousClock.now - timing.read)),
+            ])
+        }
+        startAll(won.compactMap { pair, token in declarations[pair].map { (pair, $0, token) } })
+    }
+
+    /// The watch's events, applied to the last read of the fleet: what the fast claim after
+    /// an ownership key vanished works from (the next full read replaces it).
+    func eventsArrived(_ events: [EtcdWatchEvent]) {
+        if var snapshot = previousSnapshot {
+            let base = store.prefix + "/"
+            for event in events where event.keyValue.modRevision > snapshot.revision || event.keyValue.modRevision == 0 {
+                let rest = event.keyValue.key.dropFirst(base.count)
+                guard event.keyValue.key.hasPrefix(base), let slash = rest.firstIndex(of: "/") else { continue }
+                let kind = rest[..<slash], name = String(rest[rest.index(after: slash)...])
+                let put = event.kind == .put, kv = event.keyValue
+                switch kind {
+                case "owners": snapshot.owners[name] = put ? FleetStore.Ownership(node: kv.value, lease: kv.lease, token: kv.createRevision) : nil
+                case "nodes": if put { snapshot.nodes.insert(name) } else { snapshot.nodes.remove(name) }
+                case "drain": if put { snapshot.draining.insert(name) } else { snapshot.draining.remove(name) }
+                case "pairs":
+                    snapshot.declarationRevisions[name] = nil
+                    snapshot.declarations[name] = put ? (try? JSONParser.parse(kv.value)).flatMap { try? PairDeclaration(name: name, json: $0, place: kv.key) } : nil
+                default: continue
+                }
+            }
+            snapshot.revision = max(snapshot.revision, events.map(\.keyValue.modRevision).max() ?? 0)
+            previousSnapshot = snapshot
+        }
+        let base = store.prefix + "/"
+        requestReconcile(urgent: events.contains { $0.kind == .delete && ($0.keyValue.key.hasPrefix(base + "owners/") || $0.keyValue.key.hasPrefix(base + "nodes/")) })
+    }
+
+    /// After ownership keys vanished: claims this instance's part of the unowned pairs from the
+    /// watch's view at once, without waiting for a full read (the claim transactions settle
+    /// any race; the full reconcile that follows corrects the rest).
+    private func fastClaims(changeSeenAt: ContinuousClock.Instant) async {
+        guard lease != 0, !stopping, let snapshot = previousSnapshot else { return }
+        let started = ContinuousClock.now
+        let claims = FleetPlan.claims(for: options.node, in: snapshot.view).filter { runners[$0] == nil && !starting.contains($0) }
+        await claim(claims, declarations: snapshot.declarations, timing: (changeSeenAt, started, started, "watch"))
     }
 
     /// Starts the pairs' runs in parallel, without holding up the next reconcile (whose
@@ -398,9 +470,17 @@ public actor FleetNode {
         let lease = self.lease
         for (pair, _, _) in pairs { starting.insert(pair) }
         Task {
+            // At most 16 sessions start at once: a take-over of a thousand pairs must not starve
+            // the renewals (nor etcd) of CPU.
             await withTaskGroup(of: Void.self) { group in
+                var running = 0
                 for (pair, declaration, token) in pairs {
+                    if running == 16 {
+                        await group.next()
+                        running -= 1
+                    }
                     group.addTask { await self.start(pair, declaration: declaration, token: token, lease: lease) }
+                    running += 1
                 }
             }
             self.updateMetrics()

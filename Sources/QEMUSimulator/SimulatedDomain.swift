@@ -68,6 +68,8 @@ public final class SimulatedDomain: Sendable {
         var address: SimulatorAddress
         var server: (any Channel)?
         var connections: [Int: any Channel] = [:]
+        /// Each connection's client address (`IP:PORT` for TCP), kept after it closes.
+        var peers: [Int: String] = [:]
         var nextConnection = 1
         var timers: [Scheduled<Void>] = []
     }
@@ -109,6 +111,10 @@ public final class SimulatedDomain: Sendable {
     public var coloMode: COLOMode { core.withLock { $0.machine.coloMode } }
     /// Open client connections (the one holding the monitor and those waiting for it).
     public var connectionCount: Int { io.withLock { $0.connections.count } }
+    /// The client address a connection (as numbered in `commandLog`) came from: `IP:PORT` for
+    /// a TCP client, nil for a UNIX socket client or an unknown connection. With clients on
+    /// different hosts, it names which host sent each logged command.
+    public func peer(of connection: Int) -> String? { io.withLock { $0.peers[connection] } }
 
     // MARK: - Control
 
@@ -170,6 +176,7 @@ public final class SimulatedDomain: Sendable {
             let id = io.nextConnection
             io.nextConnection += 1
             io.connections[id] = channel
+            if let remote = channel.remoteAddress, let ip = remote.ipAddress, let port = remote.port { io.peers[id] = "\(ip):\(port)" }
             return id
         }
         return (id, core.withLock { $0.connect(id) })

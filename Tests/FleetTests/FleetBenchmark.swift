@@ -14,7 +14,8 @@ import Glibc
 
 /// The fleet's scale figures for docs/benchmarks.md (issue 11): 3 instances, N pairs every
 /// 1 s. Runs only with COLORUN_FLEET_BENCH=PAIRS (e.g. 3000); COLORUN_FLEET_BINARY picks the
-/// colorun binary (a release build), else the debug one next to the tests.
+/// colorun binary (a release build), else the debug one next to the tests. `scripts/fleet-bench`
+/// builds the release binary and runs this.
 @Suite("Fleet benchmark", .machine(.exclusive), .timeLimit(.minutes(10)),
        .enabled(if: ProcessInfo.processInfo.environment["COLORUN_FLEET_BENCH"] != nil))
 struct FleetBenchmark {
@@ -62,7 +63,7 @@ struct FleetBenchmark {
                             domains: ["primary": "unix:\(dir.path)/dom\(2 * $0).sock", "secondary": "unix:\(dir.path)/dom\(2 * $0 + 1).sock"],
                             settings: ["interval": "1s", "keep": "1"])
         })
-        let common = ["--etcd", url, "--policy-dir", policyDir, "--state-dir", state, "--ttl", String(ttl), "--log-level", "error"]
+        let common = ["--etcd", url, "--policy-dir", policyDir, "--state-dir", state, "--ttl", String(ttl), "--log-level", environment["COLORUN_FLEET_BENCH_LOG"] ?? "error"]
         let started = ContinuousClock.now
         let instances = try ["n1", "n2", "n3"].map { node in
             try FleetInstance(binary: binary, node: node, arguments: common, logPath: dir.file("\(node).log"))
@@ -89,8 +90,10 @@ struct FleetBenchmark {
         let killed = ContinuousClock.now
         victim.kill(SIGKILL)
         _ = reapChild(victim.pid, blocking: true)
+        var leaseGone: Duration?
         try await waitUntil("\(orphaned) pairs owned again", timeout: .seconds(60), interval: .milliseconds(20)) {
             let view = try await store.snapshot().view
+            if leaseGone == nil && !view.nodes.contains(victim.node) { leaseGone = ContinuousClock.now - killed }
             return view.unowned.isEmpty && !view.nodes.contains(victim.node)
         }
         let reowned = ContinuousClock.now - killed
@@ -99,8 +102,11 @@ struct FleetBenchmark {
             | time for 3 fresh instances to own \(pairs) pairs | \(owning) |
             | checkpoints/s (10 s window, all pairs) | \(String(format: "%.1f", checkpointsPerSecond)) of \(pairs) asked |
             | etcd requests/s, steady state (all instances) | \(String(format: "%.1f", requestsPerSecond)) |
-            | time to re-own \(orphaned) pairs of a SIGKILLed instance | \(reowned) (TTL \(ttl) s) |
+            | time to re-own \(orphaned) pairs of a SIGKILLed instance | \(reowned) (TTL \(ttl) s; lease gone after \(leaseGone ?? .zero)) |
             """)
+        if environment["COLORUN_FLEET_BENCH_LOG"] != nil {
+            for instance in instances { print("--- \(instance.node):\n\(instance.log.suffix(4000))") }
+        }
         for instance in instances.prefix(2) { _ = await instance.stop(grace: .seconds(60)) }
         await sim.shutdown()
     }
