@@ -135,7 +135,7 @@ private func check(_ source: String, domains: [String] = [], lab: Bool = false) 
         ("domain.xen(7, {rundir = '/run/xen'})", "domain.xen: unknown field 'rundir' (known: monitor, name, run_dir, timeout)"),
         ("local d = domain.get('a')\nd:status{timeuot = 1}", "qmp.status: unknown field 'timeuot' (known: timeout)"),
         ("qmp.save('a', '/tmp/x', {liv = false})", "qmp.save: unknown field 'liv' (known: live, timeout)"),
-        ("colo.checkpoint('a', 'b', {kepp = 2})", "colo.checkpoint: unknown field 'kepp' (known: keep)"),
+        ("colo.checkpoint('a', 'b', {kepp = 2})", "colo.checkpoint: unknown field 'kepp' (known: keep, pipeline)"),
         ("remus.checkpoint('a', {disk = false})", "remus.checkpoint: unknown field 'disk' (known: disks, keep, output_commit, series)"),
         ("remus.restore{name = 's', from = 'a', qemu_args = {}}", "remus.restore: unknown field 'qemu_args' (known: from, lab, name, paused, qemu, qmp)"),
         ("colo.native.start('a', 'b', {url = 'tcp:x:1'})", "colo.native.start: unknown field 'url' (known: check, delay, nbd, net, netdev, resync_timeout, timeout, uri)"),

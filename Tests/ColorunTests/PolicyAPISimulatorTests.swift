@@ -118,6 +118,74 @@ import Glibc
         }
     }
 
+    /// `pipeline = true`: the call returns once both domains run again, before the generation
+    /// is durable; every generation is still committed, in order, and the run ends only once
+    /// the last one is on disk.
+    @Test func pipelinedCheckpointsAreAllCommitted() async throws {
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                local first = colo.checkpoint(p, s, {pipeline = true})
+                assert(first.generation == 1 and first.durable == false, "the first returns before its commit")
+                assert(qmp.status(p).running and qmp.status(s).running)
+                for i = 2, 20 do
+                  local r = colo.checkpoint(p, s, {pipeline = true, keep = 2})
+                  assert(r.generation == i and type(r.durable) == "boolean")
+                end
+                local waited = colo.checkpoint(p, s, {keep = 2})
+                assert(waited.generation == 21 and waited.durable == true)
+                local ok, err = pcall(colo.checkpoint, p, s, {pipeline = "yes"})
+                assert(not ok and tostring(err):find("'pipeline' must be true or false"), tostring(err))
+                """#, domains: pair.domains)
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.checkpoints == 21 && run.report.failedCheckpoints == 0)
+            #expect(run.report.lastGood["web-p+web-s"] == 21)
+            let dir = run.stateDirectory + "/checkpoints/web-p+web-s"
+            let names = try GenerationStore.list(dir).filter { $0 != "." && $0 != ".." }.sorted()
+            #expect(names == ["gen-00000020.devstate", "gen-00000021.devstate"], "keep = 2, nothing partial: \(names)")
+            #expect(pair.secondary.loadedStates.map(\.file.save) == Array(1...21))
+        }
+    }
+
+    /// A pipelined generation whose commit is refused (here a stale fencing token) never
+    /// becomes the last good one, and the pair's next call raises it before stopping anything.
+    @Test func aFailedPipelinedCommitIsRaisedByTheNextCall() async throws {
+        try await withSimulatedPair { pair in
+            let tokenFile = makeTempDirectory("colorun-token") + "/fencing-token"
+            let stateDirectory = makeTempDirectory("colorun-state")
+            let series = stateDirectory + "/checkpoints/web-p+web-s/"
+            let logs = LogCollector()
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                assert(colo.checkpoint(p, s, {pipeline = true}).generation == 1)
+                test.wait("first committed")
+                test.stale()
+                local second = colo.checkpoint(p, s, {pipeline = true})
+                assert(second.generation == 2 and second.durable == false)
+                test.wait("second refused")
+                local ok, err = pcall(colo.checkpoint, p, s, {pipeline = true})
+                assert(not ok and err.step == "commit" and err.generation == 2 and err.class == "StateDirError", tostring(err))
+                assert(tostring(err):find("earlier pipelined generation") and tostring(err):find("fencing token 5 is stale"), tostring(err))
+                local gens = colo.generations(p, s)
+                assert(#gens == 1 and gens[1].generation == 1)
+                """#, domains: pair.domains, stateDirectory: stateDirectory,
+                hooks: ["stale": { writeFile(tokenFile, Array("9\n".utf8)) }],
+                checks: [
+                    "first committed": { access(series + "gen-00000001.devstate", F_OK) == 0 },
+                    "second refused": { logs.text.contains("checkpoint 2 failed at commit") },
+                ], logs: logs
+            ) { options in
+                options.fencing = FencingToken(token: 5, path: tokenFile, validUntil: .now + .seconds(600))
+            }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.checkpoints == 1 && run.report.failedCheckpoints == 1)
+            #expect(run.report.lastGood["web-p+web-s"] == 1)
+            // The raising call stopped nothing: two checkpoints' stops, both domains running.
+            #expect(pair.primary.commandLog.filter { $0.name == "stop" }.count == 2)
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        }
+    }
+
     @Test func checkpointsOfOneDomainNeverOverlap() async throws {
         try await withSimulatedPair { pair in
             // The first checkpoint's save takes 1 s: the second is tried while it is in flight.

@@ -32,6 +32,7 @@ func runPolicy(
     checks: [String: @Sendable () -> Bool] = [:],
     lab: Lab? = nil,
     extensions: [any PolicyExtension & Sendable] = [],
+    logs: LogCollector = LogCollector(),
     configure: (inout PolicyOptions) -> Void = { _ in }
 ) async throws -> PolicyRun {
     let dir = makeTempDirectory("colorun-policy")
@@ -42,7 +43,6 @@ func runPolicy(
     options.domains = try domains.map { try DomainSpec(parsing: "\($0.0)=\($0.1)") } + (lab?.domainSpecs ?? [])
     options.domainOptions = DomainOptions(connectTimeout: .seconds(2), commandTimeout: .seconds(2))
     configure(&options)
-    let logs = LogCollector()
     let loop = MultiThreadedEventLoopGroup.singleton.next()
     let session = try await loop.submit { [options] in
         try PolicySession(options: options, eventLoop: loop, logger: logs.logger("test", level: .debug), extensions: [TestHooks(hooks, checks: checks)] + (lab.map { [$0] } ?? []) + extensions)

@@ -42,6 +42,7 @@ local Domain = {}
 ---@field save_ms number the save (or migration)
 ---@field restore_ms number? the load on the secondary (colo.checkpoint)
 ---@field commit_ms number? the commit inside the pause (remus.checkpoint with output commit)
+---@field durable boolean? colo.checkpoint: whether the generation was on disk when the call returned (false only with pipeline)
 ---@field disks table? remus.checkpoint: {{device=, frozen=}...}
 ---@field output_commit string[]? remus.checkpoint: the buffered netdevs
 ---@field housekeeping table? remus.checkpoint: {deleted_layers=, merges_started=, merge_errors=}
@@ -267,7 +268,7 @@ colo = {}
 ---The Xen-flavour cycle: stop both, save, load on the secondary, resume both, commit.
 ---@param primary colorun.DomainRef
 ---@param secondary colorun.DomainRef
----@param opts? {keep?: integer}
+---@param opts? {keep?: integer, pipeline?: boolean}
 ---@return colorun.CheckpointResult
 function colo.checkpoint(primary, secondary, opts) end
 

@@ -184,7 +184,10 @@ colo.checkpoint = function(p, s, opts)
   local pn = name_of(p, "colo.checkpoint", 1)
   local sn = name_of(s, "colo.checkpoint", 2)
   opts = opt_table(opts, "colo.checkpoint", 3)
-  return raw.colo_checkpoint(pn, sn, opts.keep)
+  if opts.pipeline ~= nil and type(opts.pipeline) ~= "boolean" then
+    error("colo.checkpoint: 'pipeline' must be true or false", 2)
+  end
+  return raw.colo_checkpoint(pn, sn, opts.keep, opts.pipeline == true)
 end
 colo.generations = function(p, s)
   return raw.generations(name_of(p, "colo.generations", 1) .. "+" .. name_of(s, "colo.generations", 2))

@@ -72,6 +72,7 @@ public enum LuaAPI {
             .init("bytes", "integer", "the file's size"), .init("pause_ms", "number", "from the first stop sent to the last cont answered"),
             .init("save_ms", "number", "the save (or migration)"), .init("restore_ms", "number?", "the load on the secondary (colo.checkpoint)"),
             .init("commit_ms", "number?", "the commit inside the pause (remus.checkpoint with output commit)"),
+            .init("durable", "boolean?", "colo.checkpoint: whether the generation was on disk when the call returned (false only with pipeline)"),
             .init("disks", "table?", "remus.checkpoint: {{device=, frozen=}...}"),
             .init("output_commit", "string[]?", "remus.checkpoint: the buffered netdevs"),
             .init("housekeeping", "table?", "remus.checkpoint: {deleted_layers=, merges_started=, merge_errors=}"),
@@ -177,7 +178,10 @@ public enum LuaAPI {
 
     static let checkpoints: [LuaAPIEntry] = [
         .function("colo.checkpoint", [.init("primary", "colorun.DomainRef"), .init("secondary", "colorun.DomainRef"),
-                                      .init("opts", "table", optional: true, fields: [.init("keep", "integer", "generations to keep (default --keep)")])],
+                                      .init("opts", "table", optional: true, fields: [
+                                          .init("keep", "integer", "generations to keep (default --keep)"),
+                                          .init("pipeline", "boolean", "return when both run again; the generation commits in the background (default false)"),
+                                      ])],
                   ["colorun.CheckpointResult"], "The Xen-flavour cycle: stop both, save, load on the secondary, resume both, commit."),
         .function("colo.generations", [.init("primary", "colorun.DomainRef"), .init("secondary", "colorun.DomainRef")],
                   ["colorun.Generation[]"], "The pair's good generations, oldest first."),

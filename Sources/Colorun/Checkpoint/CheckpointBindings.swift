@@ -11,18 +11,62 @@ import NIOCore
 /// and `remus.restore` start the engine's operations, keep the session's books (busy
 /// domains, generation stores, the report, metrics) and answer the Lua call.
 extension PolicySession {
-    /// `colo.checkpoint(p, s, {keep=})`: the Xen-flavour cycle of a pair.
+    /// `colo.checkpoint(p, s, {keep=, pipeline=})`: the Xen-flavour cycle of a pair.
     func coloCheckpoint(_ call: LuaCall, _ completion: LuaCompletion) throws {
         let primary = try domain(named: try call.string(1))
         let secondary = try domain(named: try call.string(2))
         guard primary !== secondary else { throw LuaHostError.message("colo.checkpoint: primary and secondary are the same domain '\(primary.name)'") }
         try refuseXenCycle(on: secondary, in: "colo.checkpoint")
         let keep = try keepOption(call, 3)
+        let pipeline = call.boolean(4)
         let series = "\(primary.name)+\(secondary.name)"
         try requireHolding("colo.checkpoint")
+        // A pipelined generation whose commit failed after its call returned: the pair's next
+        // call raises it, before anything is stopped.
+        if var failed = pipelinedCommitFailures.removeValue(forKey: series) {
+            failed.cause = "an earlier pipelined generation was not committed: " + failed.cause
+            throw LuaHostError(failed)
+        }
         let store = try store(series: series, fileExtension: "devstate", keep: keep)
-        try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) { [committer] done in
-            CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, done)
+        guard pipeline else {
+            return try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) { [committer] done in
+                CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, done)
+            }
+        }
+        try startPipelinedCheckpoint(series: series, primary: primary, secondary: secondary, store: store, completion: completion)
+    }
+
+    /// A pipelined `colo.checkpoint`: the call returns once both domains run again with the
+    /// secondary holding the state (`durable` false) and the generation is committed with the
+    /// next group while the pair goes on, so the pair's rate follows the disk's throughput,
+    /// not its latency (Remus's pipelined checkpoints; the secondary, not the file, is what a
+    /// failover of this flavour needs). At most one generation per pair commits after its
+    /// call returned: when the previous one is still committing, the call waits for its own
+    /// commit (`durable` true). A generation becomes the last good one only once durable; a
+    /// failed commit is logged, counted, and raised by the pair's next call.
+    private func startPipelinedCheckpoint(series: String, primary: Domain, secondary: Domain, store: GenerationStore,
+                                          completion: LuaCompletion) throws {
+        let involved = [primary, secondary]
+        try claim(involved)
+        let started = NIODeadline.now()
+        var answered = false
+        track({ [self] done in
+            CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, resumed: { [self] running in
+                guard pipelinedCommits[series, default: 0] == 0 else { return }
+                answered = true
+                pipelinedCommits[series, default: 0] += 1
+                for domain in involved { busyDomains.remove(domain.name) }
+                completion.succeed([.json(.object(running.fields))])
+            }, done)
+        }) { [self] result in
+            if answered {
+                pipelinedCommits[series, default: 1] -= 1
+                if pipelinedCommits[series] == 0 { pipelinedCommits[series] = nil }
+            } else {
+                for domain in involved { busyDomains.remove(domain.name) }
+            }
+            finishCheckpoint(series: series, started: started, result, completion: answered ? nil : completion)
+            if answered, case .failure(let error) = result { pipelinedCommitFailures[series] = error }
         }
     }
 
@@ -201,6 +245,17 @@ extension PolicySession {
     /// loop, with the outcome.
     private func startCheckpoint(series: String, domains involved: [Domain], completion: LuaCompletion,
                                  _ operation: (@escaping (Result<CheckpointResult, CheckpointError>) -> Void) -> Void) throws {
+        try claim(involved)
+        let started = NIODeadline.now()
+        track(operation) { [self] result in
+            for domain in involved { busyDomains.remove(domain.name) }
+            finishCheckpoint(series: series, started: started, result, completion: completion)
+        }
+    }
+
+    /// Marks the domains of a new checkpoint busy, or raises when the run is stopping or one
+    /// of them is in a checkpoint already.
+    private func claim(_ involved: [Domain]) throws {
         guard !stopping else { throw LuaHostError.message("the run is stopping: no new checkpoint is started") }
         if let busy = involved.first(where: { busyDomains.contains($0.name) }) {
             throw LuaHostError.structured(
@@ -208,24 +263,26 @@ extension PolicySession {
                 message: "\(busy.name): a checkpoint of this domain is in progress; checkpoints of one domain never overlap")
         }
         for domain in involved { busyDomains.insert(domain.name) }
-        let started = NIODeadline.now()
-        track(operation) { [self] result in
-            for domain in involved { busyDomains.remove(domain.name) }
-            recordMetrics(series: series, started: started, result)
-            switch result {
-            case .success(let checkpoint):
-                report.checkpoints += 1
-                report.pauseMilliseconds.append(checkpoint.pauseMilliseconds)
-                report.lastGood[series] = checkpoint.generation
-                completion.succeed([.json(.object(checkpoint.fields))])
-            case .failure(let error):
-                report.failedCheckpoints += 1
-                logger.error("checkpoint failed", metadata: ["series": .string(series), "error": .string(error.description)])
-                for failure in error.unresumed {
-                    if let domain = domains[failure.domain] { keepResuming(domain) }
-                }
-                completion.fail(LuaHostError(error))
+    }
+
+    /// The books of a finished checkpoint (metrics, report, resume keepers) and its answer to
+    /// Lua, unless the call was answered already (a pipelined one).
+    private func finishCheckpoint(series: String, started: NIODeadline, _ result: Result<CheckpointResult, CheckpointError>,
+                                  completion: LuaCompletion?) {
+        recordMetrics(series: series, started: started, result)
+        switch result {
+        case .success(let checkpoint):
+            report.checkpoints += 1
+            report.pauseMilliseconds.append(checkpoint.pauseMilliseconds)
+            report.lastGood[series] = checkpoint.generation
+            completion?.succeed([.json(.object(checkpoint.fields))])
+        case .failure(let error):
+            report.failedCheckpoints += 1
+            logger.error("checkpoint failed", metadata: ["series": .string(series), "error": .string(error.description)])
+            for failure in error.unresumed {
+                if let domain = domains[failure.domain] { keepResuming(domain) }
             }
+            completion?.fail(LuaHostError(error))
         }
     }
 

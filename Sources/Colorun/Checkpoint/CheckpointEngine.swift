@@ -101,12 +101,16 @@ enum CheckpointEngine {
     /// each QMP reply continues the checkpoint where it arrives, with no hop to another thread
     /// (`XenCheckpoint`). The commit (fsync, rename, fsync of the directory) goes to
     /// `committer`, which makes the generations of many pairs durable together off the loop;
-    /// without one it runs here, on the loop. `completion` runs on the loop, once.
+    /// without one it runs here, on the loop. `resumed`, if given, runs on the loop when both
+    /// domains run again with the secondary holding the state, before the commit (with
+    /// `durable` false in the result's fields: a pipelined caller may answer there).
+    /// `completion` runs on the loop, once, after the commit.
     static func xenCheckpoint(
         primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
+        resumed: ((CheckpointResult) -> Void)? = nil,
         _ completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void
     ) {
-        XenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, completion: completion).start()
+        XenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, resumed: resumed, completion: completion).start()
     }
 
     /// Resumes every domain at once, on their loop (the callback twin of the async
@@ -208,6 +212,7 @@ private final class XenCheckpoint {
     let secondary: Domain
     let store: GenerationStore
     let committer: GroupCommitter?
+    let resumed: ((CheckpointResult) -> Void)?
     let completion: (Result<CheckpointResult, CheckpointError>) -> Void
     let generation: Int
     let partial: String
@@ -222,11 +227,12 @@ private final class XenCheckpoint {
     var stops: [Result<Void, DomainError>?] = [nil, nil]
 
     init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
-         completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
+         resumed: ((CheckpointResult) -> Void)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
         self.primary = primary
         self.secondary = secondary
         self.store = store
         self.committer = committer
+        self.resumed = resumed
         self.completion = completion
         (generation, partial) = store.begin()
         lastGood = store.lastGood
@@ -284,6 +290,7 @@ private final class XenCheckpoint {
                 return self.completion(.failure(CheckpointError(
                     step: "resume", first, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
             }
+            self.resumed?(self.outcome(path: self.store.finalPath(self.generation), durable: false))
             self.commit()
         }
     }
@@ -304,12 +311,17 @@ private final class XenCheckpoint {
                 step: "commit", domain: "", cause: error.description, errorClass: "StateDirError", command: nil,
                 generation: generation, lastGood: lastGood, unresumed: [])))
         case .success(let generation):
-            completion(.success(CheckpointResult(
-                generation: self.generation, path: generation.path, bytes: bytes,
-                pauseMilliseconds: CheckpointEngine.milliseconds(pauseEnd - pauseStart),
-                saveMilliseconds: CheckpointEngine.milliseconds(saveEnd - saveStart),
-                restoreMilliseconds: CheckpointEngine.milliseconds(restoreEnd - saveEnd))))
+            completion(.success(outcome(path: generation.path, durable: true)))
         }
+    }
+
+    func outcome(path: String, durable: Bool) -> CheckpointResult {
+        CheckpointResult(
+            generation: generation, path: path, bytes: bytes,
+            pauseMilliseconds: CheckpointEngine.milliseconds(pauseEnd - pauseStart),
+            saveMilliseconds: CheckpointEngine.milliseconds(saveEnd - saveStart),
+            restoreMilliseconds: CheckpointEngine.milliseconds(restoreEnd - saveEnd),
+            extra: ["durable": .bool(durable)])
     }
 
     func fail(_ step: String, _ error: DomainError) {

@@ -72,6 +72,10 @@ public final class PolicySession: @unchecked Sendable {
     let committer: GroupCommitter
     /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
     var busyDomains: Set<String> = []
+    /// Pipelined `colo.checkpoint`s answered before their commit, per series (at most one).
+    var pipelinedCommits: [String: Int] = [:]
+    /// A pipelined generation's failed commit, raised by the series' next call.
+    var pipelinedCommitFailures: [String: CheckpointError] = [:]
     /// Domains a resume keeper is retrying `cont` on.
     var keepers: Set<String> = []
     /// The Lua half of `colo.policy` (set by the prelude).
