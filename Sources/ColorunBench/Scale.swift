@@ -109,7 +109,7 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
         name: "Scale: 100 pairs every 25 ms (4,000 cp/s), state dir on disk, pipelined, \(fmt(seconds, 0)) s", colorun: describe(r),
         baseline: "(none)", ratio: "n/a", target: "≥ 3,960 cp/s, jitter p99 < 5 ms, CPU/cp < 250 µs",
         status: missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`: each call returns when both domains run again, its generation is committed (syncfs, rename, syncfs) to the state directory on disk with the next group while the pair goes on, at most one generation per pair in flight (a second waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
+        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`: each call returns when both domains run again, its generation is committed (syncfs, rename, syncfs) to the state directory on disk with the next group while the pair goes on, at most two generations per pair in flight (a third waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
     let short = min(seconds, config.quick ? 5.0 : 15.0)
     let waited = try await runScale(config, pairs: 100, interval: 0.025, warmup: 2, duration: short)
     results.add(Row(

@@ -40,10 +40,15 @@ extension PolicySession {
     /// secondary holding the state (`durable` false) and the generation is committed with the
     /// next group while the pair goes on, so the pair's rate follows the disk's throughput,
     /// not its latency (Remus's pipelined checkpoints; the secondary, not the file, is what a
-    /// failover of this flavour needs). At most one generation per pair commits after its
-    /// call returned: when the previous one is still committing, the call waits for its own
+    /// failover of this flavour needs). At most `pipelineDepth` generations per pair commit after
+    /// their calls returned: when that many are still committing, the call waits for its own
     /// commit (`durable` true). A generation becomes the last good one only once durable; a
     /// failed commit is logged, counted, and raised by the pair's next call.
+    /// How many generations of one pair may commit after their calls returned: two, so that a
+    /// pair's next tick does not wait when its previous commit met a group already being
+    /// written (it waits for that group, then for its own).
+    static let pipelineDepth = 2
+
     private func startPipelinedCheckpoint(series: String, primary: Domain, secondary: Domain, store: GenerationStore,
                                           completion: LuaCompletion) throws {
         let involved = [primary, secondary]
@@ -52,7 +57,7 @@ extension PolicySession {
         var answered = false
         track({ [self] done in
             CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, resumed: { [self] running in
-                guard pipelinedCommits[series, default: 0] == 0 else { return }
+                guard pipelinedCommits[series, default: 0] < Self.pipelineDepth else { return }
                 answered = true
                 pipelinedCommits[series, default: 0] += 1
                 for domain in involved { busyDomains.remove(domain.name) }

@@ -72,7 +72,7 @@ public final class PolicySession: @unchecked Sendable {
     let committer: GroupCommitter
     /// Domains in a checkpoint or restore now: a second one on the same domain is refused.
     var busyDomains: Set<String> = []
-    /// Pipelined `colo.checkpoint`s answered before their commit, per series (at most one).
+    /// Pipelined `colo.checkpoint`s answered before their commit, per series (at most `pipelineDepth`).
     var pipelinedCommits: [String: Int] = [:]
     /// A pipelined generation's failed commit, raised by the series' next call.
     var pipelinedCommitFailures: [String: CheckpointError] = [:]
