@@ -1,17 +1,21 @@
 /* The blocking C baseline of colorun-bench: query-status round trips over a QMP unix socket.
  *
- *   bench_qmp_client SOCK N      prints {"samples_ns": [...]} (N samples after 20 warm-up)
+ *   bench_qmp_client SOCK N [epoll]   prints {"samples_ns": [...]} (N samples after 20 warm-up)
  *
  * One connection; each round trip writes the command with one write() and reads with
  * blocking read() until the line holding "return" (events are skipped). No JSON parsing
- * beyond finding the reply line: what a lean C client would do. scripts/bench compiles it
- * with `cc -O2` into .build-bench/.
+ * beyond finding the reply line: what a lean C client would do. With `epoll` the socket is
+ * non-blocking and every read waits in epoll_wait first, as an event loop does (SwiftNIO,
+ * libuv, QEMU's own): the same client, only the way it waits differs. scripts/bench compiles
+ * it with `cc -O2` into .build-bench/.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -21,6 +25,8 @@
 
 static char buf[1 << 16];
 static size_t have;
+/* With `epoll`: the epoll instance the socket is registered in (level-triggered), else -1. */
+static int ep = -1;
 
 static long long now_ns(void) {
     struct timespec ts;
@@ -33,8 +39,14 @@ static int read_reply(int fd) {
     for (;;) {
         char *nl;
         while ((nl = memchr(buf, '\n', have)) == NULL) {
+            if (ep >= 0) {
+                struct epoll_event ev;
+                int ready = epoll_wait(ep, &ev, 1, -1);
+                if (ready < 0 && errno == EINTR) continue;
+                if (ready != 1) return -1;
+            }
             ssize_t n = read(fd, buf + have, sizeof buf - have);
-            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             if (n <= 0) return -1;
             have += (size_t)n;
         }
@@ -53,7 +65,7 @@ static int send_all(int fd, const char *s) {
     size_t len = strlen(s), off = 0;
     while (off < len) {
         ssize_t n = write(fd, s + off, len - off);
-        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (n <= 0) return -1;
         off += (size_t)n;
     }
@@ -61,8 +73,8 @@ static int send_all(int fd, const char *s) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SOCK N\n", argv[0]);
+    if (argc != 3 && !(argc == 4 && strcmp(argv[3], "epoll") == 0)) {
+        fprintf(stderr, "usage: %s SOCK N [epoll]\n", argv[0]);
         return 2;
     }
     int n = atoi(argv[2]);
@@ -72,6 +84,14 @@ int main(int argc, char **argv) {
     if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         perror("connect");
         return 1;
+    }
+    if (argc == 4) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        ep = epoll_create1(EPOLL_CLOEXEC);
+        if (ep < 0 || fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+            perror("epoll");
+            return 1;
+        }
     }
     /* The greeting is a line without "return": send the capabilities and read to its reply. */
     if (send_all(fd, "{\"execute\": \"qmp_capabilities\"}\n") || read_reply(fd)) {

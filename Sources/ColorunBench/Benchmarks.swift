@@ -47,14 +47,15 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     // the machine falls on all of them alike; each round gives its own ratios.
     var all: [String: [Int64]] = [:]
     var why: [String: String] = [:]
-    var ratioC: [Double] = [], ratioRaw: [Double] = []
+    var ratioC: [Double] = [], ratioRaw: [Double] = [], ratioLoop: [Double] = []
     var cpuPerCall: [Int64] = []
     for _ in 0..<rounds {
         var p50: [String: Double] = [:]
         let c = toolBaseline(config.cClient, [qemu.qmpSocketPath, String(n)], missing: "no C client (scripts/bench compiles scripts/bench_qmp_client.c)")
+        let loopC = toolBaseline(config.cClient, [qemu.qmpSocketPath, String(n), "epoll"], missing: "no C client")
         let raw = pythonBaseline(config.python, config.baselineScript, ["raw-status", qemu.qmpSocketPath, String(n)])
         let lib = pythonBaseline(config.python, config.baselineScript, ["lib-status", qemu.qmpSocketPath, String(n)])
-        for (key, r) in [("c", c), ("raw", raw), ("lib", lib)] {
+        for (key, r) in [("c", c), ("loop", loopC), ("raw", raw), ("lib", lib)] {
             if let samples = r.samples {
                 all[key, default: []] += samples
                 p50[key] = Stats(samples).p50
@@ -85,15 +86,17 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
         let own = Stats(mine).p50
         if let c = p50["c"] { ratioC.append(own / c) }
         if let r = p50["raw"] { ratioRaw.append(own / r) }
+        if let l = p50["loop"] { ratioLoop.append(own / l) }
     }
     let colorun = Stats(all["colorun"] ?? [])
     func stats(_ key: String, _ label: String) -> String {
         all[key].map { "\(label) \(ms(Stats($0)))" } ?? "\(label) skipped (\(why[key] ?? "?"))"
     }
-    let baseline = [stats("c", "blocking C"), stats("raw", "raw py"), stats("lib", "qemu.qmp")].joined(separator: "; ")
+    let baseline = [stats("c", "blocking C"), stats("raw", "raw py"), stats("lib", "qemu.qmp"), stats("loop", "(diagnostic) C waiting in epoll")].joined(separator: "; ")
     var ratio: [String] = []
     if !ratioC.isEmpty { ratio.append("\(spread(ratioC)) C") }
     if !ratioRaw.isEmpty { ratio.append("\(spread(ratioRaw)) raw py") }
+    if !ratioLoop.isEmpty { ratio.append("\(spread(ratioLoop)) C in epoll") }
     var missed: [String] = []
     if let m = median(ratioC), m > 1.10 { missed.append("C") }
     if let m = median(ratioRaw), m > 1.0 { missed.append("raw py") }
@@ -103,7 +106,7 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
         ratio: ratio.isEmpty ? "n/a" : ratio.joined(separator: "; "),
         target: "≤ 1.10× blocking C p50, ≤ 1.0× raw py p50 (medians of the rounds)",
         status: !measured ? "skipped: \(why["c"] ?? why["raw"] ?? "?")" : missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU"))
+        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU; diagnostic, not a target: the same C client waiting in epoll_wait before each read, as an event loop does (what waiting through epoll instead of in read costs on this machine)"))
     if let qmpBench = config.qmpBench {
         // The same QEMU build through QMPClient alone (no Lua): the existing qmp-bench tool.
         let out = runTool(qmpBench, [String(n)])
