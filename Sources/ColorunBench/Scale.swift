@@ -196,7 +196,11 @@ func highestRate(_ config: BenchConfig, pairs: Int, intervals: [Double], seconds
     var best: ScaleResult?
     var tried: [String] = []
     for interval in intervals {
-        let r = try await runScale(config, pairs: pairs, interval: interval, warmup: 1, duration: seconds)
+        // Pairs are armed over one interval and tick first one interval later: the window starts
+        // once every pair ticks, and holds a whole number of intervals.
+        let warmup = max(1, 2 * interval + 0.1)
+        let window = max(seconds, interval * 3).rounded(.up)
+        let r = try await runScale(config, pairs: pairs, interval: interval, warmup: warmup, duration: (window / interval).rounded(.up) * interval)
         tried.append("\(fmt(interval * 1000, 1)) ms: \(fmt(r.rate, 0))/\(fmt(r.target, 0)) cp/s, jitter p99 \(fmt(r.lateness.p99 / 1e6, 1)) ms, \(fmt(r.cpuPerCheckpointMicros, 0)) µs CPU/cp")
         if r.sustained { best = r } else { break }
     }

@@ -177,6 +177,23 @@ struct FleetClusterTests {
             moved.allSatisfy { domains[2 * Int($0.dropFirst(4))!].saveCounter > savesAtBalance[$0]! }
         }
 
+        // Drain n1 for maintenance (`colorun fleet drain`): its 100 pairs move to n2 and n4
+        // (150 each), gradually, and each checkpoints there; n1 keeps running, owning none.
+        let drainPid = try spawnChild([binary, "fleet", "drain", "n1", "--etcd", url], lifetime: .owned,
+                                      standardOutput: .appendingTo(dir.file("drain.log")), standardError: .appendingTo(dir.file("drain.log")))
+        #expect(reapChild(drainPid, blocking: true) == .exited(code: 0), "fleet drain: \(String(decoding: (try? readFile(dir.file("drain.log"))) ?? [], as: UTF8.self))")
+        let onN1 = try await store.snapshot().owners.filter { $0.value.node == "n1" }.map(\.key)
+        #expect(onN1.count == 100)
+        try await waitUntil("n1 drained: 150 pairs each on n2 and n4", timeout: .seconds(60), interval: .milliseconds(100)) {
+            let view = try await store.snapshot().view
+            return view.unowned.isEmpty && view.counts["n1", default: 0] == 0 && view.counts["n2"] == 150 && view.counts["n4"] == 150
+        }
+        let savesAtDrain = Dictionary(uniqueKeysWithValues: onN1.map { ($0, domains[2 * Int($0.dropFirst(4))!].saveCounter) })
+        try await waitUntil("every pair n1 gave away checkpoints again", timeout: .seconds(15), interval: .milliseconds(100)) {
+            onN1.allSatisfy { domains[2 * Int($0.dropFirst(4))!].saveCounter > savesAtDrain[$0]! }
+        }
+        #expect(try await store.snapshot().view.nodes.contains("n1"), "a drained node stays in the fleet")
+
         // Stop the instances: their pairs stop, every domain runs.
         for instance in instances.indices where instance != 2 {
             let status = await instances[instance].stop()
