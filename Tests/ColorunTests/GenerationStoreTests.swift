@@ -1,6 +1,7 @@
 import ColorunTestSupport
 import NIOCore
 import NIOPosix
+import ColorunSystem
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -185,5 +186,39 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(!StopJournal.writerIsAlive(entries[0]), "our own entries are ours to recover")
         journal.didResume(domain: "web/p 1")
         #expect(journal.entries().map(\.domain) == ["web-s"])
+    }
+
+    /// The record after updates through its mapping: one 1 KiB line of JSON, `"state":"stopped"`
+    /// as one run of text, `since` the time of the last update, names escaped; what a
+    /// successor (another StopJournal on the same directory) reads.
+    @Test func mappedRecordsReadAsJSONByASuccessor() throws {
+        let dir = makeTempDirectory()
+        let journal = try StopJournal(stateDirectory: dir)
+        let name = "we\"b\\p é"
+        for _ in 0..<3 {
+            try journal.willStop(domain: name, endpoint: "unix:/run/a.sock")
+            journal.didResume(domain: name)
+        }
+        try journal.willStop(domain: name, endpoint: "unix:/run/a.sock")
+        let files = try GenerationStore.list(dir + "/journal").filter { $0.hasSuffix(".journal") }
+        #expect(files.count == 1)
+        let bytes = try readFile(dir + "/journal/" + files[0])
+        #expect(bytes.count == StopJournal.recordSize && bytes.last == 0x0A)
+        #expect(String(decoding: bytes, as: UTF8.self).contains(#""state":"stopped""#))
+        let successor = try StopJournal(stateDirectory: dir)
+        let entries = successor.entries()
+        #expect(entries.map(\.domain) == [name] && entries.first?.endpoint == "unix:/run/a.sock")
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        #expect(abs((entries.first?.since ?? 0) - Double(now.tv_sec)) < 60, "since: \(entries.first?.since ?? 0)")
+        journal.didResume(domain: name)
+        #expect(successor.entries().isEmpty)
+        #expect(String(decoding: try readFile(dir + "/journal/" + files[0]), as: UTF8.self).contains(#""state":"running""#))
+        // A new endpoint for the same name rewrites the whole record.
+        try journal.willStop(domain: name, endpoint: "tcp:10.0.0.1:4444")
+        #expect(successor.entries().first?.endpoint == "tcp:10.0.0.1:4444")
+        #expect(throws: GenerationStoreError.self) {
+            try journal.willStop(domain: "long", endpoint: "unix:/" + String(repeating: "x", count: 2000))
+        }
     }
 }
