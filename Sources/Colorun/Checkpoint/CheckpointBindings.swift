@@ -36,6 +36,11 @@ extension PolicySession {
         try startPipelinedCheckpoint(series: series, primary: primary, secondary: secondary, store: store, completion: completion)
     }
 
+    /// How many generations of one pair may commit after their calls returned: two, so that a
+    /// pair's next tick does not wait when its previous commit met a group already being
+    /// written (it waits for that group, then for its own).
+    static let pipelineDepth = 2
+
     /// A pipelined `colo.checkpoint`: the call returns once both domains run again with the
     /// secondary holding the state (`durable` false) and the generation is committed with the
     /// next group while the pair goes on, so the pair's rate follows the disk's throughput,
@@ -44,11 +49,6 @@ extension PolicySession {
     /// their calls returned: when that many are still committing, the call waits for its own
     /// commit (`durable` true). A generation becomes the last good one only once durable; a
     /// failed commit is logged, counted, and raised by the pair's next call.
-    /// How many generations of one pair may commit after their calls returned: two, so that a
-    /// pair's next tick does not wait when its previous commit met a group already being
-    /// written (it waits for that group, then for its own).
-    static let pipelineDepth = 2
-
     private func startPipelinedCheckpoint(series: String, primary: Domain, secondary: Domain, store: GenerationStore,
                                           completion: LuaCompletion) throws {
         let involved = [primary, secondary]
