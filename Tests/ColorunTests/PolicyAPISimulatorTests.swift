@@ -165,6 +165,7 @@ import Glibc
                 test.wait("second refused")
                 local ok, err = pcall(colo.checkpoint, p, s, {pipeline = true})
                 assert(not ok and err.step == "commit" and err.generation == 2 and err.class == "StateDirError", tostring(err))
+                assert(err.last_good == 1, "last_good: " .. tostring(err.last_good))
                 assert(tostring(err):find("earlier pipelined generation") and tostring(err):find("fencing token 5 is stale"), tostring(err))
                 local gens = colo.generations(p, s)
                 assert(#gens == 1 and gens[1].generation == 1)

@@ -25,6 +25,7 @@ extension PolicySession {
         // call raises it, before anything is stopped.
         if var failed = pipelinedCommitFailures.removeValue(forKey: series) {
             failed.cause = "an earlier pipelined generation was not committed: " + failed.cause
+            failed.lastGood = stores[series]?.lastGood ?? failed.lastGood
             throw LuaHostError(failed)
         }
         let store = try store(series: series, fileExtension: "devstate", keep: keep)
