@@ -156,17 +156,17 @@ final class StopJournal: @unchecked Sendable {
     }
 
     private func write(domain: String, endpoint: String, stopped: Bool) throws(GenerationStoreError) {
-        let target = path(for: domain)
         try records.withLock { (records: inout [String: Record]) throws(GenerationStoreError) in
             if let record = records[domain], record.endpoint == endpoint {
                 record.set(stopped: stopped)
             } else {
                 // First for this domain in this run (or its endpoint changed): the whole record.
-                records[domain] = try Record(path: target, domain: domain, endpoint: endpoint, stopped: stopped)
+                records[domain] = try Record(path: path(for: domain), domain: domain, endpoint: endpoint, stopped: stopped)
             }
         }
     }
 
+    /// Records that `domain` is about to be stopped by this process.
     func willStop(domain: String, endpoint: String) throws(GenerationStoreError) {
         try write(domain: domain, endpoint: endpoint, stopped: true)
     }
