@@ -1,8 +1,10 @@
+import ColorunSystem
 import ColorunTestSupport
 import QEMUSimulator
 import QMP
 import Testing
 @testable import Colorun
+import LuaRuntime
 
 #if canImport(Glibc)
 import Glibc
@@ -144,6 +146,41 @@ import Glibc
             let names = try GenerationStore.list(dir).filter { $0 != "." && $0 != ".." }.sorted()
             #expect(names == ["gen-00000020.devstate", "gen-00000021.devstate"], "keep = 2, nothing partial: \(names)")
             #expect(pair.secondary.loadedStates.map(\.file.save) == Array(1...21))
+        }
+    }
+
+    /// `--staging-dir`: the primary saves and the secondary loads each device state under
+    /// the run's own staging directory; the commit puts it in the state directory (the
+    /// result's path), pruned generations' files are reused there, and the run's staging
+    /// directory is gone when the run ends, pipelined generations included.
+    @Test func stagedCheckpointsAreCommittedIntoTheStateDirectory() async throws {
+        try await withSimulatedPair { pair in
+            let staging = makeTempDirectory("colorun-staging-root")
+            let runs: @Sendable () -> [String] = {
+                ((try? GenerationStore.list(staging)) ?? []).filter { $0.hasPrefix("colorun-staging-") }
+            }
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                for i = 1, 8 do
+                  local r = colo.checkpoint(p, s, {keep = 2, pipeline = i % 2 == 0})
+                  assert(r.generation == i)
+                  assert(r.path:find("/state/checkpoints/web-p+web-s/gen-", 1, true), r.path)
+                  test.one_staging_run()
+                end
+                """#, domains: pair.domains,
+                hooks: ["one_staging_run": { if runs().count != 1 { throw LuaHostError.message("staging runs: \(runs())") } }],
+                configure: { $0.stagingDirectory = staging })
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            #expect(run.report.lastGood["web-p+web-s"] == 8)
+            #expect(runs().isEmpty, "the run's staging directory is removed at its end")
+            let loaded = pair.secondary.loadedStates
+            #expect(loaded.map(\.file.save) == Array(1...8))
+            #expect(loaded.allSatisfy { $0.path.hasPrefix(staging + "/colorun-staging-") }, "\(loaded.map(\.path))")
+            let dir = run.stateDirectory + "/checkpoints/web-p+web-s"
+            let names = try GenerationStore.list(dir).sorted()
+            #expect(names.filter { !$0.hasPrefix(".") } == ["gen-00000007.devstate", "gen-00000008.devstate"])
+            #expect(names.filter { $0.hasPrefix(".") }.allSatisfy { $0.hasSuffix(".free") }, "\(names)")
+            #expect(try readFile(dir + "/gen-00000008.devstate").prefix(4) == [0x51, 0x45, 0x56, 0x4d])
         }
     }
 

@@ -6,6 +6,7 @@ import Glibc
 #endif
 import LuaRuntime
 import NIOCore
+import QEMULab
 
 /// The checkpoint and restore bindings of a session: `colo.checkpoint`, `remus.checkpoint`
 /// and `remus.restore` start the engine's operations, keep the session's books (busy
@@ -128,7 +129,11 @@ extension PolicySession {
         }
         let store: GenerationStore
         do {
-            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep, fencing: options.fencing)
+            // Device states (the Xen cycle's, small) go through the staging directory if
+            // there is one; Remus streams (the guest's memory) never do.
+            let staging = fileExtension == "devstate" ? try stagingDirectory().map { $0 + "/" + series } : nil
+            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep,
+                                        fencing: options.fencing, staging: staging)
         } catch {
             throw LuaHostError.structured(
                 ["class": "StateDirError", "desc": .string(error.description), "step": "open"], message: "state directory: \(error)")
@@ -138,6 +143,23 @@ extension PolicySession {
         }
         stores[series] = store
         return store
+    }
+
+    /// This run's staging directory (made on first use under `--staging-dir`, after sweeping
+    /// those of runs that died), nil without `--staging-dir`.
+    func stagingDirectory() throws(GenerationStoreError) -> String? {
+        guard let root = options.stagingDirectory else { return nil }
+        if let stagingRun { return stagingRun }
+        try GenerationStore.makeDirectories(root)
+        RunDirectorySweep.sweepOnce(root, logger: logger)
+        do {
+            let run = try makeTemporaryDirectory(in: root, prefix: "colorun-staging")
+            try RunDirectoryOwner.current().write(to: run)
+            stagingRun = run
+            return run
+        } catch {
+            throw GenerationStoreError(path: root, reason: "cannot make the staging directory: \(error)")
+        }
     }
 
     /// `remus.restore(spec, generation)`: starts a standby QEMU reading a Remus generation

@@ -64,6 +64,13 @@ public struct PolicyOptions: Sendable {
     public var domains: [DomainSpec] = []
     /// Generations, the stop journal and the like live here.
     public var stateDirectory: String = PolicyOptions.defaultStateDirectory
+    /// `--staging-dir`: a directory in memory (tmpfs, such as /dev/shm) where the Xen
+    /// cycle's device states are saved and loaded before their commit copies them into the
+    /// state directory, into the files of pruned generations (no new inode or block per
+    /// generation). Each run makes its own `colorun-staging-*` directory there and removes
+    /// it at the end (a killed run's is swept by the next). Both QEMUs must reach it, as
+    /// they must reach the state directory without it. nil: saved in the state directory.
+    public var stagingDirectory: String?
     /// How many checkpoint generations to keep per pair unless a call says otherwise.
     public var keepGenerations = 3
     public var lua = LuaRuntimeOptions()

@@ -1,3 +1,4 @@
+import ColorunSystem
 import JSON
 import Logging
 import LuaRuntime
@@ -53,6 +54,8 @@ public final class PolicySession: @unchecked Sendable {
     var domains: [String: Domain] = [:]
     var domainOrder: [String] = []
     var stores: [String: GenerationStore] = [:]
+    /// This run's directory under `options.stagingDirectory`, made with the first staged store.
+    var stagingRun: String?
     var inFlight = 0
     var idleWaiters: [EventLoopPromise<Void>] = []
     var report = PolicyReport(outcome: .finished)
@@ -384,6 +387,7 @@ public final class PolicySession: @unchecked Sendable {
             arbiter?.shutdown(pause: { [self] reason in fenceGuarded(reason) }) ?? eventLoop.makeSucceededVoidFuture()
         }.flatMap { [self] in
             for domain in domains.values { domain.dropConnection() }
+            if let stagingRun { removeTree(stagingRun) }
             if ownsBlockingIO { blockingIO.shutdownGracefully { _ in } }
             return EventLoopFuture.andAllComplete(extensions.map { $0.shutdown(session: self) }, on: eventLoop)
         }
