@@ -34,11 +34,11 @@ struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
 /// A *staged* store (`staging` set: a directory in memory, such as one under /dev/shm)
 /// has QEMU save each generation there and the secondary load it from there; the commit
 /// copies it into the state directory. The copy goes into the file of a generation pruned
-/// earlier (renamed to the partial name first, written in place, its length set), so a
-/// generation on disk costs no new inode and, at a steady device-state size, no block
-/// allocation: what bounds a disk's generations per second when QEMU creates each file
-/// (about 3× fewer measured on this machine's ext4). Pruned files wait, hidden, under
-/// `.gen-N.EXT.free`; a killed run's are removed when the store is opened.
+/// earlier (hidden under `.gen-N.EXT.free`, written in place, its length set, renamed to the
+/// final name), so a generation on disk costs no new inode and, at a steady device-state
+/// size, no block allocation: what bounds a disk's generations per second when QEMU creates
+/// each file (about 3× fewer measured on this machine's ext4). A killed run's free files are
+/// removed when the store is opened.
 final class GenerationStore: Sendable {
     let directory: String
     let fileExtension: String
@@ -227,14 +227,17 @@ final class GenerationStore: Sendable {
         var fds: [Int32] = Array(repeating: -1, count: items.count)
         var sizes: [Int] = Array(repeating: 0, count: items.count)
         var devices: [UInt64] = Array(repeating: 0, count: items.count)
+        // Where each generation is until its rename: its partial name, or for a staged one
+        // written into a free file, that file's name.
+        var names = items.map { $0.store.partialPath($0.number) }
         for (i, item) in items.enumerated() where item.store.staging != nil {
             do throws(GenerationStoreError) {
-                try item.store.copyIn(item.number)
+                (names[i], fds[i], sizes[i], devices[i]) = try item.store.copyIn(item.number)
             } catch {
                 results[i] = .failure(error)
             }
         }
-        for (i, item) in items.enumerated() where results[i] == nil {
+        for (i, item) in items.enumerated() where results[i] == nil && fds[i] < 0 {
             let partial = item.store.partialPath(item.number)
             let fd = open(partial, O_RDONLY | O_CLOEXEC)
             var info = stat()
@@ -254,7 +257,8 @@ final class GenerationStore: Sendable {
         if open.count < syncfsGroupSize || !syncEachFilesystem(open.map { (devices[$0], fds[$0]) }) {
             for i in open { startWriteback(fds[i]) }
             for i in open where fsync(fds[i]) != 0 {
-                results[i] = .failure(GenerationStoreError(path: items[i].store.partialPath(items[i].number), reason: "fsync failed: \(Self.errnoText())"))
+                results[i] = .failure(GenerationStoreError(path: names[i], reason: "fsync failed: \(Self.errnoText())"))
+                if items[i].store.staging != nil { unlink(names[i]) }
             }
         }
         // The fencing tokens, just before the renames: a refused generation is discarded,
@@ -272,7 +276,7 @@ final class GenerationStore: Sendable {
                 refusals[key] = .some(refusal)
             }
             if let refusal {
-                unlink(item.store.partialPath(item.number))
+                unlink(names[i])
                 results[i] = .failure(GenerationStoreError(path: item.store.finalPath(item.number), reason: "not committed: \(refusal)"))
             }
         }
@@ -280,10 +284,11 @@ final class GenerationStore: Sendable {
         var renamed: [Int] = []
         for i in open where results[i] == nil {
             let final = items[i].store.finalPath(items[i].number)
-            if rename(items[i].store.partialPath(items[i].number), final) == 0 {
+            if rename(names[i], final) == 0 {
                 renamed.append(i)
             } else {
                 results[i] = .failure(GenerationStoreError(path: final, reason: "rename failed: \(Self.errnoText())"))
+                if items[i].store.staging != nil { unlink(names[i]) }
             }
         }
         // 3. The directories.
@@ -325,44 +330,59 @@ final class GenerationStore: Sendable {
         return true
     }
 
-    /// A staged generation into `directory` under its partial name: written into a pruned
-    /// generation's file when there is one (renamed first, so a crash leaves only a partial
-    /// name), its length set to the generation's; then the staged copy is removed. Durable
-    /// only after the commit's sync.
-    private func copyIn(_ number: Int) throws(GenerationStoreError) {
+    /// A staged generation into `directory`, under a hidden name: written in place into a
+    /// pruned generation's free file when one is ready (its length set to the generation's),
+    /// else into a new file under the partial name; then the staged copy is removed. Returns
+    /// the hidden name the commit renames. Durable only after the commit's sync.
+    private func copyIn(_ number: Int) throws(GenerationStoreError) -> (path: String, fd: Int32, bytes: Int, device: UInt64) {
         let source = savePath(number)
-        let target = partialPath(number)
-        let input = open(source, O_RDONLY | O_CLOEXEC)
-        guard input >= 0 else { throw GenerationStoreError(path: source, reason: Self.errnoText()) }
-        defer { close(input) }
-        if let reused = state.withLock({ $0.free.isEmpty ? nil : $0.free.removeLast() }) {
-            if rename(freePath(reused), target) != 0 { unlink(freePath(reused)) }
-        }
+        let bytes = try Self.readWhole(source)
+        // A free file is hidden already: written under its free name, renamed straight to
+        // the final one (no third rename). Without one, a new file under the partial name.
+        let target = state.withLock { $0.free.isEmpty ? nil : $0.free.removeLast() }.map(freePath) ?? partialPath(number)
         let output = open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
         guard output >= 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
-        defer { close(output) }
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
-        var offset = 0
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw GenerationStoreError(path: source, reason: "read failed: \(Self.errnoText())") }
-            if n == 0 { break }
-            var done = 0
-            while done < n {
-                let w = buffer.withUnsafeBytes { pwrite(output, $0.baseAddress! + done, n - done, off_t(offset + done)) }
-                if w < 0 && errno == EINTR { continue }
-                guard w > 0 else { throw GenerationStoreError(path: target, reason: "write failed: \(Self.errnoText())") }
-                done += w
-            }
-            offset += n
-        }
         var info = stat()
-        guard fstat(output, &info) == 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
-        if Int(info.st_size) != offset, ftruncate(output, off_t(offset)) != 0 {
-            throw GenerationStoreError(path: target, reason: "cannot set the length: \(Self.errnoText())")
+        do throws(GenerationStoreError) {
+            var done = 0
+            while done < bytes.count {
+                let n = bytes.withUnsafeBytes { pwrite(output, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw GenerationStoreError(path: target, reason: "write failed: \(Self.errnoText())") }
+                done += n
+            }
+            guard fstat(output, &info) == 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
+            // A reused file longer than this generation is cut to it (no call when the
+            // length is the same: a truncate also updates the inode's times).
+            if Int(info.st_size) != bytes.count, ftruncate(output, off_t(bytes.count)) != 0 {
+                throw GenerationStoreError(path: target, reason: "cannot set the length: \(Self.errnoText())")
+            }
+        } catch {
+            close(output)
+            unlink(target)
+            throw error
         }
         unlink(source)
+        return (target, output, bytes.count, UInt64(info.st_dev))
+    }
+
+    /// A staged file's bytes (a device state: kilobytes to a few megabytes), read to its end.
+    private static func readWhole(_ path: String) throws(GenerationStoreError) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw GenerationStoreError(path: path, reason: errnoText()) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 1 << 16)
+        var count = 0
+        while true {
+            if count == bytes.count { bytes += [UInt8](repeating: 0, count: bytes.count) }
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + count, $0.count - count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw GenerationStoreError(path: path, reason: "read failed: \(errnoText())") }
+            if n == 0 { break }
+            count += n
+        }
+        bytes.removeSubrange(count...)
+        return bytes
     }
 
     /// Records a committed generation and removes those beyond `keep` (the oldest); a
