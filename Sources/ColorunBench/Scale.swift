@@ -77,7 +77,7 @@ func runScale(_ config: BenchConfig, pairs: Int, interval: Double, warmup: Doubl
     defer { try? FileManager.default.removeItem(atPath: shm) }
     let report = try await runPolicy(scalePolicy, domains: domains, bench: bench) { options in
         if stateOnTmpfs { options.stateDirectory = shm + "/state" }
-        if staging { options.stagingDirectory = shm + "/staging" }
+        if staging { options.runtimeDirectory = shm + "/runtime" }
     }
     let counts = bench.samples("counts")
     return ScaleResult(

@@ -168,7 +168,7 @@ struct PolicyRunner {
             writeStandardError("colorun: exiting before the session ended; every domain this run stopped was resumed")
             exit(0)
         }
-        writeStandardError("colorun: exiting before the session ended; NOT RESUMED: \(stillStopped.joined(separator: ", ")) -- these VMs may still be paused; the next colorun run with the same --state-dir resumes them")
+        writeStandardError("colorun: exiting before the session ended; NOT RESUMED: \(stillStopped.joined(separator: ", ")) -- these VMs may still be paused; the next colorun run with the same --state-dir (and --runtime-dir, if given) resumes them")
         exit(1)
     }
 }

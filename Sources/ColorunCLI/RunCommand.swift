@@ -63,10 +63,10 @@ struct RunCommand: ColorunSubcommand {
         valueName: "DIR"))
     var stateDirectory: String?
 
-    @Option(name: .customLong("staging-dir"), help: ArgumentHelp(
-        "A directory in memory (such as /dev/shm) where colo.checkpoint's device states are saved and loaded before they are copied into the state directory at commit (no new file per generation on disk). Both QEMUs must reach it.",
+    @Option(name: .customLong("runtime-dir"), help: ArgumentHelp(
+        "A directory in memory (tmpfs, such as /run/colorun/NAME) for what must outlive colorun but not the host: the stop journal, and colo.checkpoint's device states before their commit copies them into the state directory. Keep it across runs, one per run, as --state-dir; both QEMUs must reach it.",
         valueName: "DIR"))
-    var stagingDirectory: String?
+    var runtimeDirectory: String?
 
     @Flag(name: .customLong("allow-exec"), help: "Let the policy run commands with exec.run.")
     var allowExec = false
@@ -160,7 +160,7 @@ struct RunCommand: ColorunSubcommand {
             // Owned by this process: swept by a later run if this one is killed.
             do { try RunDirectoryOwner.current().write(to: options.stateDirectory) } catch { throw ValidationError(error.description) }
         }
-        options.stagingDirectory = stagingDirectory
+        options.runtimeDirectory = runtimeDirectory
         options.keepGenerations = keep
         options.allowExec = allowExec
         options.lua.memoryLimit = memoryLimit.bytes

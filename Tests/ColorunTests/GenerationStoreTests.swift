@@ -271,6 +271,26 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
     /// The record after updates through its mapping: one 1 KiB line of JSON, `"state":"stopped"`
     /// as one run of text, `since` the time of the last update, names escaped; what a
     /// successor (another StopJournal on the same directory) reads.
+    /// A run with `--runtime-dir` moves the records an earlier run left in
+    /// `<state-dir>/journal` into its own journal directory, so a domain a killed run left
+    /// stopped is still found (and its record cleared in the new place only).
+    @Test func recordsLeftInTheStateDirectoryAreAdoptedByARuntimeJournal() throws {
+        let state = makeTempDirectory()
+        let runtime = makeTempDirectory()
+        let old = try StopJournal(stateDirectory: state)
+        try old.willStop(domain: "web-p", endpoint: "unix:/run/web-p.sock")
+        try old.willStop(domain: "web-s", endpoint: "unix:/run/web-s.sock")
+        old.didResume(domain: "web-s")
+        let moved = try StopJournal(directory: runtime + "/journal", adopting: state + "/journal")
+        #expect(try GenerationStore.list(state + "/journal").isEmpty)
+        #expect(try GenerationStore.list(runtime + "/journal").sorted() == ["web-p.journal", "web-s.journal"])
+        #expect(moved.entries().map(\.domain) == ["web-p"])
+        #expect(moved.entries().first?.endpoint == "unix:/run/web-p.sock")
+        moved.didResume(domain: "web-p")
+        #expect(moved.entries().isEmpty)
+        #expect(try StopJournal(stateDirectory: state).entries().isEmpty)
+    }
+
     @Test func mappedRecordsReadAsJSONByASuccessor() throws {
         let dir = makeTempDirectory()
         let journal = try StopJournal(stateDirectory: dir)

@@ -149,13 +149,15 @@ import Glibc
         }
     }
 
-    /// `--staging-dir`: the primary saves and the secondary loads each device state under
-    /// the run's own staging directory; the commit puts it in the state directory (the
+    /// `--runtime-dir`: the primary saves and the secondary loads each device state under
+    /// the run's own staging directory there; the commit puts it in the state directory (the
     /// result's path), pruned generations' files are reused there, and the run's staging
-    /// directory is gone when the run ends, pipelined generations included.
+    /// directory is gone when the run ends, pipelined generations included. The stop journal
+    /// is in the runtime directory, not the state directory.
     @Test func stagedCheckpointsAreCommittedIntoTheStateDirectory() async throws {
         try await withSimulatedPair { pair in
-            let staging = makeTempDirectory("colorun-staging-root")
+            let runtime = makeTempDirectory("colorun-runtime")
+            let staging = runtime + "/staging"
             let runs: @Sendable () -> [String] = {
                 ((try? GenerationStore.list(staging)) ?? []).filter { $0.hasPrefix("colorun-staging-") }
             }
@@ -169,7 +171,7 @@ import Glibc
                 end
                 """#, domains: pair.domains,
                 hooks: ["one_staging_run": { if runs().count != 1 { throw LuaHostError.message("staging runs: \(runs())") } }],
-                configure: { $0.stagingDirectory = staging })
+                configure: { $0.runtimeDirectory = runtime })
             #expect(run.failure == nil, "\(run.failure ?? "")")
             #expect(run.report.lastGood["web-p+web-s"] == 8)
             #expect(runs().isEmpty, "the run's staging directory is removed at its end")
@@ -181,6 +183,8 @@ import Glibc
             #expect(names.filter { !$0.hasPrefix(".") } == ["gen-00000007.devstate", "gen-00000008.devstate"])
             #expect(names.filter { $0.hasPrefix(".") }.allSatisfy { $0.hasSuffix(".free") }, "\(names)")
             #expect(try readFile(dir + "/gen-00000008.devstate").prefix(4) == [0x51, 0x45, 0x56, 0x4d])
+            #expect(try GenerationStore.list(runtime + "/journal").sorted() == ["web-p.journal", "web-s.journal"])
+            #expect(((try? GenerationStore.list(run.stateDirectory + "/journal")) ?? []).isEmpty)
         }
     }
 

@@ -145,10 +145,10 @@ extension PolicySession {
         return store
     }
 
-    /// This run's staging directory (made on first use under `--staging-dir`, after sweeping
-    /// those of runs that died), nil without `--staging-dir`.
+    /// This run's staging directory (made on first use under `<runtime-dir>/staging`, after
+    /// sweeping those of runs that died), nil without `--runtime-dir`.
     func stagingDirectory() throws(GenerationStoreError) -> String? {
-        guard let root = options.stagingDirectory else { return nil }
+        guard let root = options.runtimeDirectory.map({ $0 + "/staging" }) else { return nil }
         if let stagingRun { return stagingRun }
         try GenerationStore.makeDirectories(root)
         RunDirectorySweep.sweepOnce(root, logger: logger)

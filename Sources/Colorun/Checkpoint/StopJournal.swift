@@ -10,7 +10,8 @@ import Synchronization
 
 /// The domains this colorun has stopped and not yet resumed, on disk.
 ///
-/// Each domain has a small record `<state-dir>/journal/<domain>.journal` (its name, QMP
+/// Each domain has a small record `<state-dir>/journal/<domain>.journal`, or under
+/// `<runtime-dir>/journal/` with `--runtime-dir` (its name, QMP
 /// endpoint, colorun's pid and whether colorun has it stopped). Before colorun sends `stop`
 /// it writes "stopped"; after `cont` succeeds it writes "running". If colorun is killed in
 /// between (SIGKILL, OOM), a later run finds the record and resumes the domain. The record
@@ -140,9 +141,30 @@ final class StopJournal: @unchecked Sendable {
     private let records = Mutex<[String: Record]>([:])
     static let recordSize = 1024
 
-    init(stateDirectory: String) throws(GenerationStoreError) {
-        directory = stateDirectory + "/journal"
+    convenience init(stateDirectory: String) throws(GenerationStoreError) {
+        try self.init(directory: stateDirectory + "/journal")
+    }
+
+    /// Records in `directory`; with `adopting`, the records found in that other journal
+    /// directory (where an earlier run kept them, `<state-dir>/journal` before
+    /// `--runtime-dir`) are moved here first, so that none is missed.
+    init(directory: String, adopting other: String? = nil) throws(GenerationStoreError) {
+        self.directory = directory
         try GenerationStore.makeDirectories(directory)
+        guard let other, other != directory else { return }
+        for name in ((try? GenerationStore.list(other)) ?? []) where name.hasSuffix(".journal") {
+            guard let bytes = try? readFile(other + "/" + name) else { continue }
+            let partial = directory + "/." + name + ".partial"
+            do {
+                try writeFile(partial, bytes)
+            } catch {
+                throw GenerationStoreError(path: partial, reason: "cannot move a stop journal record here: \(error)")
+            }
+            guard rename(partial, directory + "/" + name) == 0 else {
+                throw GenerationStoreError(path: directory + "/" + name, reason: GenerationStore.errnoText())
+            }
+            unlink(other + "/" + name)
+        }
     }
 
     private func path(for domain: String) -> String {

@@ -64,13 +64,21 @@ public struct PolicyOptions: Sendable {
     public var domains: [DomainSpec] = []
     /// Generations, the stop journal and the like live here.
     public var stateDirectory: String = PolicyOptions.defaultStateDirectory
-    /// `--staging-dir`: a directory in memory (tmpfs, such as /dev/shm) where the Xen
-    /// cycle's device states are saved and loaded before their commit copies them into the
-    /// state directory, into the files of pruned generations (no new inode or block per
-    /// generation). Each run makes its own `colorun-staging-*` directory there and removes
-    /// it at the end (a killed run's is swept by the next). Both QEMUs must reach it, as
-    /// they must reach the state directory without it. nil: saved in the state directory.
-    public var stagingDirectory: String?
+    /// `--runtime-dir`: a directory in memory (tmpfs: /run/colorun/NAME, /dev/shm/NAME) for
+    /// what must outlive the colorun process but not the host, kept off the state
+    /// directory's filesystem (whose commits would otherwise write it back every time):
+    /// - `journal/`: the stop journal (else `<state-dir>/journal`); records found in
+    ///   `<state-dir>/journal` are moved here when the run starts;
+    /// - `staging/colorun-staging-*/`: the Xen cycle's device states, saved by the primary
+    ///   and loaded by the secondary there; the commit copies each into the state directory,
+    ///   into the file of a pruned generation (no new inode or block per generation). Each run
+    ///   makes its own and removes it at its end (a killed run's is swept by the next).
+    /// Both QEMUs must reach it, as they must reach the state directory. One per run, as the
+    /// state directory. nil: all of it in the state directory.
+    public var runtimeDirectory: String?
+
+    /// Where the stop journal's records are.
+    var journalDirectory: String { (runtimeDirectory ?? stateDirectory) + "/journal" }
     /// How many checkpoint generations to keep per pair unless a call says otherwise.
     public var keepGenerations = 3
     public var lua = LuaRuntimeOptions()

@@ -54,7 +54,7 @@ public final class PolicySession: @unchecked Sendable {
     var domains: [String: Domain] = [:]
     var domainOrder: [String] = []
     var stores: [String: GenerationStore] = [:]
-    /// This run's directory under `options.stagingDirectory`, made with the first staged store.
+    /// This run's staging directory under `options.runtimeDirectory`, made with the first staged store.
     var stagingRun: String?
     var inFlight = 0
     var idleWaiters: [EventLoopPromise<Void>] = []
@@ -110,7 +110,9 @@ public final class PolicySession: @unchecked Sendable {
         ownsBlockingIO = options.sharedBlockingIO == nil
         committer = GroupCommitter(pool: blockingIO, eventLoop: eventLoop)
         do {
-            journal = try StopJournal(stateDirectory: options.stateDirectory)
+            journal = try StopJournal(
+                directory: options.journalDirectory,
+                adopting: options.runtimeDirectory == nil ? nil : options.stateDirectory + "/journal")
         } catch {
             throw .setup("state directory: \(error)")
         }
