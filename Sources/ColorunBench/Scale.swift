@@ -107,16 +107,16 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
     if r.cpuPerCheckpointMicros >= 250 { missed.append("CPU") }
     if r.failed > 0 || r.failedInRun > 0 { missed.append("failures") }
     results.add(Row(
-        name: "Scale: 100 pairs every 25 ms (4,000 cp/s), state dir on disk, `--staging-dir` /dev/shm, pipelined, \(fmt(seconds, 0)) s", colorun: describe(r),
+        name: "Scale: 100 pairs every 25 ms (4,000 cp/s), state dir on disk, `--runtime-dir` on /dev/shm, pipelined, \(fmt(seconds, 0)) s", colorun: describe(r),
         baseline: "(none)", ratio: "n/a", target: "≥ 3,960 cp/s, jitter p99 < 5 ms, CPU/cp < 250 µs",
         status: missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`: the primary saves each device state under the run's staging directory on /dev/shm and the secondary loads it from there; the call returns when both domains run again; the generation is committed to the state directory on disk with the next group while the pair goes on (copied into a pruned generation's file, syncfs, rename, syncfs), at most two generations per pair in flight (a third waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
+        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`, with `--runtime-dir` on /dev/shm: the stop journal is there, the primary saves each device state there and the secondary loads it from there; the call returns when both domains run again; the generation is committed to the state directory on disk with the next group while the pair goes on (copied into a pruned generation's file, syncfs, rename, syncfs), at most two generations per pair in flight (a third waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
     let short = min(seconds, config.quick ? 5.0 : 15.0)
     let unstaged = try await runScale(config, pairs: 100, interval: 0.025, warmup: 2, duration: short, pipeline: true)
     results.add(Row(
-        name: "Scale: 100 pairs every 25 ms, state dir on disk, no staging directory, pipelined, \(fmt(short, 0)) s", colorun: describe(unstaged),
+        name: "Scale: 100 pairs every 25 ms, state dir on disk, no runtime directory, pipelined, \(fmt(short, 0)) s", colorun: describe(unstaged),
         baseline: "(none)", ratio: "n/a", target: "(diagnostic)", status: unstaged.sustained ? "sustained" : "not sustained",
-        what: "as the row above without `--staging-dir`: QEMU (here qemu-sim) creates each generation's file in the state directory on disk (a new inode and new blocks per generation, and the pruned one's freed)"))
+        what: "as the row above without `--runtime-dir`: the stop journal's records are in the state directory (written back by every group's syncfs, then faulted on their next update), and QEMU (here qemu-sim) creates each generation's file there (a new inode and new blocks per generation, and the pruned one's freed)"))
     let waited = try await runScale(config, pairs: 100, interval: 0.025, warmup: 2, duration: short)
     results.add(Row(
         name: "Scale: 100 pairs every 25 ms, state dir on disk, each call waits for its commit, \(fmt(short, 0)) s", colorun: describe(waited),
