@@ -122,7 +122,7 @@ func runExample(_ name: String, domains: [(String, String)] = [], lab: Lab? = ni
                 $0.arguments = ["cycles=3", "every=300ms"]
             }
             guard case .stopped = run.report.outcome else {
-                Issue.record("\(run.report.outcome)\n\(run.logs.text)")
+                Issue.record("\(run.report.outcome)\n\(run.logs.text)\nthe lab's QEMUs:\n\(lab.processReport())")
                 return
             }
             #expect(run.report.failovers == 3)

@@ -433,6 +433,12 @@ public final class Lab: PolicyExtension, StandbyLauncher, @unchecked Sendable {
         for instance in instances.map(\.instance) { await instance.stop(grace: .milliseconds(500)) }
     }
 
+    /// Every QEMU the lab started: name, pid, and how it ended with the tail of its stderr
+    /// (for a test's failure message: a QEMU that aborted says why there).
+    public func processReport() -> String {
+        instances.map { "\($0.name): \(Self.whatBecameOf($0.instance))" }.joined(separator: "\n")
+    }
+
     /// For a lab domain's connect failure: whether its QEMU exited (and what it said on
     /// stderr) or runs with its monitor socket gone.
     static func whatBecameOf(_ instance: QEMUInstance) -> String {
