@@ -98,6 +98,9 @@ func describe(_ r: ScaleResult) -> String {
 /// call returns when both domains run again; every generation is still made durable, by the
 /// group commit, before the next one of its pair is answered). `--only scale4k` runs it alone.
 func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
+    // The benchmarks before this one leave gigabytes of dirty pages (Remus streams, COLO
+    // disks) that the kernel would write back during the run: start from a clean disk.
+    sync()
     let seconds = config.scaleSeconds ?? (config.quick ? 10.0 : 60.0)
     let load0 = loadAverage()
     let r = try await runScale(config, pairs: 100, interval: 0.025, warmup: 2, duration: seconds, pipeline: true, staging: true)
