@@ -336,7 +336,12 @@ final class GenerationStore: Sendable {
     /// the hidden name the commit renames. Durable only after the commit's sync.
     private func copyIn(_ number: Int) throws(GenerationStoreError) -> (path: String, fd: Int32, bytes: Int, device: UInt64) {
         let source = savePath(number)
-        let bytes = try Self.readWhole(source)
+        let bytes: [UInt8]
+        do {
+            bytes = try readFile(source)
+        } catch {
+            throw GenerationStoreError(path: source, reason: "cannot read the staged generation: \(ColorunSystem.errnoText(error.code))")
+        }
         // A free file is hidden already: written under its free name, renamed straight to
         // the final one (no third rename). Without one, a new file under the partial name.
         let target = state.withLock { $0.free.isEmpty ? nil : $0.free.removeLast() }.map(freePath) ?? partialPath(number)
@@ -364,25 +369,6 @@ final class GenerationStore: Sendable {
         }
         unlink(source)
         return (target, output, bytes.count, UInt64(info.st_dev))
-    }
-
-    /// A staged file's bytes (a device state: kilobytes to a few megabytes), read to its end.
-    private static func readWhole(_ path: String) throws(GenerationStoreError) -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw GenerationStoreError(path: path, reason: errnoText()) }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 1 << 16)
-        var count = 0
-        while true {
-            if count == bytes.count { bytes += [UInt8](repeating: 0, count: bytes.count) }
-            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + count, $0.count - count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw GenerationStoreError(path: path, reason: "read failed: \(errnoText())") }
-            if n == 0 { break }
-            count += n
-        }
-        bytes.removeSubrange(count...)
-        return bytes
     }
 
     /// Records a committed generation and removes those beyond `keep` (the oldest); a
