@@ -161,7 +161,7 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(reopened.begin().number == 2)
     }
 
-    /// `--staging-dir`: QEMU saves into the staging directory; the commit copies the state
+    /// A staged store (`--runtime-dir`): QEMU saves into the staging directory; the commit copies the state
     /// into the state directory byte for byte (a shorter state than the reused file's is cut
     /// to its length), into the file of a generation pruned earlier, but only once that
     /// file's rename to its free name has been synced (one commit later): a crash can then
@@ -268,9 +268,6 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(journal.entries().map(\.domain) == ["web-s"])
     }
 
-    /// The record after updates through its mapping: one 1 KiB line of JSON, `"state":"stopped"`
-    /// as one run of text, `since` the time of the last update, names escaped; what a
-    /// successor (another StopJournal on the same directory) reads.
     /// A run with `--runtime-dir` moves the records an earlier run left in
     /// `<state-dir>/journal` into its own journal directory, so a domain a killed run left
     /// stopped is still found (and its record cleared in the new place only).
@@ -291,6 +288,9 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(try StopJournal(stateDirectory: state).entries().isEmpty)
     }
 
+    /// The record after updates through its mapping: one 1 KiB line of JSON, `"state":"stopped"`
+    /// as one run of text, `since` the time of the last update, names escaped; what a
+    /// successor (another StopJournal on the same directory) reads.
     @Test func mappedRecordsReadAsJSONByASuccessor() throws {
         let dir = makeTempDirectory()
         let journal = try StopJournal(stateDirectory: dir)

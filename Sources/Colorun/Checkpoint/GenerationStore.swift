@@ -158,13 +158,16 @@ final class GenerationStore: Sendable {
 
     /// The hidden name a generation has in `directory` until its commit renames it.
     func partialPath(_ number: Int) -> String {
-        directory + "/.gen-" + Self.pad(number) + "." + fileExtension + ".partial"
+        Self.partialPath(number, in: directory, fileExtension: fileExtension)
     }
 
     /// Where QEMU saves generation `number`: its partial name, in `staging` if set.
     func savePath(_ number: Int) -> String {
-        guard let staging else { return partialPath(number) }
-        return staging + "/.gen-" + Self.pad(number) + "." + fileExtension + ".partial"
+        Self.partialPath(number, in: staging ?? directory, fileExtension: fileExtension)
+    }
+
+    private static func partialPath(_ number: Int, in directory: String, fileExtension: String) -> String {
+        directory + "/.gen-" + pad(number) + "." + fileExtension + ".partial"
     }
 
     /// The hidden name of a pruned generation's file kept for reuse.
