@@ -1,10 +1,12 @@
-// libFuzzer target for colorun's QMP decoding: JSONParser.parse, QMPJSONLineDecoder.nextValue
-// and QMPServerMessage(json:). Built and run only by scripts/fuzz (COLORUN_FUZZ=1, -sanitize=fuzzer).
+// libFuzzer target for colorun's QMP decoding: JSONParser.parse, QMPJSONLineDecoder.nextValue,
+// QMPServerMessage(json:) and QMPServerMessage(line:). Built and run only by scripts/fuzz (COLORUN_FUZZ=1, -sanitize=fuzzer).
 //
 // Properties checked beyond "does not crash":
 //   - a value the parser accepts encodes to JSON that parses back to an equal value (after
 //     mapping non-finite doubles, e.g. from 1e400, to null: the encoder's documented rule);
-//   - the line decoder gives the same values whatever the input is split into.
+//   - the line decoder gives the same values whatever the input is split into;
+//   - the client's line classifier (no tree of the whole message) gives the tree path's
+//     message, or its error, for any input.
 import FuzzDriver
 import JSON
 import NIOCore
@@ -52,9 +54,24 @@ func decodeLines(_ bytes: UnsafeRawBufferPointer, chunk: Int) -> [JSONValue]? {
     return values
 }
 
+func classifyByTree(_ bytes: UnsafeRawBufferPointer) -> Result<QMPServerMessage, QMPProtocolError> {
+    do throws(JSONParseError) {
+        let json = try JSONParser.parse(bytes)
+        do throws(QMPProtocolError) { return .success(try QMPServerMessage(json: json)) } catch { return .failure(error) }
+    } catch {
+        return .failure(.malformedJSON(error))
+    }
+}
+
+func classifyByLine(_ bytes: UnsafeRawBufferPointer) -> Result<QMPServerMessage, QMPProtocolError> {
+    do throws(QMPProtocolError) { return .success(try QMPServerMessage(line: bytes)) } catch { return .failure(error) }
+}
+
 func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard let data else { return 0 }
     let bytes = UnsafeRawBufferPointer(start: data, count: size)
+    let byTree = classifyByTree(bytes), byLine = classifyByLine(bytes)
+    check(byTree == byLine, "the line classifier differs from the tree path: \(byLine) vs \(byTree)")
     if let value = try? JSONParser.parse(bytes) {
         _ = try? QMPServerMessage(json: value)
         let encoded = JSONEncoding.encode(value)

@@ -13,11 +13,11 @@ public struct JSONParseError: Error, Sendable, Hashable, CustomStringConvertible
 public struct JSONParser {
     public static let defaultMaxDepth = 256
 
-    private let bytes: UnsafeRawBufferPointer
-    private var index = 0
+    fileprivate let bytes: UnsafeRawBufferPointer
+    fileprivate var index = 0
     private let maxDepth: Int
 
-    private init(_ bytes: UnsafeRawBufferPointer, maxDepth: Int) {
+    fileprivate init(_ bytes: UnsafeRawBufferPointer, maxDepth: Int) {
         self.bytes = bytes
         self.maxDepth = maxDepth
     }
@@ -46,11 +46,11 @@ public struct JSONParser {
 
     // MARK: - Grammar
 
-    private func error(_ reason: String) -> JSONParseError {
+    fileprivate func error(_ reason: String) -> JSONParseError {
         JSONParseError(offset: index, reason: reason)
     }
 
-    private mutating func skipWhitespace() {
+    fileprivate mutating func skipWhitespace() {
         while index < bytes.count {
             switch bytes[index] {
             case 0x20, 0x09, 0x0A, 0x0D: index += 1
@@ -59,7 +59,7 @@ public struct JSONParser {
         }
     }
 
-    private mutating func parseValue(depth: Int) throws(JSONParseError) -> JSONValue {
+    fileprivate mutating func parseValue(depth: Int) throws(JSONParseError) -> JSONValue {
         guard index < bytes.count else { throw error("unexpected end of input") }
         switch bytes[index] {
         case UInt8(ascii: "{"): return try parseObject(depth: depth + 1)
@@ -141,7 +141,7 @@ public struct JSONParser {
         }
     }
 
-    private mutating func parseString() throws(JSONParseError) -> String {
+    fileprivate mutating func parseString() throws(JSONParseError) -> String {
         index += 1  // opening quote
         let start = index
         // Fast path: no escapes.
@@ -254,9 +254,93 @@ public struct JSONParser {
             while index < bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[index]) { index += 1 }
             guard index > digits else { throw error("invalid number") }
         }
+        if isInteger, let int = integerValue(start..<index) { return .int(int) }
         let text = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)
-        if isInteger, let int = Int64(text) { return .int(int) }
         guard let double = Double(text) else { throw JSONParseError(offset: start, reason: "invalid number") }
         return .double(double)
+    }
+
+    /// The `Int64` that the digits (after an optional `-`) in `range` spell, or nil when it
+    /// does not fit (the caller parses those as a double). No String is made: QMP's ids and
+    /// timestamps are integers, in every reply and event.
+    private func integerValue(_ range: Range<Int>) -> Int64? {
+        var i = range.lowerBound
+        let negative = bytes[i] == UInt8(ascii: "-")
+        if negative { i += 1 }
+        var magnitude: UInt64 = 0
+        while i < range.upperBound {
+            let (times10, overflow1) = magnitude.multipliedReportingOverflow(by: 10)
+            let (sum, overflow2) = times10.addingReportingOverflow(UInt64(bytes[i] &- UInt8(ascii: "0")))
+            if overflow1 || overflow2 { return nil }
+            magnitude = sum
+            i += 1
+        }
+        if negative {
+            return magnitude <= UInt64(Int64.max) + 1 ? Int64(truncatingIfNeeded: 0 &- magnitude) : nil
+        }
+        return magnitude <= UInt64(Int64.max) ? Int64(magnitude) : nil
+    }
+}
+
+/// Reads the members of one JSON object, the whole text, one at a time, without building the
+/// object: a caller that knows which keys it wants (QMP's message classifier) parses only
+/// their values and makes no dictionary, hashes no key.
+///
+/// The text is checked exactly as `JSONParser.parse` checks it: once `nextKey()` has returned
+/// nil without throwing, the text was one valid object and nothing but white space after it.
+/// Every key that `nextKey()` returns must have its value read (`value()`) before the next.
+public struct JSONObjectReader {
+    private var parser: JSONParser
+    private var membersRead = 0
+    private var finished = false
+
+    /// A reader over `bytes`, or nil when the text (after white space) does not begin with `{`.
+    public init?(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONParser.defaultMaxDepth) {
+        parser = JSONParser(bytes, maxDepth: maxDepth)
+        parser.skipWhitespace()
+        guard parser.index < bytes.count, bytes[parser.index] == UInt8(ascii: "{"), maxDepth >= 1 else { return nil }
+        parser.index += 1
+    }
+
+    /// The next member's key, or nil after the last member (the text has then been checked to its end).
+    public mutating func nextKey() throws(JSONParseError) -> String? {
+        guard !finished else { return nil }
+        // The same steps, and the same errors, as JSONParser's own object grammar.
+        parser.skipWhitespace()
+        if membersRead == 0 {
+            if parser.index < parser.bytes.count, parser.bytes[parser.index] == UInt8(ascii: "}") { return try finish() }
+        } else {
+            guard parser.index < parser.bytes.count else { throw parser.error("unexpected end of input") }
+            let byte = parser.bytes[parser.index]
+            if byte == UInt8(ascii: "}") { return try finish() }
+            guard byte == UInt8(ascii: ",") else { throw parser.error("expected ',' or '}'") }
+            parser.index += 1
+            parser.skipWhitespace()
+        }
+        guard parser.index < parser.bytes.count, parser.bytes[parser.index] == UInt8(ascii: "\"") else {
+            throw parser.error("expected a string key")
+        }
+        let key = try parser.parseString()
+        parser.skipWhitespace()
+        guard parser.index < parser.bytes.count, parser.bytes[parser.index] == UInt8(ascii: ":") else {
+            throw parser.error("expected ':'")
+        }
+        parser.index += 1
+        parser.skipWhitespace()
+        return key
+    }
+
+    /// The value of the member whose key `nextKey()` just returned.
+    public mutating func value() throws(JSONParseError) -> JSONValue {
+        membersRead += 1
+        return try parser.parseValue(depth: 1)
+    }
+
+    private mutating func finish() throws(JSONParseError) -> String? {
+        parser.index += 1  // }
+        parser.skipWhitespace()
+        guard parser.index == parser.bytes.count else { throw parser.error("trailing characters after the value") }
+        finished = true
+        return nil
     }
 }

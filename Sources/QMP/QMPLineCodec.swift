@@ -9,38 +9,28 @@ import Musl
 import Darwin
 #endif
 
-/// Frames QMP's newline-delimited JSON and parses each line into a `JSONValue`.
+/// Frames QMP's newline-delimited JSON: hands out each line's content, without its line end.
 ///
 /// Lines may end in LF or CRLF (QEMU sends CRLF). Blank lines are skipped. A line longer
-/// than `maxLineLength` or one that is not JSON is a `QMPProtocolError`: the pipeline's
-/// owner closes the connection; nothing traps.
-public struct QMPJSONLineDecoder: ByteToMessageDecoder {
-    public typealias InboundOut = JSONValue
-
+/// than `maxLineLength` is a `QMPProtocolError`: the pipeline's owner closes the connection;
+/// nothing traps. The decoders below parse what it hands out.
+public struct QMPLineFramer {
     /// QEMU's replies are small; a device-state dump is never sent inline. 16 MiB is generous.
     public static let defaultMaxLineLength = 16 * 1024 * 1024
 
     public let maxLineLength: Int
+    /// How many bytes at the buffer's reader index were scanned already without a newline.
     private var scanned = 0
 
-    public init(maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength) {
+    public init(maxLineLength: Int = QMPLineFramer.defaultMaxLineLength) {
         self.maxLineLength = maxLineLength
     }
 
-    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let value = try nextValue(from: &buffer) else { return .needMoreData }
-        context.fireChannelRead(Self.wrapInboundOut(value))
-        return .continue
-    }
-
-    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
-        // A trailing partial line at EOF is dropped: QEMU always ends its lines.
-        try decode(context: context, buffer: &buffer)
-    }
-
-    /// The framing and parsing, without a channel: returns the next value, or nil when
-    /// `buffer` holds no complete line yet.
-    public mutating func nextValue(from buffer: inout ByteBuffer) throws(QMPProtocolError) -> JSONValue? {
+    /// Calls `body` with the content of the next complete line in `buffer` (consumed) and
+    /// returns its result, or returns nil when `buffer` holds no complete line yet.
+    public mutating func nextLine<T>(
+        from buffer: inout ByteBuffer, _ body: (UnsafeRawBufferPointer) throws(QMPProtocolError) -> T
+    ) throws(QMPProtocolError) -> T? {
         while true {
             // memchr over the bytes not yet scanned: a long line arriving in many reads is
             // scanned once, at memory speed (a byte-wise walk of ByteBufferView is slow,
@@ -61,25 +51,72 @@ public struct QMPJSONLineDecoder: ByteToMessageDecoder {
             if length > maxLineLength {
                 throw .lineTooLong(limit: maxLineLength)
             }
-            var line = buffer.readSlice(length: length + 1)!
-            var contentLength = length
-            if contentLength > 0, line.getInteger(at: line.readerIndex + contentLength - 1, as: UInt8.self) == UInt8(ascii: "\r") {
-                contentLength -= 1
-            }
-            let isBlank = line.readableBytesView.prefix(contentLength).allSatisfy { $0 == 0x20 || $0 == 0x09 }
-            if isBlank { continue }
-            let result: Result<JSONValue, JSONParseError> = line.readWithUnsafeReadableBytes { raw in
-                let content = UnsafeRawBufferPointer(rebasing: raw.prefix(contentLength))
-                do throws(JSONParseError) {
-                    return (raw.count, .success(try JSONParser.parse(content)))
+            let result: Result<T, QMPProtocolError>? = buffer.readWithUnsafeReadableBytes { raw in
+                var content = UnsafeRawBufferPointer(rebasing: raw.prefix(length))
+                if let last = content.last, last == UInt8(ascii: "\r") {
+                    content = UnsafeRawBufferPointer(rebasing: content.dropLast())
+                }
+                if content.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { return (length + 1, nil) }
+                do throws(QMPProtocolError) {
+                    return (length + 1, .success(try body(content)))
                 } catch {
-                    return (raw.count, .failure(error))
+                    return (length + 1, .failure(error))
                 }
             }
             switch result {
+            case nil: continue  // a blank line
             case .success(let value): return value
-            case .failure(let error): throw .malformedJSON(error)
+            case .failure(let error): throw error
             }
+        }
+    }
+}
+
+/// Frames QMP's lines and classifies each as a `QMPServerMessage`, without building the
+/// top-level JSON object (see `QMPServerMessage.init(line:)`): the client's decoder.
+public struct QMPServerMessageDecoder {
+    private var framer: QMPLineFramer
+
+    public init(maxLineLength: Int = QMPLineFramer.defaultMaxLineLength) {
+        framer = QMPLineFramer(maxLineLength: maxLineLength)
+    }
+
+    /// The next message, or nil when `buffer` holds no complete line yet.
+    public mutating func nextMessage(from buffer: inout ByteBuffer) throws(QMPProtocolError) -> QMPServerMessage? {
+        try framer.nextLine(from: &buffer) { line throws(QMPProtocolError) in try QMPServerMessage(line: line) }
+    }
+}
+
+/// Frames QMP's lines and parses each into a `JSONValue`: for peers that must see the whole
+/// object (the simulator's side, a test's fake peer).
+public struct QMPJSONLineDecoder: ByteToMessageDecoder {
+    public typealias InboundOut = JSONValue
+
+    public static let defaultMaxLineLength = QMPLineFramer.defaultMaxLineLength
+
+    private var framer: QMPLineFramer
+    public var maxLineLength: Int { framer.maxLineLength }
+
+    public init(maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength) {
+        framer = QMPLineFramer(maxLineLength: maxLineLength)
+    }
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let value = try nextValue(from: &buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(value))
+        return .continue
+    }
+
+    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        // A trailing partial line at EOF is dropped: QEMU always ends its lines.
+        try decode(context: context, buffer: &buffer)
+    }
+
+    /// The framing and parsing, without a channel: returns the next value, or nil when
+    /// `buffer` holds no complete line yet.
+    public mutating func nextValue(from buffer: inout ByteBuffer) throws(QMPProtocolError) -> JSONValue? {
+        try framer.nextLine(from: &buffer) { line throws(QMPProtocolError) in
+            do throws(JSONParseError) { return try JSONParser.parse(line) } catch { throw .malformedJSON(error) }
         }
     }
 }
@@ -106,13 +143,14 @@ public struct QMPJSONLineEncoder: MessageToByteEncoder {
 /// (compact, keys sorted: `arguments`, `exec-oob`/`execute`, `id`), without building the
 /// `JSONValue` tree, sorting its keys or copying through an intermediate array: a command
 /// without arguments (`query-status`, `stop`, `cont`) costs no allocation besides the buffer.
+/// Compact matters beyond our CPU: QEMU reads a command one byte per main-loop iteration.
 public enum QMPCommandLineEncoder {
     /// The bytes the line of `name` with `arguments` and `id` will take, about (a capacity hint).
     public static func estimatedLength(name: String, hasArguments: Bool) -> Int {
         name.utf8.count + 40 + (hasArguments ? 128 : 0)
     }
 
-    public static func write(name: String, arguments: [String: JSONValue]?, id: Int64, outOfBand: Bool = false,
+    public static func write(name: String, arguments: [String: JSONValue]?, id: Int64?, outOfBand: Bool = false,
                              into out: inout ByteBuffer) {
         out.writeStaticString("{")
         if let arguments {
@@ -130,8 +168,10 @@ public enum QMPCommandLineEncoder {
             JSONEncoding.writeString(name, into: &escaped)
             out.writeBytes(escaped)
         }
-        out.writeStaticString(",\"id\":")
-        writeDecimal(id, into: &out)
+        if let id {
+            out.writeStaticString(",\"id\":")
+            writeDecimal(id, into: &out)
+        }
         out.writeStaticString("}\n")
     }
 

@@ -110,23 +110,78 @@ public enum QMPServerMessage: Sendable, Hashable {
         guard case .object(let members) = json else {
             throw .unexpectedMessage("not a JSON object: \(json)")
         }
-        if let greeting = members["QMP"] {
-            let capabilities = greeting["capabilities"]?.arrayValue?.compactMap(\.stringValue) ?? []
-            self = .greeting(QMPGreeting(version: greeting["version"] ?? .null, capabilities: capabilities))
-        } else if let value = members["return"] {
-            self = .reply(QMPReply(id: members["id"], result: .success(value)))
-        } else if let error = members["error"] {
-            let body = QMPErrorBody(
-                errorClass: error["class"]?.stringValue ?? "GenericError",
-                desc: error["desc"]?.stringValue ?? "\(error)")
-            self = .reply(QMPReply(id: members["id"], result: .failure(QMPErrorBodyError(body))))
-        } else if let name = members["event"]?.stringValue {
-            let ts = members["timestamp"]
-            let seconds = ts?["seconds"]?.doubleValue ?? 0
-            let micros = ts?["microseconds"]?.doubleValue ?? 0
-            self = .event(QMPEvent(name: name, data: members["data"] ?? .object([:]), timestamp: seconds + micros / 1_000_000))
-        } else {
-            throw .unexpectedMessage("neither greeting, reply nor event: \(json)")
+        var known = KnownMembers()
+        for (key, value) in members { known.take(key, value) }
+        self = try known.message(json: { json })
+    }
+
+    /// Classifies one line from the server (its JSON text, without the line end) as
+    /// `init(json: JSONParser.parse(line))` does, with the same result and the same errors,
+    /// but without building the top-level object: its members are read one at a time and
+    /// only the values QMP defines are kept (no dictionary, no hashed key). This is the
+    /// client's path for every reply and event.
+    public init(line: UnsafeRawBufferPointer) throws(QMPProtocolError) {
+        guard var reader = JSONObjectReader(line) else {
+            // Not an object: the parser's error, or "not a JSON object", as the tree path says.
+            let json: JSONValue
+            do throws(JSONParseError) { json = try JSONParser.parse(line) } catch { throw .malformedJSON(error) }
+            try self.init(json: json)
+            return
+        }
+        var known = KnownMembers()
+        do throws(JSONParseError) {
+            while let key = try reader.nextKey() {
+                known.take(key, try reader.value())
+            }
+        } catch {
+            throw .malformedJSON(error)
+        }
+        // The whole object is only made again for the text of an error (a message QMP does not define).
+        self = try known.message(json: { (try? JSONParser.parse(line)) ?? .null })
+    }
+
+    /// The members QMP gives a meaning to, from either form of a server message. A key that
+    /// appears twice keeps its last value, as a parsed object does.
+    private struct KnownMembers {
+        var greeting: JSONValue?
+        var returned: JSONValue?
+        var error: JSONValue?
+        var event: JSONValue?
+        var id: JSONValue?
+        var data: JSONValue?
+        var timestamp: JSONValue?
+
+        mutating func take(_ key: String, _ value: JSONValue) {
+            switch key {
+            case "return": returned = value
+            case "id": id = value
+            case "event": event = value
+            case "timestamp": timestamp = value
+            case "data": data = value
+            case "error": error = value
+            case "QMP": greeting = value
+            default: break
+            }
+        }
+
+        func message(json: () -> JSONValue) throws(QMPProtocolError) -> QMPServerMessage {
+            if let greeting {
+                let capabilities = greeting["capabilities"]?.arrayValue?.compactMap(\.stringValue) ?? []
+                return .greeting(QMPGreeting(version: greeting["version"] ?? .null, capabilities: capabilities))
+            } else if let returned {
+                return .reply(QMPReply(id: id, result: .success(returned)))
+            } else if let error {
+                let body = QMPErrorBody(
+                    errorClass: error["class"]?.stringValue ?? "GenericError",
+                    desc: error["desc"]?.stringValue ?? "\(error)")
+                return .reply(QMPReply(id: id, result: .failure(QMPErrorBodyError(body))))
+            } else if let name = event?.stringValue {
+                let seconds = timestamp?["seconds"]?.doubleValue ?? 0
+                let micros = timestamp?["microseconds"]?.doubleValue ?? 0
+                return .event(QMPEvent(name: name, data: data ?? .object([:]), timestamp: seconds + micros / 1_000_000))
+            } else {
+                throw .unexpectedMessage("neither greeting, reply nor event: \(json())")
+            }
         }
     }
 

@@ -93,7 +93,7 @@ public final class QMPConnection: Sendable {
         greetingTimeout: TimeAmount = QMPConnectOptions.defaultGreetingTimeout,
         commandTimeout: TimeAmount = QMPConnectOptions.defaultCommandTimeout,
         enableOOB: Bool = true,
-        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
+        maxLineLength: Int = QMPLineFramer.defaultMaxLineLength,
         logger: Logger
     ) async throws(QMPClientError) -> QMPConnection {
         try await connect(
@@ -193,16 +193,12 @@ public final class QMPConnection: Sendable {
         }
     }
 
-    /// Adds the line decoder and the QMP handler (commands are encoded by the core into
-    /// the buffers it writes) to `channel`'s pipeline (on its loop) and
-    /// returns the core that drives the connection.
+    /// Adds the QMP handler (it frames and classifies what the channel reads; the core
+    /// encodes commands into the buffers it writes) to `channel`'s pipeline (on its loop)
+    /// and returns the core that drives the connection.
     static func configurePipeline(_ channel: any Channel, options: QMPConnectOptions) throws -> QMPConnectionCore {
         let core = QMPConnectionCore(options: options, eventLoop: channel.eventLoop)
-        let handlers: [any ChannelHandler] = [
-            ByteToMessageHandler(QMPJSONLineDecoder(maxLineLength: options.maxLineLength)),
-            QMPChannelHandler(core: core),
-        ]
-        try channel.pipeline.syncOperations.addHandlers(handlers)
+        try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(core: core, maxLineLength: options.maxLineLength))
         return core
     }
 

@@ -51,7 +51,7 @@ public struct QMPConnectOptions: Sendable {
         greetingTimeout: TimeAmount = defaultGreetingTimeout,
         commandTimeout: TimeAmount = defaultCommandTimeout,
         enableOOB: Bool = true,
-        maxLineLength: Int = QMPJSONLineDecoder.defaultMaxLineLength,
+        maxLineLength: Int = QMPLineFramer.defaultMaxLineLength,
         logger: Logger
     ) {
         self.endpoint = endpoint
@@ -137,28 +137,21 @@ final class QMPConnectionCore {
         }
     }
 
-    func receive(_ json: JSONValue) {
+    func receive(_ message: QMPServerMessage) {
         guard phase != .closed else { return }
-        let message: QMPServerMessage
-        do {
-            message = try QMPServerMessage(json: json)
-        } catch {
-            protocolViolation(error)
-            return
-        }
         switch message {
         case .greeting(let greeting):
             guard phase == .awaitingGreeting else {
-                protocolViolation(.unexpectedMessage("a second greeting: \(json)"))
+                protocolViolation(.unexpectedMessage("a second greeting: \(message.json)"))
                 return
             }
             receiveGreeting(greeting)
         case .reply(let reply):
             guard phase != .awaitingGreeting else {
-                protocolViolation(.unexpectedMessage("a reply before the greeting: \(json)"))
+                protocolViolation(.unexpectedMessage("a reply before the greeting: \(message.json)"))
                 return
             }
-            route(reply, json: json)
+            route(reply)
         case .event(let event):
             publish(event)
         }
@@ -205,15 +198,15 @@ final class QMPConnectionCore {
             eventLoop.assumeIsolated().execute { completion(.failure(error)) }
             return
         }
-        let id = table.reserveID()
         let after = timeout ?? options.commandTimeout
         let deadline = eventLoop.now + after
-        table.insert(id: id, command: command, timeout: after, deadline: deadline, token: completion)
+        table.append(command: command, timeout: after, deadline: deadline, token: completion)
         armSweep(for: deadline)
-        // Encoded straight into the buffer the channel writes (no JSONValue tree, no copy).
+        // Encoded straight into the buffer the channel writes (no JSONValue tree, no copy),
+        // without an id: replies are matched in order (QMPRequestTable says why).
         var line = context.channel.allocator.buffer(
             capacity: QMPCommandLineEncoder.estimatedLength(name: command, hasArguments: arguments != nil))
-        QMPCommandLineEncoder.write(name: command, arguments: arguments, id: id, into: &line)
+        QMPCommandLineEncoder.write(name: command, arguments: arguments, id: nil, into: &line)
         context.writeAndFlush(NIOAny(line), promise: nil)
     }
 
@@ -231,8 +224,8 @@ final class QMPConnectionCore {
         sweepTimer = nil
         sweepDeadline = nil
         guard phase != .closed else { return }
-        for (id, pending) in table.removeExpired(now: eventLoop.now) {
-            logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)", "id": "\(id)"])
+        for pending in table.expire(now: eventLoop.now) {
+            logger.debug("QMP command timed out", metadata: ["command": "\(pending.command)"])
             pending.token(.failure(.timeout(command: pending.command, after: pending.timeout, endpoint: endpoint)))
         }
         if let next = table.earliestDeadline { armSweep(for: next) }
@@ -266,19 +259,18 @@ final class QMPConnectionCore {
         }
     }
 
-    private func route(_ reply: QMPReply, json: JSONValue) {
+    private func route(_ reply: QMPReply) {
         switch table.route(reply) {
-        case .matched(_, let pending):
+        case .matched(let pending):
             complete(pending, reply.result)
-        case .unknownID(let id):
-            logger.warning("dropping a QMP reply with an unknown id", metadata: ["id": "\(id)", "reply": "\(json)"])
-        case .idlessErrorMatchedOldest(let id, let pending):
-            logger.warning(
-                "QMP error reply without an id; failing the oldest pending command",
-                metadata: ["command": "\(pending.command)", "id": "\(id)", "reply": "\(json)"])
-            complete(pending, reply.result)
+        case .late(let command):
+            logger.debug("dropping the late reply of a timed-out QMP command", metadata: ["command": "\(command)", "reply": "\(reply.json)"])
+        case .unexpectedID(let id):
+            // colorun sends no ids: this answers nothing it asked, and the replies after it
+            // can no longer be matched in order.
+            protocolViolation(.unexpectedMessage("a reply with an id colorun never sent (\(id)): \(reply.json)"))
         case .unmatched:
-            logger.warning("dropping a QMP reply without an id", metadata: ["reply": "\(json)"])
+            logger.warning("dropping a QMP reply while no command is in flight", metadata: ["reply": "\(reply.json)"])
         }
     }
 
@@ -345,7 +337,7 @@ final class QMPConnectionCore {
     }
 
     private func failAllPending(_ reason: QMPCloseReason) {
-        for (_, pending) in table.removeAll() {
+        for pending in table.removeAll() {
             let error: QMPClientError
             if case .protocolError(let protocolError) = reason {
                 error = .protocolError(protocolError, command: pending.command, endpoint: endpoint)

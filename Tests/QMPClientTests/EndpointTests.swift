@@ -41,47 +41,40 @@ import Testing
 }
 
 @Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct RequestTableTests {
-    @Test func routesByIDAndChargesIdlessErrorsToTheOldest() {
+    @Test func routesRepliesInOrderAndKeepsTimedOutCommandsInLine() {
         var table = QMPRequestTable<String>()
-        let now = NIODeadline.now()
-        let a = table.reserveID()
-        table.insert(id: a, command: "query-status", timeout: .seconds(1), deadline: now + .seconds(1), token: "A")
-        let b = table.reserveID()
-        table.insert(id: b, command: "stop", timeout: .seconds(1), deadline: now + .seconds(1), token: "B")
-        let c = table.reserveID()
-        table.insert(id: c, command: "cont", timeout: .seconds(1), deadline: now + .seconds(1), token: "C")
-        #expect(Set([a, b, c]).count == 3)
+        let now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        table.append(command: "query-status", timeout: .milliseconds(100), deadline: now + .milliseconds(100), token: "A")
+        table.append(command: "stop", timeout: .seconds(1), deadline: now + .seconds(1), token: "B")
+        table.append(command: "cont", timeout: .seconds(1), deadline: now + .seconds(1), token: "C")
+        #expect(table.count == 3)
 
-        guard case .matched(let id, let pending) = table.route(QMPReply(id: .int(b), result: .success([:]))) else {
-            Issue.record("not matched")
-            return
-        }
-        #expect(id == b && pending.token == "B" && pending.command == "stop")
+        // The first times out: it is abandoned but keeps its place.
+        #expect(table.expire(now: now + .milliseconds(100)).map(\.token) == ["A"])
+        #expect(table.count == 2)
+        #expect(table.earliestDeadline == now + .seconds(1))
 
-        guard case .unknownID(.int(b)) = table.route(QMPReply(id: .int(b), result: .success([:]))) else {
-            Issue.record("a second reply for the same id must be unknown")
+        // A reply with an id answers nothing colorun sent (no id is sent) and takes no place.
+        guard case .unexpectedID(.int(7)) = table.route(QMPReply(id: .int(7), result: .success([:]))) else {
+            Issue.record("a reply with an id must be unexpected")
             return
         }
-        guard case .unknownID = table.route(QMPReply(id: "text", result: .success([:]))) else {
-            Issue.record("a non-integer id must be unknown")
+        // QEMU answers in order: the late answer of the abandoned command first, then B's.
+        guard case .late(command: "query-status") = table.route(QMPReply(id: nil, result: .success([:]))) else {
+            Issue.record("the first reply belongs to the timed-out command")
             return
         }
-        guard case .unmatched = table.route(QMPReply(id: nil, result: .success([:]))) else {
-            Issue.record("an idless success must not match")
+        let error = QMPReply(id: nil, result: .failure(QMPErrorBodyError(QMPErrorBody(errorClass: "GenericError", desc: "x"))))
+        guard case .matched(let b) = table.route(error) else {
+            Issue.record("the second reply belongs to the second command")
             return
         }
-        let idless = QMPReply(id: nil, result: .failure(QMPErrorBodyError(QMPErrorBody(errorClass: "GenericError", desc: "x"))))
-        guard case .idlessErrorMatchedOldest(let oldest, let first) = table.route(idless) else {
-            Issue.record("idless error must match the oldest")
-            return
-        }
-        #expect(oldest == a && first.token == "A")
+        #expect(b.token == "B" && b.command == "stop")
         #expect(table.count == 1)
-        let rest = table.removeAll()
-        #expect(rest.map(\.id) == [c])
+        #expect(table.removeAll().map(\.token) == ["C"])
         #expect(table.isEmpty)
-        guard case .unmatched = table.route(idless) else {
-            Issue.record("nothing left to charge")
+        guard case .unmatched = table.route(error) else {
+            Issue.record("nothing left in flight")
             return
         }
     }
@@ -90,15 +83,25 @@ import Testing
         var table = QMPRequestTable<Int>()
         let now = NIODeadline.uptimeNanoseconds(1_000_000_000)
         for (i, ms) in [300, 100, 200, 100].enumerated() {
-            table.insert(id: table.reserveID(), command: "c\(i)", timeout: .milliseconds(Int64(ms)), deadline: now + .milliseconds(Int64(ms)), token: i)
+            table.append(command: "c\(i)", timeout: .milliseconds(Int64(ms)), deadline: now + .milliseconds(Int64(ms)), token: i)
         }
         #expect(table.earliestDeadline == now + .milliseconds(100))
-        #expect(table.removeExpired(now: now + .milliseconds(99)).isEmpty)
-        let expired = table.removeExpired(now: now + .milliseconds(150))
-        #expect(expired.map(\.pending.token) == [1, 3])
-        #expect(expired.allSatisfy { $0.pending.timeout == .milliseconds(100) })
+        #expect(table.expire(now: now + .milliseconds(99)).isEmpty)
+        let expired = table.expire(now: now + .milliseconds(150))
+        #expect(expired.map(\.token) == [1, 3])
+        #expect(expired.allSatisfy { $0.timeout == .milliseconds(100) })
         #expect(table.earliestDeadline == now + .milliseconds(200))
         #expect(table.count == 2)
+        // Replies still come for all four, in order: the abandoned ones are dropped.
+        var routed: [String] = []
+        for _ in 0..<4 {
+            switch table.route(QMPReply(id: nil, result: .success([:]))) {
+            case .matched(let pending): routed.append("\(pending.token)")
+            case .late(let command): routed.append("late \(command)")
+            default: routed.append("?")
+            }
+        }
+        #expect(routed == ["0", "late c1", "2", "late c3"])
     }
 
     @Test func errorDescriptionsNameEndpointAndCommand() {

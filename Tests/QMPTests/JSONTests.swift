@@ -79,6 +79,39 @@ import NIOCore
         #expect(throws: QMPProtocolError.self) { try decoder.nextValue(from: &buffer) }
     }
 
+    /// The client classifies each line without building its top-level object
+    /// (`QMPServerMessage(line:)`); the message, or the error, must be the tree path's.
+    @Test(arguments: [
+        #"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#,
+        #"{"return": {"status": "running", "singlestep": false, "running": true}}"#,
+        #"{"return": {}, "id": 12}"#, #"{"id": "x", "return": [1, 2.5, null]}"#, #"  {"return":{}}  "#,
+        #"{"error": {"class": "CommandNotFound", "desc": "The command nonexistent has not been found"}}"#,
+        #"{"error": "odd"}"#,
+        #"{"timestamp": {"seconds": 1796288449, "microseconds": 978069}, "event": "STOP"}"#,
+        #"{"event": "BLOCK_JOB_READY", "data": {"device": "mirror0", "len": 16777216}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+        #"{"return": 1, "return": 2}"#, #"{"event": "A", "return": {}}"#, #"{"x": 1, "QMP": {}, "return": 3}"#,
+        #"{"re\u0074urn": 5}"#, #"{"event": 5}"#, #"{}"#, #"{"unknown": true}"#, "[1]", "null", #""s""#, "3",
+        "{", "{ ", #"{"return""#, #"{"return": "#, #"{"return": 1"#, #"{"return": 1,"#, #"{"return": 1,}"#,
+        #"{"return" 1}"#, #"{1: 2}"#, #"{"return": 1} x"#, #"{"return": [}"#, #"{"return": tru}"#, "",
+        #"{"return": "\ud800"}"#, #"{"return": 123456789012345678901234567890}"#, #"{"return": -9223372036854775808}"#,
+        #"{"return": "#, String(repeating: "[", count: 300) + String(repeating: "]", count: 300),
+        #"{"return": "# + String(repeating: "[", count: 300) + String(repeating: "]", count: 300) + "}",
+    ])
+    func lineClassifierAgreesWithTheTreePath(_ text: String) {
+        let bytes = Array(text.utf8)
+        let tree: Result<QMPServerMessage, QMPProtocolError>
+        do throws(JSONParseError) {
+            let json = try JSONParser.parse(bytes)
+            do throws(QMPProtocolError) { tree = .success(try QMPServerMessage(json: json)) } catch { tree = .failure(error) }
+        } catch {
+            tree = .failure(.malformedJSON(error))
+        }
+        let line: Result<QMPServerMessage, QMPProtocolError> = bytes.withUnsafeBytes { raw in
+            do throws(QMPProtocolError) { return .success(try QMPServerMessage(line: raw)) } catch { return .failure(error) }
+        }
+        #expect(line == tree)
+    }
+
     @Test func classifiesErrorReply() throws {
         let json = try JSONParser.parse(#"{"id": 6, "error": {"class": "GenericError", "desc": "Cannot update device state while vm is running"}}"#)
         guard case .reply(let reply) = try QMPServerMessage(json: json) else { Issue.record("not a reply"); return }
