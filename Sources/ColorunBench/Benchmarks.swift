@@ -106,7 +106,7 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
         ratio: ratio.isEmpty ? "n/a" : ratio.joined(separator: "; "),
         target: "≤ 1.10× blocking C p50, ≤ 1.0× raw py p50 (medians of the rounds)",
         status: !measured ? "skipped: \(why["c"] ?? why["raw"] ?? "?")" : missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU; diagnostic, not a target: the same C client waiting in epoll_wait before each read, as an event loop does (what waiting through epoll instead of in read costs on this machine)"))
+        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU; colorun and the C and raw Python clients send the same 27 bytes (`{\"execute\":\"query-status\"}`: QEMU reads a command one byte per main-loop iteration, so the line's length is QEMU's time), qemu.qmp its own (with an id and spaces); diagnostic, not a target: the same C client waiting in epoll_wait before each read, as an event loop does (what waiting through epoll instead of in read costs on this machine)"))
     if let qmpBench = config.qmpBench {
         // The same QEMU build through QMPClient alone (no Lua): the existing qmp-bench tool.
         let out = runTool(qmpBench, [String(n)])
@@ -221,7 +221,7 @@ func benchXenCycleRealQEMU(_ config: BenchConfig, _ results: Results) async thro
     results.add(Row(
         name: "Xen cycle w/o restore (stop both, save, cont both), p50 / p99", colorun: ms(c), baseline: baseline, ratio: ratio,
         target: "< raw serial; ≤ 1.05× raw overlapped (median of the rounds)", status: status,
-        what: "a Lua policy: `task.all` of two `qmp.stop`, `qmp.save(p, f, {live=false})`, `task.all` of two `qmp.resume`; 3 rounds of \(n / 2) cycles alternating with the baselines on two real QEMUs, ratio min / median / max over the rounds of the round's p50 ratio; the raw overlapped client sends both stops (conts) before reading either reply"))
+        what: "a Lua policy: `task.all` of two `qmp.stop`, `qmp.save(p, f, {live=false})`, `task.all` of two `qmp.resume`; 3 rounds of \(n / 2) cycles alternating with the baselines on two real QEMUs, ratio min / median / max over the rounds of the round's p50 ratio; the raw overlapped client sends both stops (conts) before reading either reply; the raw clients' lines are compact and without an id, as colorun's"))
 }
 
 // MARK: - colo.checkpoint against the simulator

@@ -22,8 +22,9 @@ import Darwin
 ///   non-`Sendable` closures for callers that live on the loop (the Lua runtime);
 /// - async: `execute(_:arguments:timeout:)`, `events`, `close()`.
 ///
-/// Many commands may be in flight; each gets a unique integer id and its reply is routed by
-/// id. QEMU serves one client per `-qmp` socket: hold one connection per monitor and share it.
+/// Many commands may be in flight; they are sent without an id and their replies are matched
+/// in order, as QEMU answers in-band commands (`QMPRequestTable`). QEMU serves one client per
+/// `-qmp` socket: hold one connection per monitor and share it.
 /// The owner must `close()` it: a dropped `QMPConnection` leaves its channel open.
 public final class QMPConnection: Sendable {
     public let endpoint: QMPEndpoint
