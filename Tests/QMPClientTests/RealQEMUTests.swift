@@ -175,6 +175,39 @@ import Glibc
         }
     }
 
+    /// Commands go out without ids and replies are matched in order: pipelined commands whose
+    /// answers differ (a status that depends on the stop or cont before it, an error that
+    /// names its own command) each get their own reply from a real QEMU.
+    @Test func pipelinedRepliesMatchTheirCommandsInOrder() async throws {
+        try await withQEMU { _, connection async throws in
+            let groups = 20
+            let outcomes = try await connection.eventLoop.flatSubmit {
+                let promise = connection.eventLoop.makePromise(of: [String].self)
+                let sync = connection.syncOperations
+                let names = (0..<groups).flatMap { g in ["stop", "query-status", "x-nope-\(g)", "cont", "query-status"] }
+                var outcomes = [String](repeating: "", count: names.count)
+                var remaining = names.count
+                for (i, name) in names.enumerated() {
+                    sync.send(name) { result in
+                        switch result {
+                        case .success(let value): outcomes[i] = "\(name): \(value["status"]?.stringValue ?? "ok")"
+                        case .failure(.commandFailed(let command, let body, _)): outcomes[i] = "\(command): \(body.desc)"
+                        case .failure(let error): outcomes[i] = "\(name): \(error)"
+                        }
+                        remaining -= 1
+                        if remaining == 0 { promise.succeed(outcomes) }
+                    }
+                }
+                #expect(sync.pendingCount == names.count)
+                return promise.futureResult
+            }.get()
+            let expected = (0..<groups).flatMap { g in
+                ["stop: ok", "query-status: paused", "x-nope-\(g): The command x-nope-\(g) has not been found", "cont: ok", "query-status: running"]
+            }
+            #expect(outcomes == expected)
+        }
+    }
+
     @Test func sigkillFailsAPendingCommandAsDisconnectedQuickly() async throws {
         try await withQEMU { qemu, connection async throws in
             // A stopped QEMU cannot answer: the command really pends.
