@@ -87,8 +87,8 @@ public struct QMPServerMessageDecoder {
     }
 }
 
-/// Frames QMP's lines and parses each into a `JSONValue`: for peers that must see the whole
-/// object (the simulator's side, a test's fake peer).
+/// Frames QMP's lines and parses each into a `JSONValue`: for a reader that wants the whole
+/// object (a test's fake QMP server reading commands, the fuzzer's round-trip property).
 public struct QMPJSONLineDecoder: ByteToMessageDecoder {
     public typealias InboundOut = JSONValue
 
