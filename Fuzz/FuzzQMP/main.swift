@@ -55,12 +55,7 @@ func decodeLines(_ bytes: UnsafeRawBufferPointer, chunk: Int) -> [JSONValue]? {
 }
 
 func classifyByTree(_ bytes: UnsafeRawBufferPointer) -> Result<QMPServerMessage, QMPProtocolError> {
-    do throws(JSONParseError) {
-        let json = try JSONParser.parse(bytes)
-        do throws(QMPProtocolError) { return .success(try QMPServerMessage(json: json)) } catch { return .failure(error) }
-    } catch {
-        return .failure(.malformedJSON(error))
-    }
+    do throws(QMPProtocolError) { return .success(try QMPServerMessage(parsingWholeObject: bytes)) } catch { return .failure(error) }
 }
 
 func classifyByLine(_ bytes: UnsafeRawBufferPointer) -> Result<QMPServerMessage, QMPProtocolError> {

@@ -115,17 +115,23 @@ public enum QMPServerMessage: Sendable, Hashable {
         self = try known.message(json: { json })
     }
 
+    /// Classifies one line from the server the reference way: the whole line parsed into a
+    /// `JSONValue` (a parse error is `malformedJSON`), then `init(json:)`.
+    public init(parsingWholeObject line: UnsafeRawBufferPointer) throws(QMPProtocolError) {
+        let json: JSONValue
+        do throws(JSONParseError) { json = try JSONParser.parse(line) } catch { throw .malformedJSON(error) }
+        try self.init(json: json)
+    }
+
     /// Classifies one line from the server (its JSON text, without the line end) as
-    /// `init(json: JSONParser.parse(line))` does, with the same result and the same errors,
+    /// `init(parsingWholeObject:)` does, with the same result and the same errors,
     /// but without building the top-level object: its members are read one at a time and
     /// only the values QMP defines are kept (no dictionary, no hashed key). This is the
     /// client's path for every reply and event.
     public init(line: UnsafeRawBufferPointer) throws(QMPProtocolError) {
         guard var reader = JSONObjectReader(line) else {
             // Not an object: the parser's error, or "not a JSON object", as the tree path says.
-            let json: JSONValue
-            do throws(JSONParseError) { json = try JSONParser.parse(line) } catch { throw .malformedJSON(error) }
-            try self.init(json: json)
+            try self.init(parsingWholeObject: line)
             return
         }
         var known = KnownMembers()
