@@ -126,3 +126,15 @@ public func syncFilesystem(_ fd: Int32) throws(SystemError) {
     let code = colorun_syncfs(fd)
     guard code == 0 else { throw SystemError("syncfs failed: \(errnoText(code))", code: code) }
 }
+
+/// CRC-32C (Castagnoli, as ext4 and iSCSI use) of `bytes`, continuing from `crc` (0 to
+/// start): the CPU's crc32 instruction where it has one.
+public func crc32c(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
+    guard let base = bytes.baseAddress else { return crc }
+    return colorun_crc32c(crc, base, bytes.count)
+}
+
+/// CRC-32C of `bytes`.
+public func crc32c(_ bytes: [UInt8]) -> UInt32 {
+    bytes.withUnsafeBytes { crc32c($0) }
+}

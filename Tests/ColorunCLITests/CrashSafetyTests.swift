@@ -1,4 +1,5 @@
 import ColorunTestSupport
+@testable import Colorun
 import Foundation
 import QEMUSimulator
 import Testing
@@ -40,6 +41,51 @@ import Testing
             #expect(second.stderr.contains("resumed a domain that a previous colorun run left paused"), "\(second.stderr)")
             #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
             #expect(try stoppedInJournal(state).isEmpty)
+        }
+    }
+
+    /// SIGKILL of a run with `--runtime-dir` that checkpoints as fast as it can, pipelined:
+    /// whenever the kill comes, every generation the series' index lists is whole in its
+    /// slot (length and CRC-32C), and the next run goes on from the last good one.
+    @Test func aStagedRunKilledWhileCommittingLeavesOnlyWholeGenerations() async throws {
+        try await withSimulatedPair { pair in
+            let dir = makeTempDirectory("colorun-crash-staged")
+            let state = dir + "/state", runtime = dir + "/runtime"
+            let series = state + "/checkpoints/web-p+web-s"
+            let policy = writePolicy("""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                while true do colo.checkpoint(p, s, {keep = 2, pipeline = true}) end
+                """, in: dir)
+            var last = 0
+            for round in 1...3 {
+                let run = try ColorunProcess([policy, "--state-dir", state, "--runtime-dir", runtime] + pair.domainArguments)
+                // Killed once it has committed a few more generations (the index says so).
+                try await waitUntil("generation \(last + 20) committed (round \(round))", timeout: .seconds(30)) {
+                    ((try? GenerationStore(directory: series, fileExtension: "devstate").lastGood) ?? 0) >= last + 20
+                }
+                run.signal(SIGKILL)
+                #expect(await run.wait(timeout: 10).code != 0)
+                let fd = open(series + "/" + GenerationIndex.fileName, O_RDONLY)
+                let record = try #require(GenerationIndex.read(fd)?.record)
+                close(fd)
+                #expect(!record.entries.isEmpty)
+                for entry in record.entries {
+                    let problem = GenerationStore.check(entry, path: series + "/slot-\(entry.slot).devstate")
+                    #expect(problem == nil, "round \(round): generation \(entry.generation): \(problem ?? "")")
+                }
+                let reopened = try GenerationStore(directory: series, fileExtension: "devstate")
+                let newest = try #require(reopened.lastGood)
+                #expect(newest >= last + 20 && newest == record.entries.map(\.generation).max())
+                last = newest
+            }
+            // The next run resumes the domains the kill left paused and numbers on from the last good one.
+            let check = writePolicy("""
+                local r = colo.checkpoint(domain.get("web-p"), domain.get("web-s"), {keep = 2})
+                assert(r.generation > \(last), r.generation)
+                """, in: dir, name: "check.lua")
+            let next = try await runColorun([check, "--state-dir", state, "--runtime-dir", runtime] + pair.domainArguments)
+            #expect(next.code == 0, "\(next.stderr)")
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
         }
     }
 

@@ -16,6 +16,14 @@ func writeFile(_ path: String, _ bytes: [UInt8]) {
 
 let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
 
+/// The newest whole index record in a store's directory, as a reader after a crash finds it.
+func diskRecord(_ directory: String) -> (record: GenerationIndex.Record, place: Int)? {
+    let fd = open(directory + "/" + GenerationIndex.fileName, O_RDONLY)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    return GenerationIndex.read(fd)
+}
+
 @Suite(.timeLimit(.minutes(1)), .machine(.shared)) struct GenerationStoreTests {
     @Test func commitsOnlyCompleteGenerationsAndKeepsN() throws {
         let dir = makeTempDirectory()
@@ -161,55 +169,156 @@ let qevm: [UInt8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]
         #expect(reopened.begin().number == 2)
     }
 
-    /// A staged store (`--runtime-dir`): QEMU saves into the staging directory; the commit copies the state
-    /// into the state directory byte for byte (a shorter state than the reused file's is cut
-    /// to its length), into the file of a generation pruned earlier, but only once that
-    /// file's rename to its free name has been synced (one commit later): a crash can then
-    /// never bring back a listed name over half-written data. Nothing is left in staging.
-    @Test func stagedGenerationsAreCopiedIntoPrunedFilesOnceTheirRenameIsDurable() throws {
+    /// A staged store (`--runtime-dir`): QEMU saves into the staging directory; the commit
+    /// copies the state byte for byte into a slot file of the state directory (a shorter
+    /// state than the slot's last one is cut to its length) and lists it in the index. A
+    /// slot is written only while the newest record on disk does not list it, so a crash
+    /// at any point leaves every listed slot whole; three slot files serve keep = 2 (no new
+    /// inode, no rename per generation). Nothing is left in staging.
+    @Test func stagedGenerationsAreWrittenInPlaceIntoSlotsNoDurableRecordLists() throws {
         let dir = makeTempDirectory()
-        let store = try GenerationStore(directory: dir + "/state/pair", fileExtension: "devstate", keep: 2, staging: dir + "/staging/pair")
-        var inode: [Int: UInt64] = [:]
+        let state = dir + "/state/pair"
+        let store = try GenerationStore(directory: state, fileExtension: "devstate", keep: 2, staging: dir + "/staging/pair")
         var content: [Int: [UInt8]] = [:]
+        var inodes: Set<UInt64> = []
         for round in 1...8 {
             let (number, path) = store.begin()
             #expect(path == store.savePath(number) && path.hasPrefix(dir + "/staging/pair/.gen-"))
+            // The slot it will be written into is not one the record on disk lists.
+            let slotPath = store.path(of: number)
+            let onDisk = diskRecord(state)?.record.entries ?? []
+            #expect(slotPath.hasPrefix(state + "/slot-") && !onDisk.contains { store.slotPath($0.slot) == slotPath }, "round \(round)")
             // Sizes grow and shrink: 4,000 bytes, then 100, then 4,000 ...
             let bytes = qevm + [UInt8](repeating: UInt8(round), count: round % 2 == 1 ? 4_000 : 100)
             writeFile(path, bytes)
             #expect(try store.validate(number, magic: qevm) == bytes.count)
             let generation = try store.commit(number)
-            #expect(generation.path == store.finalPath(number) && generation.bytes == bytes.count)
+            #expect(generation.path == slotPath && generation.bytes == bytes.count)
+            #expect(try readFile(slotPath) == bytes)
             var info = stat()
             #expect(stat(generation.path, &info) == 0)
-            inode[number] = UInt64(info.st_ino)
+            inodes.insert(UInt64(info.st_ino))
             content[number] = bytes
             #expect(access(path, F_OK) != 0, "the staged copy is removed once committed")
+            #expect(diskRecord(state)?.record.entries.map(\.generation) == Array(max(1, number - 1)...number))
         }
-        // Generation 1 is pruned by the commit of 3 (renamed to its free name), synced by
-        // the commit of 4, written into by the commit of 5.
-        #expect(inode[4] != inode[1] && inode[4] != inode[2])
-        #expect(inode[5] == inode[1])
-        #expect(inode[6] == inode[2])
+        #expect(inodes.count == 3, "keep = 2 cycles through three slot files")
         #expect(try store.generations().map(\.number) == [7, 8])
         for generation in try store.generations() {
             #expect(try readFile(generation.path) == content[generation.number], "generation \(generation.number) on disk")
         }
         #expect(try GenerationStore.list(dir + "/staging/pair").isEmpty)
-        let hidden = try GenerationStore.list(dir + "/state/pair").filter { $0.hasPrefix(".") }
-        #expect(!hidden.isEmpty && hidden.allSatisfy { $0.hasSuffix(".free") })
-        // A killed run's leftovers: free files and staged partials are removed on open.
+        #expect(try GenerationStore.list(state).sorted() == ["generations.index", "slot-0.devstate", "slot-1.devstate", "slot-2.devstate"])
+        // A killed run's staged partials are removed on open; the slots and index stay.
         let (torn, tornPath) = store.begin()
         writeFile(tornPath, [0x51])
-        let reopened = try GenerationStore(directory: dir + "/state/pair", fileExtension: "devstate", keep: 2, staging: dir + "/staging/pair")
+        let reopened = try GenerationStore(directory: state, fileExtension: "devstate", keep: 2, staging: dir + "/staging/pair")
         #expect(reopened.removedPartials == [".gen-" + GenerationStore.pad(torn) + ".devstate.partial"])
-        #expect(try GenerationStore.list(dir + "/state/pair").filter { $0.hasPrefix(".") }.isEmpty)
         #expect(try reopened.generations().map(\.number) == [7, 8])
-        // A generation that is not committed leaves nothing behind in either directory.
+        #expect(reopened.lastGood == 8)
+        // A generation that is not committed leaves nothing behind and gives its slot back.
         let (dropped, droppedPath) = reopened.begin()
+        let droppedSlot = reopened.path(of: dropped)
         writeFile(droppedPath, qevm)
         reopened.discard(dropped)
         #expect(try GenerationStore.list(dir + "/staging/pair").isEmpty)
+        let (next, _) = reopened.begin()
+        #expect(next == dropped + 1 && reopened.path(of: next) == droppedSlot)
+    }
+
+    /// The index's two places: a record torn by a crash (here: one byte of the newest
+    /// changed) is passed over for the other, whose slots are whole (they were not written
+    /// while it was the newest); a slot whose bytes no longer match its entry is not listed,
+    /// and is not written again until a record without it is durable.
+    @Test func aTornIndexRecordFallsBackToTheOtherAndABadSlotIsNeverListed() throws {
+        let dir = makeTempDirectory()
+        let state = dir + "/state/pair"
+        let staging = dir + "/staging/pair"
+        let store = try GenerationStore(directory: state, fileExtension: "devstate", keep: 2, staging: staging)
+        for round in 1...6 {
+            let (number, path) = store.begin()
+            writeFile(path, qevm + [UInt8(round)])
+            try store.commit(number)
+        }
+        let newest = try #require(diskRecord(state))
+        #expect(newest.record.entries.map(\.generation) == [5, 6])
+        // Tear the newest record: the older one (generations 4 and 5) is what the disk says.
+        let fd = open(state + "/" + GenerationIndex.fileName, O_RDWR)
+        var byte: UInt8 = 0
+        let at = off_t(newest.place * GenerationIndex.placeSize + GenerationIndex.headerSize + 3)
+        _ = pread(fd, &byte, 1, at)
+        byte ^= 0xFF
+        _ = pwrite(fd, &byte, 1, at)
+        close(fd)
+        let fallen = try GenerationStore(directory: state, fileExtension: "devstate", keep: 2, staging: staging)
+        #expect(try fallen.generations().map(\.number) == [4, 5])
+        for generation in try fallen.generations() {
+            #expect(try readFile(generation.path) == qevm + [UInt8(generation.number)])
+        }
+        // Corrupt generation 5's slot: only 4 is listed; 5's slot stays out of use.
+        let five = try #require(try fallen.generations().last)
+        writeFile(five.path, qevm + [0xEE])
+        let checked = try GenerationStore(directory: state, fileExtension: "devstate", keep: 2, staging: staging)
+        #expect(try checked.generations().map(\.number) == [4])
+        #expect(checked.lastGood == 4)
+        let (number, path) = checked.begin()
+        #expect(number == 6 && checked.path(of: number) != five.path)
+        writeFile(path, qevm + [6])
+        try checked.commit(number)
+        #expect(try checked.generations().map(\.number) == [4, 6])
+        #expect(try readFile(checked.path(of: number)) == qevm + [6])
+    }
+
+    /// A directory written by both kinds of run: named generations of a run without
+    /// `--runtime-dir` and slot generations of one with it are one series, pruned oldest
+    /// first whichever their kind.
+    @Test func namedAndSlotGenerationsAreOneSeries() throws {
+        let dir = makeTempDirectory()
+        let state = dir + "/state/pair"
+        let named = try GenerationStore(directory: state, fileExtension: "devstate", keep: 3)
+        for _ in 1...2 {
+            let (number, path) = named.begin()
+            writeFile(path, qevm + [UInt8(number)])
+            try named.commit(number)
+        }
+        let staged = try GenerationStore(directory: state, fileExtension: "devstate", keep: 3, staging: dir + "/staging/pair")
+        #expect(staged.lastGood == 2)
+        for _ in 1...2 {
+            let (number, path) = staged.begin()
+            writeFile(path, qevm + [UInt8(number)])
+            try staged.commit(number)
+        }
+        #expect(try staged.generations().map(\.number) == [2, 3, 4])
+        #expect(access(state + "/gen-00000001.devstate", F_OK) != 0, "the oldest named generation is pruned")
+        // And back: a run without the runtime directory prunes slot generations through the index.
+        let again = try GenerationStore(directory: state, fileExtension: "devstate", keep: 3)
+        for _ in 1...2 {
+            let (number, path) = again.begin()
+            writeFile(path, qevm + [UInt8(number)])
+            try again.commit(number)
+        }
+        #expect(try again.generations().map(\.number) == [4, 5, 6])
+        #expect(diskRecord(state)?.record.entries.map(\.generation) == [4])
+        for generation in try again.generations() {
+            #expect(try readFile(generation.path) == qevm + [UInt8(generation.number)])
+        }
+    }
+
+    /// The record's encoding round-trips and its CRC catches a change anywhere in it.
+    @Test func indexRecordsRoundTripAndRejectAnyChangedByte() {
+        let record = GenerationIndex.Record(sequence: 41, entries: [
+            GenerationIndex.Entry(generation: 7, slot: 2, bytes: 2_048, checksum: 0xDEAD_BEEF),
+            GenerationIndex.Entry(generation: 8, slot: 0, bytes: 1 << 33, checksum: 1),
+        ])
+        let bytes = GenerationIndex.encode(record)
+        #expect(bytes.count == GenerationIndex.headerSize + 2 * GenerationIndex.entrySize + 4)
+        #expect(bytes.withUnsafeBytes { GenerationIndex.decode($0) } == record)
+        for i in bytes.indices {
+            var changed = bytes
+            changed[i] ^= 0x20
+            #expect(changed.withUnsafeBytes { GenerationIndex.decode($0) } == nil, "byte \(i)")
+        }
+        #expect(crc32c(Array("123456789".utf8)) == 0xE306_9283, "the CRC-32C check value")
     }
 
     /// A group commit (the `syncfs` path) of staged stores: each generation lands whole in

@@ -150,8 +150,9 @@ import Glibc
     }
 
     /// `--runtime-dir`: the primary saves and the secondary loads each device state under
-    /// the run's own staging directory there; the commit puts it in the state directory (the
-    /// result's path), pruned generations' files are reused there, and the run's staging
+    /// the run's own staging directory there; the commit writes it into a slot file of the
+    /// state directory (the result's path) listed by the series' index, pruned generations'
+    /// slots are reused, and the run's staging
     /// directory is gone when the run ends, pipelined generations included. The stop journal
     /// is in the runtime directory, not the state directory.
     @Test func stagedCheckpointsAreCommittedIntoTheStateDirectory() async throws {
@@ -166,7 +167,9 @@ import Glibc
                 for i = 1, 8 do
                   local r = colo.checkpoint(p, s, {keep = 2, pipeline = i % 2 == 0})
                   assert(r.generation == i)
-                  assert(r.path:find("/state/checkpoints/web-p+web-s/gen-", 1, true), r.path)
+                  assert(r.path:find("/state/checkpoints/web-p+web-s/slot-", 1, true), r.path)
+                  local listed = colo.generations(p, s)
+                  if r.durable then assert(listed[#listed].generation == i and listed[#listed].path == r.path) end
                   test.one_staging_run()
                 end
                 """#, domains: pair.domains,
@@ -180,9 +183,11 @@ import Glibc
             #expect(loaded.allSatisfy { $0.path.hasPrefix(staging + "/colorun-staging-") }, "\(loaded.map(\.path))")
             let dir = run.stateDirectory + "/checkpoints/web-p+web-s"
             let names = try GenerationStore.list(dir).sorted()
-            #expect(names.filter { !$0.hasPrefix(".") } == ["gen-00000007.devstate", "gen-00000008.devstate"])
-            #expect(names.filter { $0.hasPrefix(".") }.allSatisfy { $0.hasSuffix(".free") }, "\(names)")
-            #expect(try readFile(dir + "/gen-00000008.devstate").prefix(4) == [0x51, 0x45, 0x56, 0x4d])
+            #expect(names.first == "generations.index" && names.dropFirst().allSatisfy { $0.hasPrefix("slot-") && $0.hasSuffix(".devstate") }, "\(names)")
+            #expect(names.count <= 1 + 2 + 3, "keep = 2, at most three generations in flight: \(names)")
+            let generations = try GenerationStore(directory: dir, fileExtension: "devstate").generations()
+            #expect(generations.map(\.number) == [7, 8])
+            #expect(try readFile(generations[1].path).prefix(4) == [0x51, 0x45, 0x56, 0x4d])
             #expect(try GenerationStore.list(runtime + "/journal").sorted() == ["web-p.journal", "web-s.journal"])
             #expect(((try? GenerationStore.list(run.stateDirectory + "/journal")) ?? []).isEmpty)
         }

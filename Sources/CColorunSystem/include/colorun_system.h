@@ -1,6 +1,8 @@
 #ifndef COLORUN_SYSTEM_H
 #define COLORUN_SYSTEM_H
 
+#include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /// How a child started by `colorun_spawn` relates to colorun.
@@ -33,5 +35,9 @@ int colorun_start_writeback(int fd);
 /// waits for them. Returns 0 or an errno value (Linux 5.8 and later also report writeback
 /// errors of the filesystem here).
 int colorun_syncfs(int fd);
+
+/// CRC-32C (Castagnoli) of `length` bytes at `data`, continuing from `crc` (0 to start).
+/// Uses the CPU's crc32 instruction when it has SSE 4.2.
+uint32_t colorun_crc32c(uint32_t crc, const void *data, size_t length);
 
 #endif

@@ -123,6 +123,10 @@ extension PolicySession {
     }
 
     func store(series: String, fileExtension: String, keep: Int) throws -> GenerationStore {
+        // A staged store lists its generations in one index record (GenerationIndex).
+        if fileExtension == "devstate" && options.runtimeDirectory != nil && keep > GenerationIndex.maxEntries {
+            throw LuaHostError.message("keep must be at most \(GenerationIndex.maxEntries) with --runtime-dir (got \(keep))")
+        }
         if let store = stores[series] {
             store.keep = keep
             return store

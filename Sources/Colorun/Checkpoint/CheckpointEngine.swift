@@ -290,7 +290,7 @@ private final class XenCheckpoint {
                 return self.completion(.failure(CheckpointError(
                     step: "resume", first, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
             }
-            self.resumed?(self.outcome(path: self.store.finalPath(self.generation), durable: false))
+            self.resumed?(self.outcome(path: self.store.path(of: self.generation), durable: false))
             self.commit()
         }
     }

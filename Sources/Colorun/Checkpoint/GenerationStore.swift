@@ -33,37 +33,47 @@ struct GenerationStoreError: Error, Sendable, CustomStringConvertible {
 ///
 /// A *staged* store (`staging` set: a directory in memory, such as one under /dev/shm)
 /// has QEMU save each generation there and the secondary load it from there; the commit
-/// copies it into the state directory. The copy goes into the file of a generation pruned
-/// earlier (hidden under `.gen-N.EXT.free`, written in place, its length set, renamed to the
-/// final name), so a generation on disk costs no new inode and, at a steady device-state
-/// size, no block allocation: what bounds a disk's generations per second when QEMU creates
-/// each file (about 3× fewer measured on this machine's ext4). A killed run's free files are
-/// removed when the store is opened.
+/// copies it into the state directory **in place, into a slot file** (`slot-3.devstate`)
+/// that no durable record lists, and then records it in the store's `generations.index`
+/// (`GenerationIndex`: two CRC-checked records, the new one written where the older one
+/// was). A generation on disk then costs no new inode, no rename and no directory update:
+/// its bytes and one index record, made durable by the group's two syncs. A slot whose
+/// generation is pruned is written again only once a record without it is durable. The
+/// generations of a directory are its named files and the slots its index lists (an
+/// earlier run's of the other kind included); a slot whose bytes do not match the index's
+/// length and CRC is never listed.
 final class GenerationStore: Sendable {
     let directory: String
     let fileExtension: String
-    /// Where generations are saved and loaded before their commit copies them into
-    /// `directory` (nil: saved straight under the partial name in `directory`).
+    /// Where generations are saved and loaded before their commit copies them into a slot
+    /// file of `directory` (nil: saved straight under the partial name in `directory`).
     let staging: String?
 
     private struct State {
         var highest = 0
         var keep: Int
         var lastGood: Int?
-        /// Complete generations on disk, oldest first (kept in memory: pruning lists nothing).
+        /// Complete generations on disk, oldest first, named and in slots (kept in memory:
+        /// pruning lists nothing).
         var committed: [Int] = []
-        /// Pruned generations' files kept (hidden) for a staged store's next commits to
-        /// write into, oldest first: renamed to their free name durably (a sync since).
-        var free: [Int] = []
-        /// Renamed to their free name since the store's last sync. Not written into yet: a
-        /// crash could otherwise bring back the final name over new data (the rename lost,
-        /// the overwrite on disk), a torn listed generation.
-        var freeing: [Int] = []
+        /// The slot of each generation written in place: begun (reserved) and committed ones.
+        var slotOf: [Int: Int] = [:]
+        /// The durable record's entries, by generation.
+        var entries: [Int: GenerationIndex.Entry] = [:]
+        /// Slots that neither the durable record lists nor a begun generation holds: writable.
+        var freeSlots: [Int] = []
+        /// Slots that become writable once the next record is durable: a record that failed
+        /// may have reached the disk, and it lists them.
+        var quarantined: [Int] = []
+        /// How many slots exist or are reserved (slot numbers are 0..<slotCount).
+        var slotCount = 0
+        /// The index file, open once needed (-1 before).
+        var indexFD: Int32 = -1
+        /// The place of the newest durable record (the next record goes to the other one).
+        var indexPlace = 1
+        /// The highest sequence ever written (a failed write's included): the next is higher.
+        var sequence: UInt64 = 0
     }
-
-    /// How many pruned files a staged store keeps for reuse (a commit takes one; a group
-    /// holds at most the pair's pipelined generations).
-    static let freeFilesKept = 4
 
     private let state: Mutex<State>
     /// The owner's fencing token (a fleet instance's), checked before every commit, single or
@@ -90,12 +100,17 @@ final class GenerationStore: Sendable {
         self.state = Mutex(State(keep: keep))
         try Self.makeDirectories(directory)
         var removed: [String] = []
-        for name in try Self.list(directory) where name.hasPrefix(".gen-") {
-            if name.hasSuffix(".partial") {
+        var slotFiles: [Int] = []
+        let slotSuffix = "." + fileExtension
+        for name in try Self.list(directory) {
+            if name.hasPrefix(".gen-") && name.hasSuffix(".partial") {
                 unlink(directory + "/" + name)
                 removed.append(name)
-            } else if name.hasSuffix(".free") {
+            } else if name.hasPrefix(".gen-") && name.hasSuffix(".free") {
+                // An earlier version's pruned files kept for reuse.
                 unlink(directory + "/" + name)
+            } else if name.hasPrefix("slot-") && name.hasSuffix(slotSuffix), let slot = Int(name.dropFirst(5).dropLast(slotSuffix.count)) {
+                slotFiles.append(slot)
             }
         }
         if let staging {
@@ -107,11 +122,42 @@ final class GenerationStore: Sendable {
         }
         removedPartials = removed
         directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        let existing = try generations().map(\.number)
-        state.withLock {
-            $0.highest = existing.last ?? 0
-            $0.lastGood = existing.last
-            $0.committed = existing
+        var info = stat()
+        indexDevice = fstat(directoryFD, &info) == 0 ? UInt64(info.st_dev) : 0
+        let named = try namedGenerations().map(\.number)
+        // The index: a staged store makes it (durably) before its first commit; any store
+        // reads the one an earlier run left.
+        let indexPath = directory + "/" + GenerationIndex.fileName
+        var indexFD = open(indexPath, O_RDWR | O_CLOEXEC)
+        if indexFD < 0 && staging != nil {
+            indexFD = open(indexPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard indexFD >= 0 else { throw GenerationStoreError(path: indexPath, reason: Self.errnoText()) }
+            syncDirectory()
+        }
+        let found = indexFD >= 0 ? GenerationIndex.read(indexFD) : nil
+        var good: [GenerationIndex.Entry] = []
+        var listed: Set<Int> = []
+        for entry in found?.record.entries ?? [] {
+            listed.insert(entry.slot)
+            if Self.check(entry, path: slotPath(entry.slot)) == nil { good.append(entry) }
+        }
+        let slotCount = max(slotFiles.max().map { $0 + 1 } ?? 0, listed.max().map { $0 + 1 } ?? 0)
+        state.withLock { state in
+            state.committed = Array(Set(named).union(good.map(\.generation))).sorted()
+            state.highest = max(state.committed.last ?? 0, found?.record.entries.map(\.generation).max() ?? 0)
+            state.lastGood = state.committed.last
+            for entry in good {
+                state.entries[entry.generation] = entry
+                state.slotOf[entry.generation] = entry.slot
+            }
+            state.slotCount = slotCount
+            state.freeSlots = (0..<slotCount).filter { !listed.contains($0) }.reversed()
+            // Listed but bad (the CRC says so): not listed as generations, not written until
+            // a record without them is durable.
+            state.quarantined = Array(listed.subtracting(good.map(\.slot)))
+            state.indexFD = indexFD
+            state.indexPlace = found?.place ?? 1
+            state.sequence = found?.record.sequence ?? 0
         }
     }
 
@@ -120,13 +166,30 @@ final class GenerationStore: Sendable {
 
     /// The directory, open for its fsyncs after renames.
     private let directoryFD: Int32
+    /// The filesystem of the directory and its index (for `syncEachFilesystem`).
+    private let indexDevice: UInt64
 
     deinit {
         if directoryFD >= 0 { close(directoryFD) }
+        let indexFD = state.withLock { $0.indexFD }
+        if indexFD >= 0 { close(indexFD) }
     }
 
-    /// Complete generations, oldest first.
+    /// Complete generations, oldest first, as on disk now: the named files and the slots the
+    /// newest whole index record lists whose bytes match it (length and CRC-32C).
     func generations() throws(GenerationStoreError) -> [Generation] {
+        var result = try namedGenerations()
+        let fd = open(directory + "/" + GenerationIndex.fileName, O_RDONLY | O_CLOEXEC)
+        if fd >= 0 {
+            defer { close(fd) }
+            for entry in GenerationIndex.read(fd)?.record.entries ?? [] where Self.check(entry, path: slotPath(entry.slot)) == nil {
+                result.append(Generation(number: entry.generation, path: slotPath(entry.slot), bytes: entry.bytes))
+            }
+        }
+        return result.sorted()
+    }
+
+    private func namedGenerations() throws(GenerationStoreError) -> [Generation] {
         var result: [Generation] = []
         let suffix = "." + fileExtension
         for name in try Self.list(directory) where name.hasPrefix("gen-") && name.hasSuffix(suffix) {
@@ -140,6 +203,19 @@ final class GenerationStore: Sendable {
         return result.sorted()
     }
 
+    /// Why a slot does not hold what `entry` says (nil when it does).
+    static func check(_ entry: GenerationIndex.Entry, path: String) -> String? {
+        let bytes: [UInt8]
+        do {
+            bytes = try readFile(path)
+        } catch {
+            return "cannot read: \(ColorunSystem.errnoText(error.code))"
+        }
+        guard bytes.count == entry.bytes else { return "\(bytes.count) bytes, the index says \(entry.bytes)" }
+        guard crc32c(bytes) == entry.checksum else { return "CRC-32C does not match the index" }
+        return nil
+    }
+
     /// The newest complete generation: the last good checkpoint.
     func latest() throws(GenerationStoreError) -> Generation? {
         try generations().last
@@ -147,10 +223,16 @@ final class GenerationStore: Sendable {
 
     /// Reserves the next generation number and returns it with the path QEMU saves it to
     /// (and a secondary loads it from) before its commit: the partial name, in the staging
-    /// directory if the store has one.
+    /// directory if the store has one (a staged generation also takes a writable slot).
     func begin() -> (number: Int, partialPath: String) {
         let number = state.withLock { state in
             state.highest += 1
+            if staging != nil {
+                state.slotOf[state.highest] = state.freeSlots.popLast() ?? {
+                    state.slotCount += 1
+                    return state.slotCount - 1
+                }()
+            }
             return state.highest
         }
         return (number, savePath(number))
@@ -170,13 +252,19 @@ final class GenerationStore: Sendable {
         directory + "/.gen-" + pad(number) + "." + fileExtension + ".partial"
     }
 
-    /// The hidden name of a pruned generation's file kept for reuse.
-    func freePath(_ number: Int) -> String {
-        directory + "/.gen-" + Self.pad(number) + "." + fileExtension + ".free"
-    }
-
+    /// The name of a named generation.
     func finalPath(_ number: Int) -> String {
         directory + "/gen-" + Self.pad(number) + "." + fileExtension
+    }
+
+    func slotPath(_ slot: Int) -> String {
+        directory + "/slot-" + String(slot) + "." + fileExtension
+    }
+
+    /// Where generation `number` is once committed: its slot file in a staged store, else
+    /// its named file.
+    func path(of number: Int) -> String {
+        state.withLock { $0.slotOf[number] }.map(slotPath) ?? finalPath(number)
     }
 
     /// Checks that a partial generation is complete enough to hand to a secondary: it
@@ -212,60 +300,63 @@ final class GenerationStore: Sendable {
         try Self.commitAll([(self, number)])[0].get()
     }
 
-    /// From this many generations in one group on, `commitAll` makes them durable with one
+    /// From this many files in one group on, `commitAll` makes them durable with one
     /// `syncfs` per phase instead of one fsync per file and per directory.
     static let syncfsGroupSize = 4
 
-    /// Commits many partial generations (of any stores) together, a group commit: each file
-    /// is made durable, then renamed into place, then the directories are made durable. A
-    /// small group fsyncs each file (after starting every file's writeback, so that one journal
-    /// commit serves them all) and each directory once; a group of `syncfsGroupSize` or more
-    /// uses one `syncfs` of the filesystem for the files and one for the renames (per-file
-    /// fsyncs each flush the disk's cache: 100 of them take a second on a busy virtual disk),
-    /// falling back to the per-file way if `syncfs` fails. Each generation is durable under
-    /// its final name before its result says so; one that fails is left under its partial
-    /// name (the caller discards it) and does not hold back the others.
+    /// What one commit of a group is: where its bytes are, and the descriptor that syncs them.
+    private struct Staged {
+        var path: String
+        var fd: Int32 = -1
+        var bytes = 0
+        var device: UInt64 = 0
+        var checksum: UInt32 = 0
+        /// A slot file made for this commit (its directory entry is new).
+        var created = false
+    }
+
+    /// Commits many generations (of any stores) together, a group commit, in two phases each
+    /// made durable by one `syncfs` of the filesystem for a group of `syncfsGroupSize` or more
+    /// (per-file fsyncs each flush the disk's cache: 100 of them take a second on a busy
+    /// virtual disk), else by fsyncs of each file and directory (after starting every file's
+    /// writeback, so that one journal commit serves them all; also the fallback when `syncfs`
+    /// fails):
+    /// 1. the bytes: a named generation's partial file, a staged one copied into its slot;
+    /// 2. the names: each named generation renamed into place, and each store's new index
+    ///    record (its slot generations, the pruned ones gone) written.
+    /// Each generation is durable under its final name or in its recorded slot before its
+    /// result says so; one that fails is left unlisted (the caller discards it) and does not
+    /// hold back the others. Pruned named files are removed after phase 2; pruned slots are
+    /// written again only after a later group (their record is durable by then).
     static func commitAll(_ items: [(store: GenerationStore, number: Int)]) -> [Result<Generation, GenerationStoreError>] {
         var results: [Result<Generation, GenerationStoreError>?] = Array(repeating: nil, count: items.count)
-        var fds: [Int32] = Array(repeating: -1, count: items.count)
-        var sizes: [Int] = Array(repeating: 0, count: items.count)
-        var devices: [UInt64] = Array(repeating: 0, count: items.count)
-        // Where each generation is until its rename: its partial name, or for a staged one
-        // written into a free file, that file's name.
-        var names = items.map { $0.store.partialPath($0.number) }
-        for (i, item) in items.enumerated() where item.store.staging != nil {
+        var files = items.map { Staged(path: $0.store.partialPath($0.number)) }
+        for (i, item) in items.enumerated() {
             do throws(GenerationStoreError) {
-                (names[i], fds[i], sizes[i], devices[i]) = try item.store.copyIn(item.number)
+                files[i] = item.store.staging != nil ? try item.store.copyIn(item.number) : try Self.openPartial(files[i].path)
             } catch {
                 results[i] = .failure(error)
+                item.store.release(item.number)
             }
         }
-        for (i, item) in items.enumerated() where results[i] == nil && fds[i] < 0 {
-            let partial = item.store.partialPath(item.number)
-            let fd = open(partial, O_RDONLY | O_CLOEXEC)
-            var info = stat()
-            guard fd >= 0, fstat(fd, &info) == 0 else {
-                results[i] = .failure(GenerationStoreError(path: partial, reason: Self.errnoText()))
-                if fd >= 0 { close(fd) }
-                continue
-            }
-            fds[i] = fd
-            sizes[i] = Int(info.st_size)
-            devices[i] = UInt64(info.st_dev)
-        }
-        defer { for fd in fds where fd >= 0 { close(fd) } }
-        let open = items.indices.filter { fds[$0] >= 0 }
+        defer { for file in files where file.fd >= 0 { close(file.fd) } }
+        let open = items.indices.filter { files[$0].fd >= 0 }
 
-        // 1. The files' data.
-        if open.count < syncfsGroupSize || !syncEachFilesystem(open.map { (devices[$0], fds[$0]) }) {
-            for i in open { startWriteback(fds[i]) }
-            for i in open where fsync(fds[i]) != 0 {
-                results[i] = .failure(GenerationStoreError(path: names[i], reason: "fsync failed: \(Self.errnoText())"))
-                if items[i].store.staging != nil { unlink(names[i]) }
+        // 1. The bytes.
+        if open.count < syncfsGroupSize || !syncEachFilesystem(open.map { (files[$0].device, files[$0].fd) }) {
+            for i in open { startWriteback(files[i].fd) }
+            for i in open where fsync(files[i].fd) != 0 {
+                results[i] = .failure(GenerationStoreError(path: files[i].path, reason: "fsync failed: \(Self.errnoText())"))
+                items[i].store.release(items[i].number)
+            }
+            // A new slot file's name is in its directory, not in the file.
+            var synced: Set<ObjectIdentifier> = []
+            for i in open where results[i] == nil && files[i].created && synced.insert(ObjectIdentifier(items[i].store)).inserted {
+                items[i].store.syncDirectory()
             }
         }
-        // The fencing tokens, just before the renames: a refused generation is discarded,
-        // never made visible. One check per token per group (it reads the pair's token file).
+        // The fencing tokens, just before anything is made visible: a refused generation is
+        // discarded, never listed. One check per token per group (it reads the pair's token file).
         var refusals: [ObjectIdentifier: String?] = [:]
         for i in open where results[i] == nil {
             let item = items[i]
@@ -279,44 +370,166 @@ final class GenerationStore: Sendable {
                 refusals[key] = .some(refusal)
             }
             if let refusal {
-                unlink(names[i])
-                results[i] = .failure(GenerationStoreError(path: item.store.finalPath(item.number), reason: "not committed: \(refusal)"))
+                if item.store.staging == nil { unlink(files[i].path) }
+                item.store.release(item.number)
+                results[i] = .failure(GenerationStoreError(path: item.store.path(of: item.number), reason: "not committed: \(refusal)"))
             }
         }
-        // 2. Their names.
+        // 2. The names: renames of named generations, index records of slotted ones.
         var renamed: [Int] = []
-        for i in open where results[i] == nil {
+        for i in open where results[i] == nil && items[i].store.staging == nil {
             let final = items[i].store.finalPath(items[i].number)
-            if rename(names[i], final) == 0 {
+            if rename(files[i].path, final) == 0 {
                 renamed.append(i)
+                files[i].path = final
             } else {
                 results[i] = .failure(GenerationStoreError(path: final, reason: "rename failed: \(Self.errnoText())"))
-                if items[i].store.staging != nil { unlink(names[i]) }
             }
         }
-        // 3. The directories.
+        var plans: [ObjectIdentifier: CommitPlan] = [:]
+        var order: [GenerationStore] = []
+        for i in open where results[i] == nil {
+            let store = items[i].store
+            if plans[ObjectIdentifier(store)] == nil { order.append(store) }
+            plans[ObjectIdentifier(store), default: CommitPlan()].added.append((items[i].number, files[i]))
+        }
+        for store in order {
+            plans[ObjectIdentifier(store)] = store.writeRecord(plans[ObjectIdentifier(store)]!)
+        }
+        let recorded = order.filter { plans[ObjectIdentifier($0)]!.record != nil && plans[ObjectIdentifier($0)]!.failure == nil }
         var durable: Set<ObjectIdentifier> = []
-        if renamed.count >= syncfsGroupSize && syncEachFilesystem(renamed.map { (devices[$0], fds[$0]) }) {
-            for i in renamed { durable.insert(ObjectIdentifier(items[i].store)) }
+        let syncs = renamed.map { (files[$0].device, files[$0].fd) } + recorded.map { ($0.indexDevice, $0.state.withLock { $0.indexFD }) }
+        if syncs.count >= syncfsGroupSize && syncEachFilesystem(syncs) {
+            for store in order { durable.insert(ObjectIdentifier(store)) }
         } else {
-            var synced: Set<ObjectIdentifier> = []
-            for i in renamed where synced.insert(ObjectIdentifier(items[i].store)).inserted {
-                if items[i].store.syncDirectory() { durable.insert(ObjectIdentifier(items[i].store)) }
+            for store in order {
+                let plan = plans[ObjectIdentifier(store)]!
+                let renames = store.staging == nil && !plan.added.isEmpty
+                let directoryOK = !renames || store.syncDirectory()
+                let indexOK = plan.record == nil || plan.failure != nil || fsync(store.state.withLock { $0.indexFD }) == 0
+                if directoryOK && indexOK { durable.insert(ObjectIdentifier(store)) }
             }
         }
-        // Files freed by earlier commits of these stores are now durably under their free
-        // names: writable from the next group on.
-        for i in renamed where items[i].store.staging != nil && durable.remove(ObjectIdentifier(items[i].store)) != nil {
-            items[i].store.state.withLock { state in
-                state.free += state.freeing
-                state.freeing.removeAll()
+        for store in order {
+            var plan = plans[ObjectIdentifier(store)]!
+            if plan.record != nil && plan.failure == nil && !durable.contains(ObjectIdentifier(store)) {
+                plan.failure = "index sync failed: \(Self.errnoText())"
             }
+            store.apply(plan)
         }
         return items.enumerated().map { i, item in
             if let failure = results[i] { return failure }
-            item.store.didCommit(item.number)
-            return .success(Generation(number: item.number, path: item.store.finalPath(item.number), bytes: sizes[i]))
+            let plan = plans[ObjectIdentifier(item.store)]!
+            if let failure = plan.failure, item.store.staging != nil {
+                return .failure(GenerationStoreError(path: item.store.directory + "/" + GenerationIndex.fileName, reason: failure))
+            }
+            return .success(Generation(number: item.number, path: files[i].path, bytes: files[i].bytes))
         }
+    }
+
+    /// One store's part of a group commit: what it adds, what its new record is.
+    private struct CommitPlan {
+        var added: [(number: Int, file: Staged)] = []
+        /// The committed generations after this group (pruned ones gone), and the pruned.
+        var committed: [Int] = []
+        var pruned: [Int] = []
+        /// The record written (nil when no slot generation was added or pruned).
+        var record: GenerationIndex.Record?
+        var place = 0
+        var failure: String?
+    }
+
+
+    /// Works out this group's committed list and, when a slot generation comes or goes,
+    /// writes the record that lists it into the place the newest durable one is not in.
+    private func writeRecord(_ plan: CommitPlan) -> CommitPlan {
+        var plan = plan
+        let (fd, record, place) = state.withLock { state -> (Int32, GenerationIndex.Record?, Int) in
+            var committed = state.committed
+            for (number, _) in plan.added where !committed.contains(number) { committed.append(number) }
+            committed.sort()
+            let excess = max(0, committed.count - state.keep)
+            plan.pruned = Array(committed.prefix(excess))
+            plan.committed = Array(committed.dropFirst(excess))
+            let slotted = plan.added.contains { state.slotOf[$0.number] != nil } || plan.pruned.contains { state.entries[$0] != nil }
+            guard slotted else { return (-1, nil, 0) }
+            var entries: [GenerationIndex.Entry] = []
+            for number in plan.committed {
+                if let entry = state.entries[number] {
+                    entries.append(entry)
+                } else if let slot = state.slotOf[number], let added = plan.added.first(where: { $0.number == number }) {
+                    entries.append(GenerationIndex.Entry(generation: number, slot: slot, bytes: added.file.bytes, checksum: added.file.checksum))
+                }
+            }
+            state.sequence += 1
+            return (state.indexFD, GenerationIndex.Record(sequence: state.sequence, entries: entries), 1 - state.indexPlace)
+        }
+        guard let record else { return plan }
+        plan.record = record
+        plan.place = place
+        guard fd >= 0 else {
+            plan.failure = "the index is not open"
+            return plan
+        }
+        do {
+            try GenerationIndex.write(record, place: place, to: fd)
+        } catch {
+            plan.failure = error.reason
+        }
+        return plan
+    }
+
+    /// After the group's phase 2: the new record is the durable one (its pruned slots
+    /// writable, pruned named files removed), or, when it failed, nothing this group added
+    /// to the index is listed and its slots wait for the next good record.
+    private func apply(_ plan: CommitPlan) {
+        let stale = state.withLock { state -> [Int] in
+            let namedPruned = plan.pruned.filter { state.slotOf[$0] == nil }
+            if plan.failure != nil {
+                for (number, _) in plan.added where state.slotOf[number] != nil {
+                    state.quarantined.append(state.slotOf.removeValue(forKey: number)!)
+                }
+                // Named generations were renamed: they are on disk, listed from now on.
+                for (number, _) in plan.added where state.slotOf[number] == nil && !state.committed.contains(number) {
+                    state.committed.append(number)
+                }
+                state.committed.sort()
+                state.lastGood = state.committed.last
+                return []
+            }
+            if let record = plan.record {
+                state.indexPlace = plan.place
+                state.freeSlots += state.quarantined
+                state.quarantined.removeAll()
+                for number in plan.pruned {
+                    if let slot = state.slotOf.removeValue(forKey: number) { state.freeSlots.append(slot) }
+                }
+                state.entries = Dictionary(uniqueKeysWithValues: record.entries.map { ($0.generation, $0) })
+            }
+            state.committed = plan.committed
+            state.lastGood = max(state.lastGood ?? 0, plan.committed.last ?? 0)
+            return namedPruned
+        }
+        for old in stale { unlink(finalPath(old)) }
+    }
+
+    /// A begun generation that will not be committed gives its slot back (it was never listed).
+    private func release(_ number: Int) {
+        state.withLock { state in
+            guard state.entries[number] == nil, let slot = state.slotOf.removeValue(forKey: number) else { return }
+            state.freeSlots.append(slot)
+        }
+    }
+
+    private static func openPartial(_ path: String) throws(GenerationStoreError) -> Staged {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        var info = stat()
+        guard fd >= 0, fstat(fd, &info) == 0 else {
+            let reason = Self.errnoText()
+            if fd >= 0 { close(fd) }
+            throw GenerationStoreError(path: path, reason: reason)
+        }
+        return Staged(path: path, fd: fd, bytes: Int(info.st_size), device: UInt64(info.st_dev))
     }
 
     /// One `syncfs` per filesystem among `files` (device, an open descriptor on it). False if
@@ -333,22 +546,28 @@ final class GenerationStore: Sendable {
         return true
     }
 
-    /// A staged generation into `directory`, under a hidden name: written in place into a
-    /// pruned generation's free file when one is ready (its length set to the generation's),
-    /// else into a new file under the partial name; then the staged copy is removed. Returns
-    /// the hidden name the commit renames. Durable only after the commit's sync.
-    private func copyIn(_ number: Int) throws(GenerationStoreError) -> (path: String, fd: Int32, bytes: Int, device: UInt64) {
+    /// A staged generation into its slot file in `directory`, written in place (the file
+    /// made if the slot is new, its length set to the generation's), with its CRC-32C; then
+    /// the staged copy is removed. Durable only after the commit's sync; listed only once
+    /// the record naming it is.
+    private func copyIn(_ number: Int) throws(GenerationStoreError) -> Staged {
         let source = savePath(number)
+        guard let slot = state.withLock({ $0.slotOf[number] }) else {
+            throw GenerationStoreError(path: source, reason: "generation \(number) was not begun in this store")
+        }
         let bytes: [UInt8]
         do {
             bytes = try readFile(source)
         } catch {
             throw GenerationStoreError(path: source, reason: "cannot read the staged generation: \(ColorunSystem.errnoText(error.code))")
         }
-        // A free file is hidden already: written under its free name, renamed straight to
-        // the final one (no third rename). Without one, a new file under the partial name.
-        let target = state.withLock { $0.free.isEmpty ? nil : $0.free.removeLast() }.map(freePath) ?? partialPath(number)
-        let output = open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        let target = slotPath(slot)
+        var created = false
+        var output = open(target, O_WRONLY | O_CLOEXEC)
+        if output < 0 && errno == ENOENT {
+            output = open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+            created = true
+        }
         guard output >= 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
         var info = stat()
         do throws(GenerationStoreError) {
@@ -360,47 +579,17 @@ final class GenerationStore: Sendable {
                 done += n
             }
             guard fstat(output, &info) == 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
-            // A reused file longer than this generation is cut to it (no call when the
+            // A reused slot longer than this generation is cut to it (no call when the
             // length is the same: a truncate also updates the inode's times).
             if Int(info.st_size) != bytes.count, ftruncate(output, off_t(bytes.count)) != 0 {
                 throw GenerationStoreError(path: target, reason: "cannot set the length: \(Self.errnoText())")
             }
         } catch {
             close(output)
-            unlink(target)
             throw error
         }
         unlink(source)
-        return (target, output, bytes.count, UInt64(info.st_dev))
-    }
-
-    /// Records a committed generation and removes those beyond `keep` (the oldest); a
-    /// staged store keeps their files, hidden, for its next commits to write into.
-    private func didCommit(_ number: Int) {
-        let stale = state.withLock { state -> [Int] in
-            state.lastGood = max(state.lastGood ?? 0, number)
-            if let at = state.committed.lastIndex(where: { $0 < number }) {
-                state.committed.insert(number, at: at + 1)
-            } else {
-                state.committed.insert(number, at: 0)
-            }
-            let excess = state.committed.count - state.keep
-            guard excess > 0 else { return [] }
-            defer { state.committed.removeFirst(excess) }
-            return Array(state.committed.prefix(excess))
-        }
-        guard staging != nil else {
-            for old in stale { unlink(finalPath(old)) }
-            return
-        }
-        for old in stale {
-            let full = state.withLock { $0.free.count + $0.freeing.count >= Self.freeFilesKept }
-            if !full && rename(finalPath(old), freePath(old)) == 0 {
-                state.withLock { $0.freeing.append(old) }
-            } else {
-                unlink(finalPath(old))
-            }
-        }
+        return Staged(path: target, fd: output, bytes: bytes.count, device: UInt64(info.st_dev), checksum: crc32c(bytes), created: created)
     }
 
     /// Fsyncs the store's directory (through a descriptor kept open). False if it failed.
@@ -416,6 +605,7 @@ final class GenerationStore: Sendable {
     func discard(_ number: Int) {
         unlink(partialPath(number))
         if staging != nil { unlink(savePath(number)) }
+        release(number)
     }
 
     // MARK: - Files
