@@ -155,6 +155,8 @@ func makeTempDirectoryIn(_ parent: String, _ prefix: String) -> String {
 func runPolicy(_ source: String, domains: [DomainSpec], bench: BenchModule, extensions: [any PolicyExtension] = [],
                configure: (inout PolicyOptions) -> Void = { _ in }) async throws -> PolicyReport {
     let dir = makeTempDirectory("colorun-bench")
+    // The state directory holds every generation the run kept (Remus streams: hundreds of MiB).
+    defer { removeTree(dir) }
     let path = dir + "/policy.lua"
     try source.write(toFile: path, atomically: true, encoding: .utf8)
     var options = PolicyOptions(policyPath: path)

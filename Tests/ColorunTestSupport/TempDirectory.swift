@@ -1,15 +1,29 @@
 import ColorunSystem
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A fresh directory `/tmp/TAG-XXXXXX` (mkdtemp). The path is kept short on purpose: UNIX
 /// socket paths made in it are limited to 107 bytes. A test cannot go on without it, so a
 /// failure stops the test process with the reason.
+/// Made directories are removed when the test process exits (state directories of Remus
+/// tests hold hundreds of MiB each: a suite run left tens of GiB in /tmp before).
 public func makeTempDirectory(_ tag: String = "colorun") -> String {
     do {
-        return try makeTemporaryDirectory(prefix: tag)
+        let path = try makeTemporaryDirectory(prefix: tag)
+        madeDirectories.withLock { made in
+            if made.isEmpty { atexit { for path in madeDirectories.withLock({ $0 }) { removeTree(path) } } }
+            made.append(path)
+        }
+        return path
     } catch {
         fatalError("\(error)")
     }
 }
+
+/// Every directory `makeTempDirectory` made in this process.
+private let madeDirectories = Mutex<[String]>([])
 
 /// Removes a directory and everything in it (no error if it is gone already).
 public func removeDirectory(_ path: String) {
