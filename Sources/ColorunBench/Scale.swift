@@ -113,7 +113,7 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
         name: "Scale: 100 pairs every 25 ms (4,000 cp/s), state dir on disk, `--runtime-dir` on /dev/shm, pipelined, \(fmt(seconds, 0)) s", colorun: describe(r),
         baseline: "(none)", ratio: "n/a", target: "≥ 3,960 cp/s, jitter p99 < 5 ms, CPU/cp < 250 µs",
         status: missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`, with `--runtime-dir` on /dev/shm: the stop journal is there, the primary saves each device state there and the secondary loads it from there; the call returns when both domains run again; the generation is committed to the state directory on disk with the next group while the pair goes on (copied into a pruned generation's file, syncfs, rename, syncfs), at most two generations per pair in flight (a third waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
+        what: "one PolicySession (one loop thread) driving 100 simulated pairs (qemu-sim, a separate process on the same 2 cores) with `colo.checkpoint(p, s, {pipeline = true})` from `policy.every(0.025)`, with `--runtime-dir` on /dev/shm: the stop journal is there, the primary saves each device state there and the secondary loads it from there; the call returns when both domains run again; the generation is committed to the state directory on disk with the next group while the pair goes on (copied in place into a slot file no durable record lists, syncfs, the series' index record written, syncfs: no rename, no new inode), at most two generations per pair in flight (a third waits for its own commit); \(fmt(seconds, 0)) s measured after 2 s; load average \(load0) before, \(loadAverage()) after"))
     let short = min(seconds, config.quick ? 5.0 : 15.0)
     let unstaged = try await runScale(config, pairs: 100, interval: 0.025, warmup: 2, duration: short, pipeline: true)
     results.add(Row(
@@ -132,6 +132,8 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
         what: "as the row above with `--state-dir` on /dev/shm, where a commit waits for no disk: what the engine does when the disk is not the limit"))
     let latency = commitLatency(directory: makeTempDirectory("colorun-bench-fsync"), rounds: config.n(200, 50))
     results.note("the state directory's disk in the same run: one generation commit alone (write 2 KiB, fsync, rename, fsync the directory) takes \(ms(latency)); without `pipeline` a pair cannot checkpoint more often than once per commit (its `colo.checkpoint` returns when the generation is durable)")
+    let slotted = groupCommitLatency(directory: makeTempDirectory("colorun-bench-group"), stores: 100, rounds: config.n(20, 8), slots: true)
+    results.note("a group commit of 100 pairs' generations with `--runtime-dir`, alone (100 slot files of 2 KiB rewritten in place in 100 directories, syncfs, 100 index records written, syncfs): \(ms(slotted.total)) (p50 / p99), of which the slots' syncfs \(ms(slotted.data)) and the records' \(ms(slotted.names)): a group of 100 every \(fmt(slotted.total.p50 / 1e6, 1)) ms allows \(fmt(100 / (slotted.total.p50 / 1e9), 0)) generations/s")
     let group = groupCommitLatency(directory: makeTempDirectory("colorun-bench-group"), stores: 100, rounds: config.n(20, 8))
     let bound = 100 / (0.025 + group.total.p50 / 1e9)
     results.note("a group commit of 100 pairs' generations on the same disk, alone (the syncfs path of `GenerationStore.commitAll`: 100 files of 2 KiB in 100 directories, syncfs, 100 renames, syncfs): \(ms(group.total)) (p50 / p99), of which the files' syncfs \(ms(group.data)) and the renames' \(ms(group.names)); when every pair waits for its group (no `pipeline`), 100 pairs every 25 ms can reach at most about 100 / (25 ms + the group's p50) = \(fmt(bound, 0)) cp/s on this disk now; pipelined, a group of 100 every \(fmt(group.total.p50 / 1e6, 1)) ms allows \(fmt(100 / (group.total.p50 / 1e9), 0)) generations/s")
@@ -140,13 +142,37 @@ func benchScale4k(_ config: BenchConfig, _ results: Results) async throws {
 /// What a group commit of `stores` generations costs on the disk under `directory`, alone,
 /// the way `GenerationStore.commitAll` does it for a group of 4 or more: each store's
 /// partial file written (2 KiB, as qemu-sim's device state), one `syncfs`, the renames, one
-/// more `syncfs`. Replaces the previous generation (keep = 1) as the scale runs do.
-func groupCommitLatency(directory: String, stores: Int, rounds: Int) -> (total: Stats, data: Stats, names: Stats) {
+/// more `syncfs`. Replaces the previous generation (keep = 1) as the scale runs do. With
+/// `slots` as a staged store does it: one of three slot files per store rewritten in place,
+/// one `syncfs`, each store's index record (52 bytes) written into the place of its older
+/// one, one more `syncfs`.
+func groupCommitLatency(directory: String, stores: Int, rounds: Int, slots: Bool = false) -> (total: Stats, data: Stats, names: Stats) {
     defer { removeTree(directory) }
     var total: [Int64] = [], data: [Int64] = [], names: [Int64] = []
     let payload = [UInt8](repeating: 0x51, count: 2048)
     let dirs = (0..<stores).map { directory + "/p\($0)" }
     for dir in dirs { mkdir(dir, 0o700) }
+    if slots {
+        let files = dirs.map { dir in (0..<3).map { open(dir + "/slot-\($0).devstate", O_RDWR | O_CREAT | O_CLOEXEC, 0o600) } }
+        let indexes = dirs.map { open($0 + "/generations.index", O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+        defer { for fd in files.joined() + indexes { close(fd) } }
+        let record = [UInt8](repeating: 0x52, count: 52)
+        for fd in files.joined() { _ = payload.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) } }
+        try? syncFilesystem(indexes[0])
+        for round in 0..<rounds {
+            for slots in files { _ = payload.withUnsafeBytes { pwrite(slots[round % 3], $0.baseAddress, $0.count, 0) } }
+            let t0 = monotonicNanos()
+            try? syncFilesystem(indexes[0])
+            let t1 = monotonicNanos()
+            for fd in indexes { _ = record.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(round % 2 * 32_768)) } }
+            try? syncFilesystem(indexes[0])
+            let t2 = monotonicNanos()
+            total.append(t2 - t0)
+            data.append(t1 - t0)
+            names.append(t2 - t1)
+        }
+        return (Stats(total), Stats(data), Stats(names))
+    }
     for round in 0..<rounds {
         var fds: [Int32] = []
         for dir in dirs {

@@ -64,7 +64,7 @@ struct RunCommand: ColorunSubcommand {
     var stateDirectory: String?
 
     @Option(name: .customLong("runtime-dir"), help: ArgumentHelp(
-        "A directory in memory (tmpfs, such as /run/colorun/NAME) for what must outlive colorun but not the host: the stop journal, and colo.checkpoint's device states before their commit copies them into the state directory. Keep it across runs, one per run, as --state-dir; both QEMUs must reach it.",
+        "A directory in memory (tmpfs, such as /run/colorun/NAME) for what must outlive colorun but not the host: the stop journal, and colo.checkpoint's device states before their commit copies them into slot files of the state directory (listed in each series' generations.index). Keep it across runs, one per run, as --state-dir; both QEMUs must reach it.",
         valueName: "DIR"))
     var runtimeDirectory: String?
 

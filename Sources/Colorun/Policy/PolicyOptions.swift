@@ -70,8 +70,9 @@ public struct PolicyOptions: Sendable {
     /// - `journal/`: the stop journal (else `<state-dir>/journal`); records found in
     ///   `<state-dir>/journal` are moved here when the run starts;
     /// - `staging/colorun-staging-*/`: the Xen cycle's device states, saved by the primary
-    ///   and loaded by the secondary there; the commit copies each into the state directory,
-    ///   into the file of a pruned generation (no new inode or block per generation). Each run
+    ///   and loaded by the secondary there; the commit copies each in place into a slot file
+    ///   of the state directory and lists it in the series' index (`GenerationIndex`: no new
+    ///   inode, no rename per generation). Each run
     ///   makes its own and removes it at its end (a killed run's is swept by the next).
     /// Both QEMUs must reach it, as they must reach the state directory. One per run, as the
     /// state directory. nil: all of it in the state directory.
