@@ -2,8 +2,10 @@
 // Run it through scripts/bench (which builds it in release, sets up the Python baselines
 // and writes docs/benchmarks.md). Numbers only: nothing here is a test.
 //
-//   colorun-bench [--quick] [--python PY] [--script bench_baselines.py] [--qemu-sim PATH]
-//                 [--qmp-bench PATH] [--only a,b] [--out FILE] [--machine TEXT] [--build TEXT]
+//   colorun-bench [--quick] [--only a,b] [--scale-seconds S] [--python PY] [--script FILE]
+//                 [--qemu-sim PATH] [--qmp-bench PATH] [--c-client PATH] [--colorun PATH]
+//                 [--out FILE] [--date TEXT] [--machine TEXT] [--build TEXT] [--notes-file FILE]
+// (--help prints this; an unknown argument is an error, not a run of every benchmark.)
 import Foundation
 
 #if canImport(Glibc)
@@ -16,6 +18,28 @@ let arguments = Array(CommandLine.arguments.dropFirst())
 @MainActor func option(_ name: String) -> String? {
     guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count else { return nil }
     return arguments[i + 1]
+}
+// Every option takes a value but --quick; anything else (--help included) prints the usage.
+let valued: Set<String> = ["--python", "--script", "--qemu-sim", "--qmp-bench", "--c-client", "--colorun", "--only",
+                           "--scale-seconds", "--out", "--date", "--machine", "--build", "--notes-file"]
+var at = 0
+while at < arguments.count {
+    if arguments[at] == "--quick" {
+        at += 1
+    } else if valued.contains(arguments[at]) && at + 1 < arguments.count {
+        at += 2
+    } else {
+        FileHandle.standardError.write(Data("""
+            colorun-bench: \(arguments[at] == "--help" || arguments[at] == "-h" ? "" : "unknown or incomplete argument '\(arguments[at])'\n")\
+            usage: colorun-bench [--quick] [--only NAME,...] [--scale-seconds S] [--python PY] [--script FILE]
+                                 [--qemu-sim PATH] [--qmp-bench PATH] [--c-client PATH] [--colorun PATH]
+                                 [--out FILE] [--date TEXT] [--machine TEXT] [--build TEXT] [--notes-file FILE]
+            names for --only: qmp, cycle, colo, remus, failover, colo-failover, colo-pause, binding, scale,
+            scale4k, startup, growth. Run it through scripts/bench, which builds everything it needs.
+
+            """.utf8))
+        exit(arguments[at] == "--help" || arguments[at] == "-h" ? 0 : 2)
+    }
 }
 let myDirectory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
 let config = BenchConfig(
