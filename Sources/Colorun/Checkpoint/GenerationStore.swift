@@ -119,6 +119,9 @@ final class GenerationStore: Sendable {
                 unlink(staging + "/" + name)
                 removed.append(name)
             }
+            // Staged files of another run's slots: never trusted (a slot's file is QEMU's to
+            // write again before anyone reads it).
+            for name in try Self.list(staging) where name.hasPrefix("slot-") { unlink(staging + "/" + name) }
         }
         removedPartials = removed
         directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -222,8 +225,8 @@ final class GenerationStore: Sendable {
     }
 
     /// Reserves the next generation number and returns it with the path QEMU saves it to
-    /// (and a secondary loads it from) before its commit: the partial name, in the staging
-    /// directory if the store has one (a staged generation also takes a writable slot).
+    /// (and a secondary loads it from) before its commit: the partial name, or in a staged
+    /// store the staged file of the writable slot the generation takes.
     func begin() -> (number: Int, partialPath: String) {
         let number = state.withLock { state in
             state.highest += 1
@@ -243,9 +246,17 @@ final class GenerationStore: Sendable {
         Self.partialPath(number, in: directory, fileExtension: fileExtension)
     }
 
-    /// Where QEMU saves generation `number`: its partial name, in `staging` if set.
+    /// Where QEMU saves generation `number`: its partial name in `directory`; in a staged
+    /// store, the staged file of its slot (`staging/slot-K.devstate`). A slot's staged file
+    /// serves each generation the slot takes: nobody else writes or reads it while the slot
+    /// is taken (the secondary has loaded it and the commit copied it before the slot is
+    /// free again), and QEMU truncates a file it saves into (`O_TRUNC`, tried on 7.2), so a
+    /// generation costs no inode in the staging directory either.
     func savePath(_ number: Int) -> String {
-        Self.partialPath(number, in: staging ?? directory, fileExtension: fileExtension)
+        if let staging, let slot = state.withLock({ $0.slotOf[number] }) {
+            return staging + "/slot-" + String(slot) + "." + fileExtension
+        }
+        return Self.partialPath(number, in: staging ?? directory, fileExtension: fileExtension)
     }
 
     private static func partialPath(_ number: Int, in directory: String, fileExtension: String) -> String {
@@ -513,6 +524,35 @@ final class GenerationStore: Sendable {
         for old in stale { unlink(finalPath(old)) }
     }
 
+    /// The bytes of a staged file, which is then emptied: a slot's staged file holds a
+    /// generation only from QEMU's save into it to its commit, so a save that never happened
+    /// cannot hand the commit an older generation's bytes (an empty file is an error).
+    private static func take(staged path: String) throws(GenerationStoreError) -> [UInt8] {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw GenerationStoreError(path: path, reason: "cannot read the staged generation: \(errnoText())") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw GenerationStoreError(path: path, reason: errnoText()) }
+        let size = Int(info.st_size)
+        guard size > 0 else { throw GenerationStoreError(path: path, reason: "the staged generation is empty (never saved)") }
+        var failure: Int32 = 0
+        let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+            while count < size {
+                let n = pread(fd, buffer.baseAddress! + count, size - count, off_t(count))
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else {
+                    failure = n < 0 ? errno : EIO
+                    return
+                }
+                count += n
+            }
+        }
+        guard failure == 0 else { throw GenerationStoreError(path: path, reason: "cannot read the staged generation: \(ColorunSystem.errnoText(failure))") }
+        guard bytes.count == size else { throw GenerationStoreError(path: path, reason: "the staged generation changed size while read") }
+        _ = ftruncate(fd, 0)
+        return bytes
+    }
+
     /// A begun generation that will not be committed gives its slot back (it was never listed).
     private func release(_ number: Int) {
         state.withLock { state in
@@ -547,20 +587,15 @@ final class GenerationStore: Sendable {
     }
 
     /// A staged generation into its slot file in `directory`, written in place (the file
-    /// made if the slot is new, its length set to the generation's), with its CRC-32C; then
-    /// the staged copy is removed. Durable only after the commit's sync; listed only once
-    /// the record naming it is.
+    /// made if the slot is new, its length set to the generation's), with its CRC-32C (the
+    /// staged file stays for the slot's next generation). Durable only after the commit's
+    /// sync; listed only once the record naming it is.
     private func copyIn(_ number: Int) throws(GenerationStoreError) -> Staged {
         let source = savePath(number)
         guard let slot = state.withLock({ $0.slotOf[number] }) else {
             throw GenerationStoreError(path: source, reason: "generation \(number) was not begun in this store")
         }
-        let bytes: [UInt8]
-        do {
-            bytes = try readFile(source)
-        } catch {
-            throw GenerationStoreError(path: source, reason: "cannot read the staged generation: \(ColorunSystem.errnoText(error.code))")
-        }
+        let bytes = try Self.take(staged: source)
         let target = slotPath(slot)
         var created = false
         var output = open(target, O_WRONLY | O_CLOEXEC)
@@ -588,7 +623,6 @@ final class GenerationStore: Sendable {
             close(output)
             throw error
         }
-        unlink(source)
         return Staged(path: target, fd: output, bytes: bytes.count, device: UInt64(info.st_dev), checksum: crc32c(bytes), created: created)
     }
 
