@@ -128,15 +128,9 @@ final class GenerationStore: Sendable {
         var info = stat()
         indexDevice = fstat(directoryFD, &info) == 0 ? UInt64(info.st_dev) : 0
         let named = try namedGenerations().map(\.number)
-        // The index: a staged store makes it (durably) before its first commit; any store
-        // reads the one an earlier run left.
-        let indexPath = directory + "/" + GenerationIndex.fileName
-        var indexFD = open(indexPath, O_RDWR | O_CLOEXEC)
-        if indexFD < 0 && staging != nil {
-            indexFD = open(indexPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            guard indexFD >= 0 else { throw GenerationStoreError(path: indexPath, reason: Self.errnoText()) }
-            syncDirectory()
-        }
+        // The index an earlier run left, if any (a staged store's first commit makes one: a
+        // session opening a thousand stores does not fsync a thousand directories on its loop).
+        let indexFD = open(directory + "/" + GenerationIndex.fileName, O_RDWR | O_CLOEXEC)
         let found = indexFD >= 0 ? GenerationIndex.read(indexFD) : nil
         var good: [GenerationIndex.Entry] = []
         var listed: Set<Int> = []
@@ -416,7 +410,7 @@ final class GenerationStore: Sendable {
             for store in order {
                 let plan = plans[ObjectIdentifier(store)]!
                 let renames = store.staging == nil && !plan.added.isEmpty
-                let directoryOK = !renames || store.syncDirectory()
+                let directoryOK = !(renames || plan.indexCreated) || store.syncDirectory()
                 let indexOK = plan.record == nil || plan.failure != nil || fsync(store.state.withLock { $0.indexFD }) == 0
                 if directoryOK && indexOK { durable.insert(ObjectIdentifier(store)) }
             }
@@ -448,6 +442,8 @@ final class GenerationStore: Sendable {
         var record: GenerationIndex.Record?
         var place = 0
         var failure: String?
+        /// The index file was made by this group (its name is in the directory, not in the file).
+        var indexCreated = false
     }
 
 
@@ -455,7 +451,7 @@ final class GenerationStore: Sendable {
     /// writes the record that lists it into the place the newest durable one is not in.
     private func writeRecord(_ plan: CommitPlan) -> CommitPlan {
         var plan = plan
-        let (fd, record, place) = state.withLock { state -> (Int32, GenerationIndex.Record?, Int) in
+        let (openFD, record, place) = state.withLock { state -> (Int32, GenerationIndex.Record?, Int) in
             var committed = state.committed
             for (number, _) in plan.added where !committed.contains(number) { committed.append(number) }
             committed.sort()
@@ -478,9 +474,16 @@ final class GenerationStore: Sendable {
         guard let record else { return plan }
         plan.record = record
         plan.place = place
-        guard fd >= 0 else {
-            plan.failure = "the index is not open"
-            return plan
+        var fd = openFD
+        if fd < 0 {
+            // The store's first record: the index is made now, its name made durable with the record.
+            fd = open(directory + "/" + GenerationIndex.fileName, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else {
+                plan.failure = "cannot make the index: \(Self.errnoText())"
+                return plan
+            }
+            plan.indexCreated = true
+            state.withLock { $0.indexFD = fd }
         }
         do {
             try GenerationIndex.write(record, place: place, to: fd)
