@@ -352,7 +352,7 @@ func benchFailover(_ config: BenchConfig, _ results: Results) async throws {
 func benchBinding(_ config: BenchConfig, _ results: Results) async throws {
     let n = config.n(5_000_000, 1_000_000)
     let dir = makeTempDirectory("colorun-bench-lua")
-    defer { removeTree(dir) }
+    defer { try? FileManager.default.removeItem(atPath: dir) }
     let path = dir + "/policy.lua"
     try """
     local n = tonumber(bench.arg("n"))
