@@ -115,13 +115,16 @@ final class GenerationStore: Sendable {
         }
         if let staging {
             try Self.makeDirectories(staging)
-            for name in try Self.list(staging) where name.hasPrefix(".gen-") && name.hasSuffix(".partial") {
-                unlink(staging + "/" + name)
-                removed.append(name)
+            for name in try Self.list(staging) {
+                if name.hasPrefix(".gen-") && name.hasSuffix(".partial") {
+                    unlink(staging + "/" + name)
+                    removed.append(name)
+                } else if name.hasPrefix("slot-") {
+                    // Another run's staged files: never trusted (a slot's file is QEMU's to
+                    // write again before anyone reads it).
+                    unlink(staging + "/" + name)
+                }
             }
-            // Staged files of another run's slots: never trusted (a slot's file is QEMU's to
-            // write again before anyone reads it).
-            for name in try Self.list(staging) where name.hasPrefix("slot-") { unlink(staging + "/" + name) }
         }
         removedPartials = removed
         directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
