@@ -101,7 +101,8 @@ final class GenerationStore: Sendable {
         try Self.makeDirectories(directory)
         var removed: [String] = []
         var slotFiles: [Int] = []
-        let slotSuffix = "." + fileExtension
+        var named: [Int] = []
+        let suffix = "." + fileExtension
         for name in try Self.list(directory) {
             if name.hasPrefix(".gen-") && name.hasSuffix(".partial") {
                 unlink(directory + "/" + name)
@@ -109,8 +110,10 @@ final class GenerationStore: Sendable {
             } else if name.hasPrefix(".gen-") && name.hasSuffix(".free") {
                 // An earlier version's pruned files kept for reuse.
                 unlink(directory + "/" + name)
-            } else if name.hasPrefix("slot-") && name.hasSuffix(slotSuffix), let slot = Int(name.dropFirst(5).dropLast(slotSuffix.count)) {
+            } else if name.hasPrefix("slot-") && name.hasSuffix(suffix), let slot = Int(name.dropFirst(5).dropLast(suffix.count)) {
                 slotFiles.append(slot)
+            } else if name.hasPrefix("gen-") && name.hasSuffix(suffix), let number = Int(name.dropFirst(4).dropLast(suffix.count)) {
+                named.append(number)
             }
         }
         if let staging {
@@ -130,7 +133,6 @@ final class GenerationStore: Sendable {
         directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         var info = stat()
         indexDevice = fstat(directoryFD, &info) == 0 ? UInt64(info.st_dev) : 0
-        let named = try namedGenerations().map(\.number)
         // The index an earlier run left, if any (a staged store's first commit makes one: a
         // session opening a thousand stores does not fsync a thousand directories on its loop).
         let indexFD = open(directory + "/" + GenerationIndex.fileName, O_RDWR | O_CLOEXEC)
