@@ -122,7 +122,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "QEMUSimCLI",
-            dependencies: ["QEMUSimulator", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["QEMUSimulator", "ColorunSystem", logging, .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         // QEMULabTests' process to kill: starts lab QEMUs, or a child that must (not) outlive it.
         .executableTarget(name: "QEMULabProbe", dependencies: ["QEMULab", "ColorunSystem"]),

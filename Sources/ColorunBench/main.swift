@@ -6,6 +6,7 @@
 //                 [--qemu-sim PATH] [--qmp-bench PATH] [--c-client PATH] [--colorun PATH]
 //                 [--out FILE] [--date TEXT] [--machine TEXT] [--build TEXT] [--notes-file FILE]
 // (--help prints this; an unknown argument is an error, not a run of every benchmark.)
+import ColorunSystem
 import Foundation
 
 #if canImport(Glibc)
@@ -13,6 +14,8 @@ import Glibc
 #endif
 
 signal(SIGPIPE, SIG_IGN)
+// The 1,000-pair probes hold more descriptors than the usual soft limit of 1,024.
+raiseOpenFileLimit()
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 @MainActor func option(_ name: String) -> String? {

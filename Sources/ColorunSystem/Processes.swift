@@ -156,3 +156,25 @@ final class OwnedChildren: Sendable {
         }
     }
 }
+
+/// Raises this process's open-file soft limit to its hard limit and returns the new soft
+/// limit. Each domain holds a QMP socket and each checkpoint series a few files open, so a
+/// thousand pairs need several thousand descriptors, where the usual soft limit is 1,024
+/// (systemd's hard limit is 524,288; as Go's runtime and nginx do, colorun takes what the
+/// hard limit allows).
+@discardableResult
+public func raiseOpenFileLimit() -> UInt64 {
+    #if canImport(Glibc)
+    let resourceNOFILE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+    #else
+    let resourceNOFILE = RLIMIT_NOFILE
+    #endif
+    var limit = rlimit()
+    guard getrlimit(resourceNOFILE, &limit) == 0 else { return 0 }
+    if limit.rlim_cur < limit.rlim_max {
+        var raised = limit
+        raised.rlim_cur = limit.rlim_max
+        if setrlimit(resourceNOFILE, &raised) == 0 { return UInt64(raised.rlim_cur) }
+    }
+    return UInt64(limit.rlim_cur)
+}

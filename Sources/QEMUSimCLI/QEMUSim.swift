@@ -1,4 +1,5 @@
 import ArgumentParser
+import ColorunSystem
 import Dispatch
 import QEMUSimulator
 import Synchronization
@@ -66,6 +67,8 @@ struct QEMUSim: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Thousands of domains: a listening socket and a connection each.
+        raiseOpenFileLimit()
         var faultList: [SimulatedFault] = []
         if let faults {
             guard let text = readText(faults) else { throw ValidationError("cannot read \(faults)") }

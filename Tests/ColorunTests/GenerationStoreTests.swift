@@ -324,6 +324,74 @@ func diskRecord(_ directory: String) -> (record: GenerationIndex.Record, place: 
 
     /// A group commit (the `syncfs` path) of staged stores: each generation lands whole in
     /// its own state directory; one whose staged file is missing fails alone.
+    /// The committer's gathering: commits nobody waits for, asked for together, share one
+    /// group (the window lets them gather); with no window the first goes alone. An urgent
+    /// commit does not wait out the window (an hour here): it takes the waiting ones along.
+    @Test func commitsNobodyWaitsForGatherIntoOneGroup() async throws {
+        let dir = makeTempDirectory()
+        let stores = try (0..<3).map { i in
+            try GenerationStore(directory: dir + "/state/p\(i)", fileExtension: "devstate", keep: 1, staging: dir + "/staging/p\(i)")
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        let loop = group.next()
+        func run(_ committer: GroupCommitter, urgency: [Bool]) async throws -> (numbers: [Int], groups: Int) {
+            let items = stores.map { store in
+                let (number, path) = store.begin()
+                writeFile(path, qevm + [UInt8(number)])
+                return (store: store, number: number)
+            }
+            let numbers = try await loop.flatSubmit {
+                EventLoopFuture.whenAllSucceed(zip(items, urgency).map { item, urgent in
+                    let promise = loop.makePromise(of: Int.self)
+                    committer.commit(item.store, item.number, urgent: urgent) { result in
+                        switch result {
+                        case .success(let generation): promise.succeed(generation.number)
+                        case .failure(let error): promise.fail(error)
+                        }
+                    }
+                    return promise.futureResult
+                }, on: loop)
+            }.get()
+            return (numbers, try await loop.submit { committer.groupsWritten }.get())
+        }
+        let gathering = GroupCommitter(pool: pool, eventLoop: loop, gatherWindow: .milliseconds(50))
+        let gathered = try await run(gathering, urgency: [false, false, false])
+        #expect(gathered.numbers == [1, 1, 1] && gathered.groups == 1)
+        let alone = GroupCommitter(pool: pool, eventLoop: loop, gatherWindow: .zero)
+        let unwindowed = try await run(alone, urgency: [false, false, false])
+        #expect(unwindowed.numbers == [2, 2, 2] && unwindowed.groups == 2, "the first commit goes alone, the others form the next group")
+        let hour = GroupCommitter(pool: pool, eventLoop: loop, gatherWindow: .hours(1))
+        let urgent = try await run(hour, urgency: [false, false, true])
+        #expect(urgent.numbers == [3, 3, 3] && urgent.groups == 1)
+        for store in stores { #expect(try store.generations().map(\.number) == [3]) }
+        try await pool.shutdownGracefully()
+        try await group.shutdownGracefully()
+    }
+
+    /// A slot's staged file stays open between generations (QEMU truncates it and saves again
+    /// into the same inode). One replaced instead (a new inode under the name, as a writer
+    /// that renames would leave) is found again by its name, never read from the old inode.
+    @Test func aStagedFileReplacedByANewInodeIsReadFromTheNewOne() throws {
+        let dir = makeTempDirectory()
+        let staging = dir + "/staging/pair"
+        let store = try GenerationStore(directory: dir + "/state/pair", fileExtension: "devstate", keep: 1, staging: staging)
+        for round in 1...7 {
+            let (number, path) = store.begin()
+            let bytes = qevm + [UInt8](repeating: UInt8(round), count: 100 * round)
+            if round % 2 == 0 {
+                writeFile(path + ".new", bytes)
+                #expect(rename(path + ".new", path) == 0)
+            } else {
+                writeFile(path, bytes)
+            }
+            #expect(try store.validate(number, magic: qevm) == bytes.count, "round \(round)")
+            let generation = try store.commit(number)
+            #expect(try readFile(generation.path) == bytes, "round \(round)")
+        }
+    }
+
     @Test func stagedGroupCommit() throws {
         let dir = makeTempDirectory()
         let stores = try (0..<4).map { i in

@@ -59,11 +59,12 @@ extension PolicySession {
         var answered = false
         track({ [self] done in
             CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, resumed: { [self] running in
-                guard pipelinedCommits[series, default: 0] < Self.pipelineDepth else { return }
+                guard pipelinedCommits[series, default: 0] < Self.pipelineDepth else { return false }
                 answered = true
                 pipelinedCommits[series, default: 0] += 1
                 for domain in involved { busyDomains.remove(domain.name) }
                 completion.succeed([.json(.object(running.fields))])
+                return true
             }, done)
         }) { [self] result in
             if answered {

@@ -103,11 +103,13 @@ enum CheckpointEngine {
     /// `committer`, which makes the generations of many pairs durable together off the loop;
     /// without one it runs here, on the loop. `resumed`, if given, runs on the loop when both
     /// domains run again with the secondary holding the state, before the commit (with
-    /// `durable` false in the result's fields: a pipelined caller may answer there).
+    /// `durable` false in the result's fields: a pipelined caller may answer there) and says
+    /// whether the caller was answered (then nobody waits for the commit, which may wait a
+    /// little for other pairs' commits to share its group).
     /// `completion` runs on the loop, once, after the commit.
     static func xenCheckpoint(
         primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
-        resumed: ((CheckpointResult) -> Void)? = nil,
+        resumed: ((CheckpointResult) -> Bool)? = nil,
         _ completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void
     ) {
         XenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, resumed: resumed, completion: completion).start()
@@ -212,7 +214,7 @@ private final class XenCheckpoint {
     let secondary: Domain
     let store: GenerationStore
     let committer: GroupCommitter?
-    let resumed: ((CheckpointResult) -> Void)?
+    let resumed: ((CheckpointResult) -> Bool)?
     let completion: (Result<CheckpointResult, CheckpointError>) -> Void
     let generation: Int
     let partial: String
@@ -227,7 +229,7 @@ private final class XenCheckpoint {
     var stops: [Result<Void, DomainError>?] = [nil, nil]
 
     init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
-         resumed: ((CheckpointResult) -> Void)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
+         resumed: ((CheckpointResult) -> Bool)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
         self.primary = primary
         self.secondary = secondary
         self.store = store
@@ -290,17 +292,18 @@ private final class XenCheckpoint {
                 return self.completion(.failure(CheckpointError(
                     step: "resume", first, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
             }
-            self.resumed?(self.outcome(path: self.store.path(of: self.generation), durable: false))
-            self.commit()
+            let answered = self.resumed?(self.outcome(path: self.store.path(of: self.generation), durable: false)) ?? false
+            self.commit(urgent: !answered)
         }
     }
 
     /// 6. Make it the last good generation (after the resume: the fsync is not pause time).
-    func commit() {
+    /// `urgent`: the caller waits for it.
+    func commit(urgent: Bool) {
         guard let committer else {
             return committed(Result { () throws(GenerationStoreError) in try store.commit(generation) })
         }
-        committer.commit(store, generation) { self.committed($0) }
+        committer.commit(store, generation, urgent: urgent) { self.committed($0) }
     }
 
     func committed(_ result: Result<Generation, GenerationStoreError>) {

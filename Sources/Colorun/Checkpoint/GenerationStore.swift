@@ -73,6 +73,11 @@ final class GenerationStore: Sendable {
         var indexPlace = 1
         /// The highest sequence ever written (a failed write's included): the next is higher.
         var sequence: UInt64 = 0
+        /// Descriptors kept open per slot (a staged store's): its file in `directory`, and
+        /// its staged file, which QEMU saves into again (truncating the same inode), so a
+        /// checkpoint opens no file by path on the loop or in the commit.
+        var slotFDs: [Int: Int32] = [:]
+        var stagedFDs: [Int: Int32] = [:]
     }
 
     private let state: Mutex<State>
@@ -173,8 +178,8 @@ final class GenerationStore: Sendable {
 
     deinit {
         if directoryFD >= 0 { close(directoryFD) }
-        let indexFD = state.withLock { $0.indexFD }
-        if indexFD >= 0 { close(indexFD) }
+        let fds = state.withLock { [$0.indexFD] + Array($0.slotFDs.values) + Array($0.stagedFDs.values) }
+        for fd in fds where fd >= 0 { close(fd) }
     }
 
     /// Complete generations, oldest first, as on disk now: the named files and the slots the
@@ -282,7 +287,32 @@ final class GenerationStore: Sendable {
     /// Returns its size.
     @discardableResult
     func validate(_ number: Int, magic: [UInt8]) throws(GenerationStoreError) -> Int {
-        try Self.validate(path: savePath(number), magic: magic)
+        guard staging != nil, let slot = state.withLock({ $0.slotOf[number] }) else {
+            return try Self.validate(path: savePath(number), magic: magic)
+        }
+        let path = savePath(number)
+        var fd = try stagedFD(slot, path: path)
+        if (try? Self.validate(fd: fd, path: path, magic: magic)) == nil {
+            // Not what the path holds now if the file was replaced rather than truncated
+            // (QEMU truncates it; anything else that saves there may not): open it again.
+            fd = try stagedFD(slot, path: path, reopen: true)
+        }
+        return try Self.validate(fd: fd, path: path, magic: magic)
+    }
+
+    /// The staged file of `slot`, open (opened by path the first time, or again with `reopen`).
+    private func stagedFD(_ slot: Int, path: String, reopen: Bool = false) throws(GenerationStoreError) -> Int32 {
+        try state.withLock { (state: inout State) throws(GenerationStoreError) -> Int32 in
+            if let fd = state.stagedFDs[slot] {
+                guard reopen else { return fd }
+                close(fd)
+                state.stagedFDs[slot] = nil
+            }
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            guard fd >= 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
+            state.stagedFDs[slot] = fd
+            return fd
+        }
     }
 
     @discardableResult
@@ -290,13 +320,17 @@ final class GenerationStore: Sendable {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
         defer { close(fd) }
+        return try validate(fd: fd, path: path, magic: magic)
+    }
+
+    private static func validate(fd: Int32, path: String, magic: [UInt8]) throws(GenerationStoreError) -> Int {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
         guard info.st_size >= magic.count, info.st_size > 0 else {
             throw GenerationStoreError(path: path, reason: "checkpoint file is empty or truncated (\(info.st_size) bytes)")
         }
         var head = [UInt8](repeating: 0, count: magic.count)
-        let n = head.withUnsafeMutableBytes { read(fd, $0.baseAddress, magic.count) }
+        let n = head.withUnsafeMutableBytes { pread(fd, $0.baseAddress, magic.count, 0) }
         guard n == magic.count, head == magic else {
             throw GenerationStoreError(path: path, reason: "not a checkpoint file (bad magic)")
         }
@@ -323,6 +357,8 @@ final class GenerationStore: Sendable {
         var checksum: UInt32 = 0
         /// A slot file made for this commit (its directory entry is new).
         var created = false
+        /// `fd` is this commit's to close (a slot's descriptor stays open with its store).
+        var ownsFD = true
     }
 
     /// Commits many generations (of any stores) together, a group commit, in two phases each
@@ -349,7 +385,7 @@ final class GenerationStore: Sendable {
                 item.store.release(item.number)
             }
         }
-        defer { for file in files where file.fd >= 0 { close(file.fd) } }
+        defer { for file in files where file.fd >= 0 && file.ownsFD { close(file.fd) } }
         let open = items.indices.filter { files[$0].fd >= 0 }
 
         // 1. The bytes.
@@ -532,15 +568,13 @@ final class GenerationStore: Sendable {
         for old in stale { unlink(finalPath(old)) }
     }
 
-    /// The bytes of a staged file, which is then emptied: a slot's staged file holds a
+    /// The bytes of a slot's staged file, which is then emptied: a slot's staged file holds a
     /// generation only from QEMU's save into it to its commit, so a save that never happened
     /// cannot hand the commit an older generation's bytes (an empty file is an error).
-    private static func take(staged path: String) throws(GenerationStoreError) -> [UInt8] {
-        let fd = open(path, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else { throw GenerationStoreError(path: path, reason: "cannot read the staged generation: \(errnoText())") }
-        defer { close(fd) }
+    private func take(staged slot: Int, path: String) throws(GenerationStoreError) -> [UInt8] {
+        let fd = try stagedFD(slot, path: path)
         var info = stat()
-        guard fstat(fd, &info) == 0 else { throw GenerationStoreError(path: path, reason: errnoText()) }
+        guard fstat(fd, &info) == 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
         let size = Int(info.st_size)
         guard size > 0 else { throw GenerationStoreError(path: path, reason: "the staged generation is empty (never saved)") }
         var failure: Int32 = 0
@@ -597,41 +631,48 @@ final class GenerationStore: Sendable {
     /// A staged generation into its slot file in `directory`, written in place (the file
     /// made if the slot is new, its length set to the generation's), with its CRC-32C (the
     /// staged file stays for the slot's next generation). Durable only after the commit's
-    /// sync; listed only once the record naming it is.
+    /// sync; listed only once the record naming it is. Both files stay open with the store.
     private func copyIn(_ number: Int) throws(GenerationStoreError) -> Staged {
         let source = savePath(number)
         guard let slot = state.withLock({ $0.slotOf[number] }) else {
             throw GenerationStoreError(path: source, reason: "generation \(number) was not begun in this store")
         }
-        let bytes = try Self.take(staged: source)
+        let bytes = try take(staged: slot, path: source)
         let target = slotPath(slot)
-        var created = false
-        var output = open(target, O_WRONLY | O_CLOEXEC)
-        if output < 0 && errno == ENOENT {
-            output = open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-            created = true
-        }
-        guard output >= 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
+        let (output, created) = try slotFD(slot, path: target)
         var info = stat()
-        do throws(GenerationStoreError) {
-            var done = 0
-            while done < bytes.count {
-                let n = bytes.withUnsafeBytes { pwrite(output, $0.baseAddress! + done, $0.count - done, off_t(done)) }
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw GenerationStoreError(path: target, reason: "write failed: \(Self.errnoText())") }
-                done += n
-            }
-            guard fstat(output, &info) == 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
-            // A reused slot longer than this generation is cut to it (no call when the
-            // length is the same: a truncate also updates the inode's times).
-            if Int(info.st_size) != bytes.count, ftruncate(output, off_t(bytes.count)) != 0 {
-                throw GenerationStoreError(path: target, reason: "cannot set the length: \(Self.errnoText())")
-            }
-        } catch {
-            close(output)
-            throw error
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { pwrite(output, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw GenerationStoreError(path: target, reason: "write failed: \(Self.errnoText())") }
+            done += n
         }
-        return Staged(path: target, fd: output, bytes: bytes.count, device: UInt64(info.st_dev), checksum: crc32c(bytes), created: created)
+        guard fstat(output, &info) == 0 else { throw GenerationStoreError(path: target, reason: Self.errnoText()) }
+        // A reused slot longer than this generation is cut to it (no call when the
+        // length is the same: a truncate also updates the inode's times).
+        if Int(info.st_size) != bytes.count, ftruncate(output, off_t(bytes.count)) != 0 {
+            throw GenerationStoreError(path: target, reason: "cannot set the length: \(Self.errnoText())")
+        }
+        return Staged(path: target, fd: output, bytes: bytes.count, device: UInt64(info.st_dev), checksum: crc32c(bytes),
+                      created: created, ownsFD: false)
+    }
+
+    /// The slot file of `slot` in `directory`, open for writing (made the first time it is
+    /// needed: `created`).
+    private func slotFD(_ slot: Int, path: String) throws(GenerationStoreError) -> (fd: Int32, created: Bool) {
+        try state.withLock { (state: inout State) throws(GenerationStoreError) -> (fd: Int32, created: Bool) in
+            if let fd = state.slotFDs[slot] { return (fd, false) }
+            var created = false
+            var fd = open(path, O_WRONLY | O_CLOEXEC)
+            if fd < 0 && errno == ENOENT {
+                fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+                created = true
+            }
+            guard fd >= 0 else { throw GenerationStoreError(path: path, reason: Self.errnoText()) }
+            state.slotFDs[slot] = fd
+            return (fd, created)
+        }
     }
 
     /// Fsyncs the store's directory (through a descriptor kept open). False if it failed.
@@ -646,7 +687,13 @@ final class GenerationStore: Sendable {
     /// Removes a partial generation that will not be committed.
     func discard(_ number: Int) {
         unlink(partialPath(number))
-        if staging != nil { unlink(savePath(number)) }
+        if staging != nil {
+            unlink(savePath(number))
+            // The slot's next save makes a new staged file: its descriptor goes too.
+            state.withLock { state in
+                if let slot = state.slotOf[number], let fd = state.stagedFDs.removeValue(forKey: slot) { close(fd) }
+            }
+        }
         release(number)
     }
 

@@ -1,83 +1,98 @@
 import NIOCore
 import NIOPosix
-import Synchronization
 
 /// Commits the generations of a session's checkpoints in groups, off the event loop.
 ///
-/// A commit asked for while a group is being written waits for the next group, which takes
-/// everything that arrived meanwhile: with 100 pairs checkpointing 40 times a second, one
-/// thread of the blocking-I/O pool makes each group durable with one journal commit for the
-/// files and one for the renames (`GenerationStore.commitAll`) instead of two per checkpoint.
-/// A generation is reported committed only once its file, name and directory are on disk.
-/// Completions run on the session's loop, one hop per group.
-final class GroupCommitter: Sendable {
+/// One group at a time is written on the blocking-I/O pool (`GenerationStore.commitAll`: one
+/// `syncfs` for the bytes and one for the index records or renames, instead of two fsyncs per
+/// checkpoint); the commits asked for meanwhile form the next group. A commit someone waits
+/// for (`urgent`: a `colo.checkpoint` that returns when durable) starts a group at once, or
+/// right after the group being written. A commit nobody waits for (a pipelined call answered
+/// already) may wait up to `gatherWindow` for others to join it: with 100 pairs every 25 ms,
+/// groups of one or two generations each cost two disk flushes, while a window of a few
+/// milliseconds gathers a dozen or more into the same two.
+/// A generation is reported committed only once its bytes and its record (or name) are on
+/// disk. Completions run on the session's loop, one hop per group.
+///
+/// Loop-bound: `commit` is called on `eventLoop`, and all of the committer's state lives there.
+final class GroupCommitter: @unchecked Sendable {
     private struct Job {
         let store: GenerationStore
         let number: Int
         let done: (Result<Generation, GenerationStoreError>) -> Void
     }
 
-    private struct Queue {
-        var jobs: [Job] = []
-        var draining = false
-    }
+    /// How long a commit nobody waits for may wait for company.
+    static let gatherWindow = TimeAmount.milliseconds(4)
 
     private let pool: NIOThreadPool
     private let eventLoop: any EventLoop
-    private let queue = Mutex<UncheckedSendable<Queue>>(UncheckedSendable(Queue()))
+    private let window: TimeAmount
+    private var waiting: [Job] = []
+    /// When the oldest waiting job arrived.
+    private var oldest = NIODeadline.distantFuture
+    private var urgentWaiting = false
+    /// A group is being written on the pool.
+    private var writing = false
+    private var timer: Scheduled<Void>?
+    /// Groups written so far (read on the loop).
+    private(set) var groupsWritten = 0
 
-    init(pool: NIOThreadPool, eventLoop: any EventLoop) {
+    init(pool: NIOThreadPool, eventLoop: any EventLoop, gatherWindow: TimeAmount = GroupCommitter.gatherWindow) {
         self.pool = pool
         self.eventLoop = eventLoop
+        self.window = gatherWindow
     }
 
-    /// Commits generation `number` of `store` with the next group; `done` runs on the loop.
-    func commit(_ store: GenerationStore, _ number: Int, _ done: @escaping (Result<Generation, GenerationStoreError>) -> Void) {
-        let job = UncheckedSendable(Job(store: store, number: number, done: done))
-        let start = queue.withLock { queue -> Bool in
-            queue.value.jobs.append(job.value)
-            guard !queue.value.draining else { return false }
-            queue.value.draining = true
-            return true
-        }
-        guard start else { return }
-        pool.submit { [self] state in
-            guard case .active = state else {
-                let jobs = takeAll(stopDraining: true)
-                let error = GenerationStoreError(path: "", reason: "the I/O thread pool is shut down")
-                deliver(jobs.value.map { ($0, .failure(error)) })
-                return
+    /// Commits generation `number` of `store` with a group; `done` runs on the loop.
+    /// `urgent`: a caller waits for it, so it does not wait for company.
+    func commit(_ store: GenerationStore, _ number: Int, urgent: Bool = true,
+                _ done: @escaping (Result<Generation, GenerationStoreError>) -> Void) {
+        eventLoop.preconditionInEventLoop()
+        if waiting.isEmpty { oldest = .now() }
+        waiting.append(Job(store: store, number: number, done: done))
+        urgentWaiting = urgentWaiting || urgent
+        startGroupIfDue()
+    }
+
+    /// Starts writing the waiting jobs when nothing is being written and one is urgent or the
+    /// oldest has waited out the window; else makes sure a timer comes back when it has.
+    private func startGroupIfDue() {
+        guard !writing, !waiting.isEmpty else { return }
+        let due = oldest + window
+        guard urgentWaiting || due <= .now() else {
+            if timer == nil {
+                timer = eventLoop.scheduleTask(deadline: due) { [self] in
+                    timer = nil
+                    startGroupIfDue()
+                }
             }
-            drain()
+            return
         }
-    }
-
-    /// On the pool: commits groups until none is waiting.
-    private func drain() {
-        while true {
-            let jobs = takeAll(stopDraining: false)
-            if jobs.value.isEmpty { return }
-            let results = GenerationStore.commitAll(jobs.value.map { ($0.store, $0.number) })
-            deliver(Array(zip(jobs.value, results)))
-        }
-    }
-
-    /// Takes the waiting jobs; when there are none, the drain ends (under the same lock, so a
-    /// job added later starts a new drain).
-    private func takeAll(stopDraining: Bool) -> UncheckedSendable<[Job]> {
-        queue.withLock { queue in
-            let jobs = queue.value.jobs
-            queue.value.jobs = []
-            if jobs.isEmpty || stopDraining { queue.value.draining = false }
-            return UncheckedSendable(jobs)
-        }
-    }
-
-    private func deliver(_ outcomes: [(Job, Result<Generation, GenerationStoreError>)]) {
-        guard !outcomes.isEmpty else { return }
-        let box = UncheckedSendable(outcomes)
-        eventLoop.execute {
-            for (job, result) in box.value { job.done(result) }
+        timer?.cancel()
+        timer = nil
+        let group = waiting
+        waiting = []
+        urgentWaiting = false
+        oldest = .distantFuture
+        writing = true
+        groupsWritten += 1
+        let items = UncheckedSendable(group.map { (store: $0.store, number: $0.number) })
+        let jobs = UncheckedSendable(group)
+        pool.submit { [self] state in
+            let results: [Result<Generation, GenerationStoreError>]
+            if case .active = state {
+                results = GenerationStore.commitAll(items.value)
+            } else {
+                let error = GenerationStoreError(path: "", reason: "the I/O thread pool is shut down")
+                results = Array(repeating: .failure(error), count: items.value.count)
+            }
+            let outcome = UncheckedSendable(results)
+            eventLoop.execute { [self] in
+                writing = false
+                for (job, result) in zip(jobs.value, outcome.value) { job.done(result) }
+                startGroupIfDue()
+            }
         }
     }
 }
