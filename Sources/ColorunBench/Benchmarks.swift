@@ -40,11 +40,13 @@ func ratioText(_ a: Double, _ b: Double) -> String { b > 0 && a.isFinite && b.is
 
 func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     let n = config.n(1000, 300)
-    let rounds = 3
+    // A round's p50 moves by ±10 % with the machine (a round is a quarter of a second per
+    // client): seven rounds, so that the median of their ratios is not one round's luck.
+    let rounds = config.quick ? 3 : 7
     let qemu = try QEMUInstance.start(QEMUSpec())
     defer { stopLater(qemu) }
-    // Three rounds, the baselines and colorun alternating, so that load from other work on
-    // the machine falls on all of them alike; each round gives its own ratios.
+    // The baselines and colorun alternate, so that load from other work on the machine falls
+    // on all of them alike; each round gives its own ratios.
     var all: [String: [Int64]] = [:]
     var why: [String: String] = [:]
     var ratioC: [Double] = [], ratioRaw: [Double] = [], ratioLoop: [Double] = []

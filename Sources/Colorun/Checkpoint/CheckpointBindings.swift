@@ -29,13 +29,80 @@ extension PolicySession {
             failed.lastGood = stores[series]?.lastGood ?? failed.lastGood
             throw LuaHostError(failed)
         }
-        let store = try store(series: series, fileExtension: "devstate", keep: keep)
-        guard pipeline else {
-            return try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) { [committer] done in
-                CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, done)
+        let start = { [self] (store: GenerationStore) throws in
+            guard pipeline else {
+                return try startCheckpoint(series: series, domains: [primary, secondary], completion: completion) { [committer] done in
+                    CheckpointEngine.xenCheckpoint(primary: primary, secondary: secondary, store: store, committer: committer, done)
+                }
+            }
+            try startPipelinedCheckpoint(series: series, primary: primary, secondary: secondary, store: store, completion: completion)
+        }
+        if let store = try openedStore(series: series, fileExtension: "devstate", keep: keep) {
+            return try start(store)
+        }
+        // The pair's first checkpoint: its store opens on the I/O pool (directories made,
+        // listed, the index read), not on the loop that serves every other pair.
+        openStore(series: series, keep: keep) { [self] opened in
+            do {
+                let store = try opened.get()
+                store.keep = keep
+                try requireHolding("colo.checkpoint")
+                try start(store)
+            } catch {
+                completion.fail(error)
             }
         }
-        try startPipelinedCheckpoint(series: series, primary: primary, secondary: secondary, store: store, completion: completion)
+    }
+
+    /// Opens the device-state store of `series` on the I/O pool; `done` runs on the loop (at
+    /// once if it is open already). Two calls for one series share the opening.
+    func openStore(series: String, keep: Int, _ done: @escaping (Result<GenerationStore, LuaHostError>) -> Void) {
+        if let store = stores[series] { return done(.success(store)) }
+        if storesOpening[series] != nil {
+            storesOpening[series]!.append(done)
+            return
+        }
+        storesOpening[series] = [done]
+        let staging: String?
+        do {
+            staging = try stagingDirectory().map { $0 + "/" + series }
+        } catch {
+            return finishOpening(series: series, .failure(Self.storeOpenError(error)))
+        }
+        let directory = options.stateDirectory + "/checkpoints/" + series
+        let fencing = options.fencing
+        blockingIO.runIfActive(eventLoop: eventLoop) {
+            UncheckedSendable(try GenerationStore(directory: directory, fileExtension: "devstate", keep: keep, fencing: fencing, staging: staging))
+        }.whenComplete { [self] result in
+            switch result {
+            case .success(let store): finishOpening(series: series, .success(store.value))
+            case .failure(let error as GenerationStoreError): finishOpening(series: series, .failure(Self.storeOpenError(error)))
+            case .failure(let error): finishOpening(series: series, .failure(LuaHostError.message("state directory: \(error)")))
+            }
+        }
+    }
+
+    private func finishOpening(series: String, _ result: Result<GenerationStore, LuaHostError>) {
+        var result = result
+        if case .success(let store) = result {
+            if let open = stores[series] {
+                result = .success(open)
+            } else {
+                adopt(store, series: series)
+            }
+        }
+        for waiter in storesOpening.removeValue(forKey: series) ?? [] { waiter(result) }
+    }
+
+    private static func storeOpenError(_ error: GenerationStoreError) -> LuaHostError {
+        LuaHostError.structured(["class": "StateDirError", "desc": .string(error.description), "step": "open"], message: "state directory: \(error)")
+    }
+
+    private func adopt(_ store: GenerationStore, series: String) {
+        if !store.removedPartials.isEmpty {
+            logger.warning("removed \(store.removedPartials.count) partial checkpoint file(s) left by an earlier run", metadata: ["series": .string(series)])
+        }
+        stores[series] = store
     }
 
     /// How many generations of one pair may commit after their calls returned: two, so that a
@@ -123,15 +190,21 @@ extension PolicySession {
         return Int(keep)
     }
 
-    func store(series: String, fileExtension: String, keep: Int) throws -> GenerationStore {
+    /// The store of `series` if it is open (its `keep` set to this call's), nil if not yet;
+    /// raises for a `keep` the store cannot hold.
+    func openedStore(series: String, fileExtension: String, keep: Int) throws -> GenerationStore? {
         // A staged store lists its generations in one index record (GenerationIndex).
         if fileExtension == "devstate" && options.runtimeDirectory != nil && keep > GenerationIndex.maxEntries {
             throw LuaHostError.message("keep must be at most \(GenerationIndex.maxEntries) with --runtime-dir (got \(keep))")
         }
-        if let store = stores[series] {
-            store.keep = keep
-            return store
-        }
+        guard let store = stores[series] else { return nil }
+        store.keep = keep
+        return store
+    }
+
+    /// The store of `series`, opened here on the loop if it is not open yet.
+    func store(series: String, fileExtension: String, keep: Int) throws -> GenerationStore {
+        if let store = try openedStore(series: series, fileExtension: fileExtension, keep: keep) { return store }
         let store: GenerationStore
         do {
             // Device states (the Xen cycle's, small) go through the staging directory if
@@ -140,13 +213,9 @@ extension PolicySession {
             store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep,
                                         fencing: options.fencing, staging: staging)
         } catch {
-            throw LuaHostError.structured(
-                ["class": "StateDirError", "desc": .string(error.description), "step": "open"], message: "state directory: \(error)")
+            throw Self.storeOpenError(error)
         }
-        if !store.removedPartials.isEmpty {
-            logger.warning("removed \(store.removedPartials.count) partial checkpoint file(s) left by an earlier run", metadata: ["series": .string(series)])
-        }
-        stores[series] = store
+        adopt(store, series: series)
         return store
     }
 

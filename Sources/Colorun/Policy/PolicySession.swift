@@ -54,6 +54,8 @@ public final class PolicySession: @unchecked Sendable {
     var domains: [String: Domain] = [:]
     var domainOrder: [String] = []
     var stores: [String: GenerationStore] = [:]
+    /// Series whose store is being opened on `blockingIO`, with who waits for it.
+    var storesOpening: [String: [(Result<GenerationStore, LuaHostError>) -> Void]] = [:]
     /// This run's staging directory under `options.runtimeDirectory`, made with the first staged store.
     var stagingRun: String?
     var inFlight = 0
