@@ -323,14 +323,17 @@ public final class QMPConnection: Sendable {
         let connection: QMPConnection
 
         /// As `QMPConnection.send`, for a caller on the loop; `completion` runs on the loop,
-        /// never before `send` returns.
+        /// never before `send` returns. With `deferFlush` the line is written but flushed
+        /// with the next command sent without it, or at the latest at the end of this turn of
+        /// the loop: two commands for one monitor then go out in one system call.
         public func send(
             _ command: String,
             arguments: [String: JSONValue]? = nil,
             timeout: TimeAmount? = nil,
+            deferFlush: Bool = false,
             _ completion: @escaping (Result<JSONValue, QMPClientError>) -> Void
         ) {
-            connection.core.value.send(command, arguments: arguments, timeout: timeout, completion)
+            connection.core.value.send(command, arguments: arguments, timeout: timeout, deferFlush: deferFlush, completion)
         }
 
         /// As `QMPConnection.onEvent`, for a caller on the loop.

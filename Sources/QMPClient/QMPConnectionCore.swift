@@ -99,6 +99,8 @@ final class QMPConnectionCore {
     private(set) var outOfBandEnabled = false
     private var table = QMPRequestTable<Token>()
     private var context: ChannelHandlerContext?
+    /// A flush of lines written with `deferFlush` is due at the end of this turn of the loop.
+    private var flushScheduled = false
     private var greetingTimer: Scheduled<Void>?
     /// One timer, armed for the earliest command deadline.
     private var sweepTimer: Scheduled<Void>?
@@ -192,7 +194,9 @@ final class QMPConnectionCore {
     // MARK: Commands
 
     /// Sends a command. `completion` runs on the loop exactly once, never before `send` returns.
-    func send(_ command: String, arguments: [String: JSONValue]?, timeout: TimeAmount?, _ completion: @escaping Completion) {
+    /// `deferFlush`: flushed with the next command, or at the end of this turn of the loop.
+    func send(_ command: String, arguments: [String: JSONValue]?, timeout: TimeAmount?, deferFlush: Bool = false,
+              _ completion: @escaping Completion) {
         guard phase != .closed, phase != .awaitingGreeting, let context else {
             let error = QMPClientError.disconnected(command: command, reason: closeReason ?? .closedByClient, endpoint: endpoint)
             eventLoop.assumeIsolated().execute { completion(.failure(error)) }
@@ -207,7 +211,17 @@ final class QMPConnectionCore {
         var line = context.channel.allocator.buffer(
             capacity: QMPCommandLineEncoder.estimatedLength(name: command, hasArguments: arguments != nil))
         QMPCommandLineEncoder.write(name: command, arguments: arguments, id: nil, into: &line)
-        context.writeAndFlush(NIOAny(line), promise: nil)
+        guard deferFlush else {
+            context.writeAndFlush(NIOAny(line), promise: nil)
+            return
+        }
+        context.write(NIOAny(line), promise: nil)
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        eventLoop.assumeIsolated().execute {
+            self.flushScheduled = false
+            self.context?.flush()
+        }
     }
 
     private func armSweep(for deadline: NIODeadline) {

@@ -251,6 +251,32 @@ import Glibc
         }
     }
 
+    /// The primary's save goes out behind its `stop` (one write), not after both stops are
+    /// answered: with the secondary's stop never answered, the primary has saved already. The
+    /// checkpoint still fails at `stop`, both run again, and the save's file is removed once
+    /// QEMU has answered the save.
+    @Test func thePrimarySavesBehindItsStopWithoutWaitingForTheSecondary() async throws {
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                colo.checkpoint(p, s)
+                test.fault()
+                local ok, err = pcall(colo.checkpoint, p, s)
+                assert(not ok and err.step == "stop" and err.domain == "web-s" and err.class == "Timeout", tostring(err))
+                """#, domains: pair.domains,
+                hooks: ["fault": { try pair.secondary.addFaults(parsing: "stop:hang,count=1") }]
+            ) { options in
+                options.domainOptions.commandTimeout = .seconds(2)
+            }
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            let saves = pair.primary.commandLog.filter { $0.name == "xen-save-devices-state" }
+            #expect(saves.count == 2, "the second save was sent while the secondary's stop hung")
+            #expect(!pair.secondary.commandLog.contains { $0.name == "xen-load-devices-state" && $0.time > saves[1].time })
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+            #expect(try GenerationStore.list(run.stateDirectory + "/checkpoints/web-p+web-s") == ["gen-00000001.devstate"])
+        }
+    }
+
     /// Each failure of the cycle ends with both domains running, the failed step named and
     /// the last good generation intact.
     @Test(arguments: [
@@ -259,6 +285,7 @@ import Glibc
         ("web-s", "xen-load-devices-state:drop", "restore", "Disconnected"),
         ("web-p", "xen-save-devices-state:hang", "save", "Timeout"),
         ("web-s", "stop:error=GenericError,desc=nope", "stop", "GenericError"),
+        ("web-p", "stop:error=GenericError,desc=nope", "stop", "GenericError"),
         ("web-p", "xen-save-devices-state:crash-after-bytes=100", "save", "Disconnected"),
     ])
     func xenCheckpointFailures(_ target: String, _ fault: String, _ step: String, _ errorClass: String) async throws {

@@ -37,6 +37,26 @@ import Testing
         #expect(core.outOfBandEnabled)
     }
 
+    /// A command sent with `deferFlush` waits in the channel for the next command sent
+    /// without it (the two then leave in one flush), or for the end of the loop's turn.
+    @Test func deferredFlushesLeaveWithTheNextCommandOrAtTheEndOfTheTurn() throws {
+        let (channel, core) = try makeChannel()
+        try negotiate(channel, core)
+        var replies = 0
+        core.send("stop", arguments: nil, timeout: nil, deferFlush: true) { _ in replies += 1 }
+        #expect(try outbound(channel) == nil, "not flushed yet")
+        core.send("xen-save-devices-state", arguments: ["filename": "/x"], timeout: nil) { _ in replies += 1 }
+        #expect(try outbound(channel) == #"{"execute":"stop"}"# + "\n")
+        #expect(try outbound(channel) == #"{"arguments":{"filename":"/x"},"execute":"xen-save-devices-state"}"# + "\n")
+        // Alone, it is flushed when the loop's turn ends.
+        core.send("cont", arguments: nil, timeout: nil, deferFlush: true) { _ in replies += 1 }
+        #expect(try outbound(channel) == nil)
+        channel.embeddedEventLoop.run()
+        #expect(try outbound(channel) == #"{"execute":"cont"}"# + "\n")
+        try inbound(channel, #"{"return": {}}"# + "\r\n" + #"{"return": {}}"# + "\r\n" + #"{"return": {}}"#)
+        #expect(replies == 3 && core.pendingCount == 0)
+    }
+
     @Test func handshakeWritesAndTimeouts() throws {
         let (channel, core) = try makeChannel()
         try negotiate(channel, core)

@@ -227,6 +227,12 @@ private final class XenCheckpoint {
     var pauseEnd: ContinuousClock.Instant
     var bytes = 0
     var stops: [Result<Void, DomainError>?] = [nil, nil]
+    var saved = false
+    /// The save was sent and has not been answered: a failure leaves its file to the reply.
+    var saveInFlight = false
+    /// The checkpoint failed: replies still due (the save queued behind a failed stop, the
+    /// other domain's stop) change nothing.
+    var finished = false
 
     init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
          resumed: ((CheckpointResult) -> Bool)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
@@ -242,30 +248,43 @@ private final class XenCheckpoint {
         (saveStart, saveEnd, restoreEnd, pauseEnd) = (pauseStart, pauseStart, pauseStart, pauseStart)
     }
 
-    /// 1. Stop both at once.
+    /// 1. Stop both at once, 2. and save the primary's device state under the partial name,
+    /// sent behind its `stop` in the same write: QEMU runs a monitor's commands one after
+    /// the other, so the save starts when the primary is stopped, without waiting a round
+    /// trip for the stop's reply (nor for the secondary's). A stop that fails fails the
+    /// checkpoint whatever the save does (QEMU's save of a running VM pauses it for the
+    /// save and lets it run again); what arrives after the checkpoint failed is ignored.
     func start() {
         primary.eventLoop.preconditionInEventLoop()
         for (i, domain) in [primary, secondary].enumerated() {
-            domain.sendStop { result in
+            domain.sendStop(deferFlush: i == 0) { result in
+                guard !self.finished else { return }
+                if i == 0 { self.saveStart = self.clock.now }
+                // A stop that timed out may still have stopped its VM: resume both.
+                if case .failure(let error) = result { return self.fail("stop", error) }
                 self.stops[i] = result
-                guard let first = self.stops[0], let second = self.stops[1] else { return }
-                for outcome in [first, second] {
-                    // A stop that timed out may still have stopped its VM: resume both.
-                    if case .failure(let error) = outcome { return self.fail("stop", error) }
-                }
-                self.save()
+                self.loadIfReady()
             }
+        }
+        guard !finished else { return }  // the primary's stop failed before it was sent
+        saveInFlight = true
+        primary.send("xen-save-devices-state", ["filename": .string(partial), "live": .bool(false)]) { result in
+            self.saveInFlight = false
+            guard !self.finished else {
+                // Failed meanwhile: the file is removed now that QEMU has done with it.
+                return self.store.discard(self.generation)
+            }
+            if case .failure(let error) = result { return self.fail("save", error) }
+            self.saveEnd = self.clock.now
+            self.saved = true
+            self.loadIfReady()
         }
     }
 
-    /// 2. Save the primary's device state under the partial name.
-    func save() {
-        saveStart = clock.now
-        primary.send("xen-save-devices-state", ["filename": .string(partial), "live": .bool(false)]) { result in
-            if case .failure(let error) = result { return self.fail("save", error) }
-            self.saveEnd = self.clock.now
-            self.verifyAndLoad()
-        }
+    /// Both stopped and the primary saved: on to the load.
+    private func loadIfReady() {
+        guard saved, stops[0] != nil, stops[1] != nil else { return }
+        verifyAndLoad()
     }
 
     /// 3. Never hand the secondary a torn or foreign file (a read of its head, from the page
@@ -328,7 +347,10 @@ private final class XenCheckpoint {
     }
 
     func fail(_ step: String, _ error: DomainError) {
-        store.discard(generation)
+        finished = true
+        // The save still queued behind a failed stop writes its file yet: removed (and its
+        // slot given back) when its reply comes, which is before the primary's `cont`'s.
+        if !saveInFlight { store.discard(generation) }
         CheckpointEngine.resumeAll([primary, secondary]) { unresumed in
             self.completion(.failure(CheckpointError(
                 step: step, error, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))

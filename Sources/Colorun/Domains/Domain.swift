@@ -269,7 +269,9 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
     // MARK: - Commands (callback API, on the loop)
 
     /// Sends one command; `completion` runs on the loop.
-    func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil,
+    /// `deferFlush`: the command goes out with the next one sent to this domain (in one write),
+    /// or at the end of this turn of the loop.
+    func send(_ command: String, _ arguments: [String: JSONValue]? = nil, timeout: TimeAmount? = nil, deferFlush: Bool = false,
                      _ completion: @escaping (Result<JSONValue, DomainError>) -> Void) {
         if command == "cont", let fencedReason {
             completion(.failure(DomainError(
@@ -290,7 +292,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
                 completion(.failure(error))
             case .success(let connection):
                 self.sharedCommandStarted(on: connection)
-                connection.syncOperations.send(command, arguments: arguments, timeout: timeout) { reply in
+                connection.syncOperations.send(command, arguments: arguments, timeout: timeout, deferFlush: deferFlush) { reply in
                     self.sharedCommandFinished(on: connection)
                     self.stats.commands += 1
                     let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
@@ -321,7 +323,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
 
     /// `stop`, journaled first. The domain counts as stopped by us from before the command
     /// is sent: a stop whose reply is lost may still have paused the VM.
-    func sendStop(timeout: TimeAmount? = nil, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
+    func sendStop(timeout: TimeAmount? = nil, deferFlush: Bool = false, _ completion: @escaping (Result<Void, DomainError>) -> Void) {
         if let journal {
             do {
                 try journal.willStop(domain: name, endpoint: endpoint.description)
@@ -331,7 +333,7 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
             }
         }
         stoppedByUs = true
-        send("stop", nil, timeout: timeout) { completion($0.map { _ in () }) }
+        send("stop", nil, timeout: timeout, deferFlush: deferFlush) { completion($0.map { _ in () }) }
     }
 
     /// `cont`; on success the domain no longer counts as stopped by us. When the monitor is
