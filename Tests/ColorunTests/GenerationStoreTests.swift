@@ -2,6 +2,7 @@ import ColorunTestSupport
 import NIOCore
 import NIOPosix
 import ColorunSystem
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -324,6 +325,51 @@ func diskRecord(_ directory: String) -> (record: GenerationIndex.Record, place: 
 
     /// A group commit (the `syncfs` path) of staged stores: each generation lands whole in
     /// its own state directory; one whose staged file is missing fails alone.
+    /// A rename whose directory fsync fails (a failing disk) is not reported committed: the
+    /// name may not survive a crash. The file is in place and listed, nothing older is pruned
+    /// for it, and the next good commit goes on from it.
+    @Test func aGenerationWhoseDirectoryFsyncFailsIsNotReportedCommitted() throws {
+        final class Failing: Sendable { let on = Atomic<Bool>(false) }
+        let failing = Failing()
+        let dir = makeTempDirectory()
+        let store = try GenerationStore(directory: dir + "/pair", fileExtension: "devstate", keep: 1,
+                                        directorySync: { fd in !failing.on.load(ordering: .relaxed) && fsync(fd) == 0 })
+        func saved() -> Int {
+            let (number, path) = store.begin()
+            writeFile(path, qevm + [UInt8(number)])
+            return number
+        }
+        try store.commit(saved())
+        failing.on.store(true, ordering: .relaxed)
+        let second = saved()
+        do {
+            try store.commit(second)
+            Issue.record("a generation whose name is not durable was reported committed")
+        } catch {
+            #expect(error.reason.contains("directory's fsync failed") && error.path == store.finalPath(second), "\(error)")
+        }
+        #expect(try store.generations().map(\.number) == [1, 2], "in place, and generation 1 not pruned for it")
+        failing.on.store(false, ordering: .relaxed)
+        #expect(try store.commit(saved()).number == 3)
+        #expect(try store.generations().map(\.number) == [3])
+
+        // A staged series: its first commit makes the index, whose name needs the directory's
+        // fsync. That failing, the generation is not reported committed, nor counted as the
+        // last good one; the next commit records only itself.
+        failing.on.store(true, ordering: .relaxed)
+        let staged = try GenerationStore(directory: dir + "/staged", fileExtension: "devstate", keep: 2, staging: dir + "/staging",
+                                         directorySync: { fd in !failing.on.load(ordering: .relaxed) && fsync(fd) == 0 })
+        let (first, firstPath) = staged.begin()
+        writeFile(firstPath, qevm + [1])
+        #expect(throws: GenerationStoreError.self) { try staged.commit(first) }
+        #expect(staged.lastGood == nil)
+        failing.on.store(false, ordering: .relaxed)
+        let (next, nextPath) = staged.begin()
+        writeFile(nextPath, qevm + [2])
+        #expect(try staged.commit(next).number == next)
+        #expect(diskRecord(dir + "/staged")?.record.entries.map(\.generation) == [next])
+    }
+
     /// The committer's gathering: commits nobody waits for, asked for together, share one
     /// group (the window lets them gather); with no window the first goes alone. An urgent
     /// commit does not wait out the window (an hour here): it takes the waiting ones along.

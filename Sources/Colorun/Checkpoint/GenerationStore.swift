@@ -96,9 +96,10 @@ final class GenerationStore: Sendable {
 
     /// Opens (creating if needed) the store. Returns the names of removed partial files in `removedPartials`.
     init(directory: String, fileExtension: String, keep: Int = 3, fencing: FencingToken? = nil,
-         staging: String? = nil) throws(GenerationStoreError) {
+         staging: String? = nil, directorySync: @escaping @Sendable (Int32) -> Bool = { fsync($0) == 0 }) throws(GenerationStoreError) {
         precondition(keep >= 1, "keep at least one generation")
         self.directory = directory
+        self.directorySync = directorySync
         self.fileExtension = fileExtension
         self.fencing = fencing
         self.staging = staging
@@ -173,6 +174,8 @@ final class GenerationStore: Sendable {
 
     /// The directory, open for its fsyncs after renames.
     private let directoryFD: Int32
+    /// How the directory is synced (fsync; a test gives one that fails, as a failing disk does).
+    private let directorySync: @Sendable (Int32) -> Bool
     /// The filesystem of the directory and its index (for `syncEachFilesystem`).
     private let indexDevice: UInt64
 
@@ -443,31 +446,43 @@ final class GenerationStore: Sendable {
             plans[ObjectIdentifier(store)] = store.writeRecord(plans[ObjectIdentifier(store)]!)
         }
         let recorded = order.filter { plans[ObjectIdentifier($0)]!.record != nil && plans[ObjectIdentifier($0)]!.failure == nil }
-        var durable: Set<ObjectIdentifier> = []
+        // Why a store's names are not durable (its index record or renames), by store.
+        var unsynced: [ObjectIdentifier: String] = [:]
         let syncs = renamed.map { (files[$0].device, files[$0].fd) } + recorded.map { ($0.indexDevice, $0.state.withLock { $0.indexFD }) }
-        if syncs.count >= syncfsGroupSize && syncEachFilesystem(syncs) {
-            for store in order { durable.insert(ObjectIdentifier(store)) }
-        } else {
+        if syncs.count < syncfsGroupSize || !syncEachFilesystem(syncs) {
             for store in order {
                 let plan = plans[ObjectIdentifier(store)]!
                 let renames = store.staging == nil && !plan.added.isEmpty
-                let directoryOK = !(renames || plan.indexCreated) || store.syncDirectory()
-                let indexOK = plan.record == nil || plan.failure != nil || fsync(store.state.withLock { $0.indexFD }) == 0
-                if directoryOK && indexOK { durable.insert(ObjectIdentifier(store)) }
+                if (renames || plan.indexCreated) && !store.syncDirectory() {
+                    unsynced[ObjectIdentifier(store)] = "the directory's fsync failed: \(Self.errnoText())"
+                } else if plan.record != nil && plan.failure == nil && fsync(store.state.withLock { $0.indexFD }) != 0 {
+                    unsynced[ObjectIdentifier(store)] = "index sync failed: \(Self.errnoText())"
+                }
             }
         }
         for store in order {
             var plan = plans[ObjectIdentifier(store)]!
-            if plan.record != nil && plan.failure == nil && !durable.contains(ObjectIdentifier(store)) {
-                plan.failure = "index sync failed: \(Self.errnoText())"
+            if plan.failure == nil, let reason = unsynced[ObjectIdentifier(store)] {
+                if plan.record != nil {
+                    plan.failure = reason
+                } else if store.staging == nil && !plan.added.isEmpty {
+                    // Renamed into place, but the rename may not survive a crash: not reported
+                    // committed, and nothing older is pruned for it.
+                    plan.failure = reason + " (the generation is in place; its name may not survive a crash)"
+                    plan.namesUnsynced = true
+                }
             }
             store.apply(plan)
+            plans[ObjectIdentifier(store)] = plan
         }
         return items.enumerated().map { i, item in
             if let failure = results[i] { return failure }
             let plan = plans[ObjectIdentifier(item.store)]!
             if let failure = plan.failure, item.store.staging != nil {
                 return .failure(GenerationStoreError(path: item.store.directory + "/" + GenerationIndex.fileName, reason: failure))
+            }
+            if let failure = plan.failure, plan.namesUnsynced {
+                return .failure(GenerationStoreError(path: files[i].path, reason: failure))
             }
             return .success(Generation(number: item.number, path: files[i].path, bytes: files[i].bytes))
         }
@@ -485,6 +500,8 @@ final class GenerationStore: Sendable {
         var failure: String?
         /// The index file was made by this group (its name is in the directory, not in the file).
         var indexCreated = false
+        /// Named generations were renamed but the directory's fsync failed (`failure` says why).
+        var namesUnsynced = false
     }
 
 
@@ -541,11 +558,13 @@ final class GenerationStore: Sendable {
         let stale = state.withLock { state -> [Int] in
             let namedPruned = plan.pruned.filter { state.slotOf[$0] == nil }
             if plan.failure != nil {
+                // Named generations were renamed: they are on disk, listed from now on. Slot
+                // generations are not listed; their slots wait for the next good record.
+                let named = plan.added.map(\.number).filter { state.slotOf[$0] == nil }
                 for (number, _) in plan.added where state.slotOf[number] != nil {
                     state.quarantined.append(state.slotOf.removeValue(forKey: number)!)
                 }
-                // Named generations were renamed: they are on disk, listed from now on.
-                for (number, _) in plan.added where state.slotOf[number] == nil && !state.committed.contains(number) {
+                for number in named where !state.committed.contains(number) {
                     state.committed.append(number)
                 }
                 state.committed.sort()
@@ -679,7 +698,7 @@ final class GenerationStore: Sendable {
     @discardableResult
     func syncDirectory() -> Bool {
         if directoryFD >= 0 {
-            return fsync(directoryFD) == 0
+            return directorySync(directoryFD)
         }
         return Self.syncDirectory(directory)
     }
