@@ -63,16 +63,14 @@ extension PolicySession {
             return
         }
         storesOpening[series] = [done]
-        let staging: String?
+        let open: @Sendable () throws(GenerationStoreError) -> GenerationStore
         do {
-            staging = try stagingDirectory().map { $0 + "/" + series }
+            open = try storeOpener(series: series, fileExtension: "devstate", keep: keep)
         } catch {
             return finishOpening(series: series, .failure(Self.storeOpenError(error)))
         }
-        let directory = options.stateDirectory + "/checkpoints/" + series
-        let fencing = options.fencing
         blockingIO.runIfActive(eventLoop: eventLoop) {
-            UncheckedSendable(try GenerationStore(directory: directory, fileExtension: "devstate", keep: keep, fencing: fencing, staging: staging))
+            UncheckedSendable(try open())
         }.whenComplete { [self] result in
             switch result {
             case .success(let store): finishOpening(series: series, .success(store.value))
@@ -207,16 +205,26 @@ extension PolicySession {
         if let store = try openedStore(series: series, fileExtension: fileExtension, keep: keep) { return store }
         let store: GenerationStore
         do {
-            // Device states (the Xen cycle's, small) go through the staging directory if
-            // there is one; Remus streams (the guest's memory) never do.
-            let staging = fileExtension == "devstate" ? try stagingDirectory().map { $0 + "/" + series } : nil
-            store = try GenerationStore(directory: options.stateDirectory + "/checkpoints/" + series, fileExtension: fileExtension, keep: keep,
-                                        fencing: options.fencing, staging: staging)
+            store = try storeOpener(series: series, fileExtension: fileExtension, keep: keep)()
         } catch {
             throw Self.storeOpenError(error)
         }
         adopt(store, series: series)
         return store
+    }
+
+    /// What opening the store of `series` takes, worked out on the loop (the run's staging
+    /// directory is made with the first staged store); the closure opens it, on any thread.
+    private func storeOpener(series: String, fileExtension: String, keep: Int) throws(GenerationStoreError)
+        -> @Sendable () throws(GenerationStoreError) -> GenerationStore {
+        // Device states (the Xen cycle's, small) go through the staging directory if there is
+        // one; Remus streams (the guest's memory) never do.
+        let staging = fileExtension == "devstate" ? try stagingDirectory().map { $0 + "/" + series } : nil
+        let directory = options.stateDirectory + "/checkpoints/" + series
+        let fencing = options.fencing
+        return { () throws(GenerationStoreError) in
+            try GenerationStore(directory: directory, fileExtension: fileExtension, keep: keep, fencing: fencing, staging: staging)
+        }
     }
 
     /// This run's staging directory (made on first use under `<runtime-dir>/staging`, after

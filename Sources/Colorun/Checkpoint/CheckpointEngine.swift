@@ -226,7 +226,8 @@ private final class XenCheckpoint {
     var restoreEnd: ContinuousClock.Instant
     var pauseEnd: ContinuousClock.Instant
     var bytes = 0
-    var stops: [Result<Void, DomainError>?] = [nil, nil]
+    /// Which of primary, secondary has answered its `stop` (a failed stop fails the checkpoint at once).
+    var stopped = [false, false]
     var saved = false
     /// The save was sent and has not been answered: a failure leaves its file to the reply.
     var saveInFlight = false
@@ -262,7 +263,7 @@ private final class XenCheckpoint {
                 if i == 0 { self.saveStart = self.clock.now }
                 // A stop that timed out may still have stopped its VM: resume both.
                 if case .failure(let error) = result { return self.fail("stop", error) }
-                self.stops[i] = result
+                self.stopped[i] = true
                 self.loadIfReady()
             }
         }
@@ -283,7 +284,7 @@ private final class XenCheckpoint {
 
     /// Both stopped and the primary saved: on to the load.
     private func loadIfReady() {
-        guard saved, stops[0] != nil, stops[1] != nil else { return }
+        guard saved, stopped[0], stopped[1] else { return }
         verifyAndLoad()
     }
 

@@ -77,15 +77,14 @@ final class GroupCommitter: @unchecked Sendable {
         oldest = .distantFuture
         writing = true
         groupsWritten += 1
-        let items = UncheckedSendable(group.map { (store: $0.store, number: $0.number) })
         let jobs = UncheckedSendable(group)
         pool.submit { [self] state in
             let results: [Result<Generation, GenerationStoreError>]
             if case .active = state {
-                results = GenerationStore.commitAll(items.value)
+                results = GenerationStore.commitAll(jobs.value.map { (store: $0.store, number: $0.number) })
             } else {
                 let error = GenerationStoreError(path: "", reason: "the I/O thread pool is shut down")
-                results = Array(repeating: .failure(error), count: items.value.count)
+                results = Array(repeating: .failure(error), count: jobs.value.count)
             }
             let outcome = UncheckedSendable(results)
             eventLoop.execute { [self] in
