@@ -82,6 +82,8 @@ public final class LuaRuntime: @unchecked Sendable {
     var drainBuffer: [LuaTask] = []
     var drainScheduled = false
     var currentTask: LuaTask?
+    /// `call(_:arguments:)`s running now (Lua code outside any task's slice).
+    var synchronousCalls = 0
     var runState: RunState = .idle
     var runPromise: EventLoopPromise<LuaRunOutcome>?
     var holds = 0
@@ -267,7 +269,9 @@ public final class LuaRuntime: @unchecked Sendable {
         let c = ctx
         let savedDeadline = c.pointee.deadline_ns
         c.pointee.deadline_ns = clua_monotonic_ns() + options.timeLimit.nanoseconds
+        synchronousCalls += 1
         let status = clua_pcall_enforced(L, Int32(arguments.count), LUA_MULTRET)
+        synchronousCalls -= 1
         let killed = c.pointee.killed != 0
         if killed {
             c.pointee.killed = 0

@@ -87,6 +87,21 @@ public final class LuaCompletion: @unchecked Sendable {
         }
     }
 
+    /// Completes the call as `complete` does, but when no Lua code runs at this moment the
+    /// task is resumed before this returns, not at the loop's next turn (OpenResty's cosocket
+    /// model: the reply's handler runs the coroutine). For a result read from the network as
+    /// the last step of its handler, such as a QMP reply: the task's next command goes out in
+    /// the same turn of the loop, without a trip through the loop's task queue.
+    ///
+    /// The resumed code may call any host function, close the connection the result came
+    /// from or end the run: call this only where nothing after it can be disturbed by that.
+    /// Off the loop, or while a task runs (a host function completing at once), it is
+    /// `complete`.
+    public func completeNow(_ result: Result<[LuaValue], LuaHostError>) {
+        guard runtime.eventLoop.inEventLoop else { return complete(result) }
+        runtime.deliver(result, to: task, token: token, resumeNow: true)
+    }
+
     /// Runs `body` on the loop if the task is killed or the run stops before completion
     /// (cancel a timer, kill a process...). Call on the loop.
     public func onCancel(_ body: @escaping () -> Void) {
@@ -155,13 +170,22 @@ extension LuaRuntime {
         for h in handlers { h() }
     }
 
-    func deliver(_ result: Result<[LuaValue], LuaHostError>, to task: LuaTask, token: UInt64) {
+    func deliver(_ result: Result<[LuaValue], LuaHostError>, to task: LuaTask, token: UInt64, resumeNow: Bool = false) {
         assertOnLoop()
         guard task.state != .done, task.token == token, task.waiting, task.pendingResult == nil else { return }
         task.pendingResult = result
         task.cancelHandlers.removeAll()
         if task.state == .waiting {
-            enqueue(task, withResult: true)
+            if resumeNow && currentTask == nil && synchronousCalls == 0 && runState == .running {
+                // Not queued: resumed here (LuaCompletion.completeNow). References dropped on
+                // other threads are freed as a drain would, so a task that only ever resumes
+                // this way does not hold them until some other task is queued.
+                owner.drainUnrefs()
+                task.resumeWithResult = true
+                resume(task)
+            } else {
+                enqueue(task, withResult: true)
+            }
         }
         // else: still running (completed synchronously) or queued after a forced yield; the
         // result is taken when the task yields for it.

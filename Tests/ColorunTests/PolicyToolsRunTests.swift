@@ -60,6 +60,22 @@ import Testing
         #expect(run.report.failovers == 1)
     }
 
+    /// QEMU's answer resumes the task inside the reply's handler (its next command goes out
+    /// in the same turn of the loop); a lost monitor's failure reaches the task only after the
+    /// domain has taken in the loss, so the policy sees the disconnect it was failed by.
+    @Test func aLostMonitorsFailureReachesThePolicyAfterTheDomainTookInTheLoss() async throws {
+        let simulated = try SimulatedDomains(faults: [try SimulatedDomains.Fault(parsing: "a-p=query-status:drop,after=2")])
+        let run = try await runPolicy("""
+            local d = domain.get("a-p")
+            print(qmp.status(d).status, qmp.status(d).status, d:stats().disconnects)
+            local ok, e = pcall(qmp.status, d)
+            print(ok, e.class, d:stats().disconnects)
+            """, extensions: [simulated])
+        #expect(run.failure == nil, "\(run.failure ?? "")\n\(run.logs.text)")
+        let printed = run.logs.records.filter { $0.level == .info && $0.message.contains("\t") }.map(\.message)
+        #expect(printed == ["running\trunning\t0", "false\tDisconnected\t1"], "\(run.logs.text)")
+    }
+
     /// An uncaught out-of-memory error names the policy line that allocated.
     @Test func outOfMemoryNamesTheLine() async throws {
         let run = try await runPolicy("""

@@ -156,6 +156,42 @@ extension LuaRuntimeSuite {
         #expect(f.message.hasSuffix("policy.lua:7: db: stop: GenericError: Cannot stop"), "\(f.message)")
     }
 
+    /// `completeNow` on the loop resumes the waiting task before it returns (the reply's
+    /// handler runs the coroutine, as OpenResty's cosocket does); from inside a running task
+    /// (a host function completing at once) the result waits for the task to yield and the
+    /// loop's next drain, as with `complete`. With `complete` in `later`, "returned" would come
+    /// before "after".
+    @Test func completeNowResumesTheTaskBeforeItReturns() async throws {
+        let order = Mutex<[String]>([])
+        let r = try await runPolicy("""
+            h.mark("before")
+            print(h.later())
+            h.mark("after")
+            print(h.atOnce())
+            h.mark("end")
+            """, setup: { rt in
+                try rt.registerModule("h", functions: [
+                    "mark": .sync { call in
+                        let text = try call.string(1)
+                        order.withLock { $0.append(text) }
+                    },
+                    "later": .async { call, completion in
+                        call.runtime.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(1)) {
+                            order.withLock { $0.append("completeNow") }
+                            completion.completeNow(.success([.string("later")]))
+                            order.withLock { $0.append("returned") }
+                        }
+                    },
+                    "atOnce": .async { _, completion in completion.completeNow(.success([.string("at once")])) },
+                ])
+            })
+        #expect(r.finished, "\(r.outcome)")
+        #expect(r.printed == ["later", "at once"])
+        // "after": resumed inside completeNow; "end": atOnce's task went on at the next drain,
+        // not inside its own host call.
+        #expect(order.withLock { $0 } == ["before", "completeNow", "after", "returned", "end"])
+    }
+
     /// Async host functions yield from their C trampoline (no Lua wrapper): what the call
     /// returns is exactly what the completion gave, never the call's own arguments left on
     /// the C function's stack, in a task, a pcall and a user coroutine alike.

@@ -121,7 +121,7 @@ extension PolicySession {
                     arguments = members
                 }
                 let timeout = call.isNil(4) ? nil : try call.duration(4).timeAmount
-                domain.send(command, arguments, timeout: timeout, completing(completion) { [.json($0)] })
+                domain.send(command, arguments, timeout: timeout, completing(completion, answeredBy: domain) { [.json($0)] })
             },
             // Several commands sent at once on one monitor (QEMU runs them in order): one round
             // trip instead of one each. Never raises for a failed command: returns one entry per
@@ -159,10 +159,12 @@ extension PolicySession {
                 }
             },
             "stop": .async { [unowned self] call, completion in
-                try domain(named: try call.string(1)).sendStop(completing(completion))
+                let domain = try domain(named: try call.string(1))
+                domain.sendStop(completing(completion, answeredBy: domain))
             },
             "resume": .async { [unowned self] call, completion in
-                try domain(named: try call.string(1)).sendResume(completing(completion))
+                let domain = try domain(named: try call.string(1))
+                domain.sendResume(completing(completion, answeredBy: domain))
             },
             "mark_resumed": .sync { [unowned self] call in
                 try domain(named: try call.string(1)).markResumed()
@@ -277,12 +279,20 @@ extension PolicySession {
 
     /// The completion handler of a domain operation that answers a Lua call: the values
     /// `values` makes of the result, or the domain error raised in Lua as a structured error.
-    private func completing<T>(_ completion: LuaCompletion, _ values: @escaping (T) -> [LuaValue] = { _ in [] })
-        -> (Result<T, DomainError>) -> Void {
+    ///
+    /// With `answeredBy`, the operation is one QMP command on that domain, whose completion is
+    /// the last thing its reply's handler does: QEMU's answer on a monitor that stays open
+    /// resumes the task right there (`completeNow`), so the task's next command goes out in
+    /// this turn of the loop. A lost connection's failure waits for the loop's next turn, when
+    /// the domain has taken in the loss.
+    private func completing<T>(_ completion: LuaCompletion, answeredBy domain: Domain? = nil,
+                               _ values: @escaping (T) -> [LuaValue] = { _ in [] }) -> (Result<T, DomainError>) -> Void {
         { result in
-            switch result {
-            case .success(let value): completion.succeed(values(value))
-            case .failure(let error): completion.fail(LuaHostError(error))
+            let lua = result.map(values).mapError { LuaHostError($0) }
+            if let domain, domain.isConnected {
+                completion.completeNow(lua)
+            } else {
+                completion.complete(lua)
             }
         }
     }
