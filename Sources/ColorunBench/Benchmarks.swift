@@ -1,4 +1,5 @@
 import Colorun
+import ColorunSystem
 import Foundation
 import LuaRuntime
 import NIOCore
@@ -39,10 +40,11 @@ func ratioText(_ a: Double, _ b: Double) -> String { b > 0 && a.isFinite && b.is
 // MARK: - QMP round trip
 
 func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
-    let n = config.n(1000, 300)
-    // A round's p50 moves by ±10 % with the machine (a round is a quarter of a second per
-    // client): seven rounds, so that the median of their ratios is not one round's luck.
-    let rounds = config.quick ? 3 : 7
+    let n = config.n(400, 200)
+    // The machine's load drifts within seconds (a round's p50 moved by ±10 % in rounds of a
+    // quarter of a second per client): short rounds, so each client of a round meets the same
+    // load, and fifteen of them, so that the median of their ratios is not one round's luck.
+    let rounds = config.quick ? 3 : 15
     let qemu = try QEMUInstance.start(QEMUSpec())
     defer { stopLater(qemu) }
     // The baselines and colorun alternate, so that load from other work on the machine falls
@@ -50,6 +52,7 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     var all: [String: [Int64]] = [:]
     var why: [String: String] = [:]
     var ratioC: [Double] = [], ratioRaw: [Double] = [], ratioLoop: [Double] = []
+    var ratioDefaultSliceC: [Double] = [], ratioDefaultSliceRaw: [Double] = []
     var cpuPerCall: [Int64] = []
     for _ in 0..<rounds {
         var p50: [String: Double] = [:]
@@ -65,6 +68,10 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
                 why[key] = r.why
             }
         }
+        // colorun as it runs (its loop thread with a 0.1 ms slice), then with the kernel's
+        // default slice (a diagnostic: what the slice is worth here).
+        var own: [String: Double] = [:]
+        for (key, slice) in [("colorun", PolicyOptions.defaultLoopSlice), ("colorun-default-slice", TimeAmount.zero)] {
         let bench = BenchModule(arguments: ["n": String(n)])
         _ = try await runPolicy(
             """
@@ -81,15 +88,24 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
             end
             bench.put("cpu_ns", { math.floor((bench.cpu() - cpu0) * 1e9 / n) })
             bench.put("rt", s)
-            """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench)
-        cpuPerCall += bench.samples("cpu_ns")
+            """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench) { $0.loopSlice = slice }
+        if key == "colorun" { cpuPerCall += bench.samples("cpu_ns") }
         let mine = bench.samples("rt")
-        all["colorun", default: []] += mine
-        let own = Stats(mine).p50
-        if let c = p50["c"] { ratioC.append(own / c) }
-        if let r = p50["raw"] { ratioRaw.append(own / r) }
-        if let l = p50["loop"] { ratioLoop.append(own / l) }
+        all[key, default: []] += mine
+        own[key] = Stats(mine).p50
+        }
+        if let c = p50["c"] {
+            ratioC.append(own["colorun"]! / c)
+            ratioDefaultSliceC.append(own["colorun-default-slice"]! / c)
+        }
+        if let r = p50["raw"] {
+            ratioRaw.append(own["colorun"]! / r)
+            ratioDefaultSliceRaw.append(own["colorun-default-slice"]! / r)
+        }
+        if let l = p50["loop"] { ratioLoop.append(own["colorun"]! / l) }
     }
+    // The slice stays with the loop's thread: later rows run with colorun's default, as colorun does.
+    _ = try await benchGroup.next().submit { setThreadSlice(nanoseconds: UInt64(PolicyOptions.defaultLoopSlice.nanoseconds)) }.get()
     let colorun = Stats(all["colorun"] ?? [])
     func stats(_ key: String, _ label: String) -> String {
         all[key].map { "\(label) \(ms(Stats($0)))" } ?? "\(label) skipped (\(why[key] ?? "?"))"
@@ -99,16 +115,19 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
     if !ratioC.isEmpty { ratio.append("\(spread(ratioC)) C") }
     if !ratioRaw.isEmpty { ratio.append("\(spread(ratioRaw)) raw py") }
     if !ratioLoop.isEmpty { ratio.append("\(spread(ratioLoop)) C in epoll") }
+    if !ratioDefaultSliceC.isEmpty && !ratioDefaultSliceRaw.isEmpty {
+        ratio.append("(diagnostic) colorun with the kernel's default slice \(spread(ratioDefaultSliceC)) C, \(spread(ratioDefaultSliceRaw)) raw py")
+    }
     var missed: [String] = []
     if let m = median(ratioC), m > 1.10 { missed.append("C") }
     if let m = median(ratioRaw), m > 1.0 { missed.append("raw py") }
     let measured = !ratioC.isEmpty && !ratioRaw.isEmpty
     results.add(Row(
-        name: "QMP round trip (query-status), p50 / p99", colorun: "\(ms(colorun)); CPU \(fmt(Stats(cpuPerCall).p50 / 1e3, 1)) µs/call", baseline: baseline,
+        name: "QMP round trip (query-status), p50 / p99", colorun: "\(ms(colorun)); CPU \(fmt(Stats(cpuPerCall).p50 / 1e3, 1)) µs/call; (diagnostic) with the kernel's default slice \(ms(Stats(all["colorun-default-slice"] ?? [])))", baseline: baseline,
         ratio: ratio.isEmpty ? "n/a" : ratio.joined(separator: "; "),
         target: "≤ 1.10× blocking C p50, ≤ 1.0× raw py p50 (medians of the rounds)",
         status: !measured ? "skipped: \(why["c"] ?? why["raw"] ?? "?")" : missed.isEmpty ? "met" : "missed (\(missed.joined(separator: ", ")))",
-        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU; colorun and the C and raw Python clients send the same 27 bytes (`{\"execute\":\"query-status\"}`: QEMU reads a command one byte per main-loop iteration, so the line's length is QEMU's time), qemu.qmp its own (with an id and spaces); diagnostic, not a target: the same C client waiting in epoll_wait before each read, as an event loop does (what waiting through epoll instead of in read costs on this machine)"))
+        what: "one `qmp.status(d)` from a Lua policy loop, \(rounds) rounds of \(n) calls (after 50 warm-up) alternating with the baselines, real QEMU 7.2 TCG; colorun's loop thread runs with the 0.1 ms slice colorun asks the kernel for (`--loop-slice`, its default; the baselines run with the kernel's default slice), and, as a diagnostic, again with the kernel's default slice in the same round; ratios are min / median / max over the rounds of the round's p50 ratio; baselines: a blocking C client (scripts/bench_qmp_client.c: write, read to the reply line), a blocking AF_UNIX JSON-lines Python client, Python qemu.qmp 0.0.6 (asyncio), on the same QEMU; colorun and the C and raw Python clients send the same 27 bytes (`{\"execute\":\"query-status\"}`: QEMU reads a command one byte per main-loop iteration, so the line's length is QEMU's time), qemu.qmp its own (with an id and spaces); diagnostic, not a target: the same C client waiting in epoll_wait before each read, as an event loop does (what waiting through epoll instead of in read costs on this machine)"))
     if let qmpBench = config.qmpBench {
         // The same QEMU build through QMPClient alone (no Lua): the existing qmp-bench tool.
         let out = runTool(qmpBench, [String(n)])

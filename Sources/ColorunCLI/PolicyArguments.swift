@@ -67,9 +67,12 @@ struct PolicyArguments: ParsableArguments {
 /// `--duration 30s`, `--time-limit 500ms`: seconds or a number with us/ms/s/m/h.
 struct DurationArgument: ExpressibleByArgument, Sendable {
     var duration: LuaDuration
+    /// As given on the command line.
+    var text: String
     init?(argument: String) {
         guard let d = try? LuaDuration(parsing: argument) else { return nil }
         duration = d
+        text = argument
     }
     static var defaultCompletionKind: CompletionKind { .default }
 }

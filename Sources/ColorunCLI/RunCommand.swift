@@ -90,6 +90,16 @@ struct RunCommand: ColorunSubcommand {
         "Checkpoint generations kept per series unless the policy says otherwise.", valueName: "N"))
     var keep: Int = 3
 
+    @Option(name: .customLong("loop-slice"), help: ArgumentHelp(
+        "The time slice colorun's event-loop thread asks the kernel for (Linux 6.12 and later; older kernels ignore it): 100us (the default) to 100ms, or 0 for the kernel's default. A short slice lets colorun run as soon as a monitor answers instead of after a vCPU thread's slice.",
+        valueName: "D"))
+    var loopSlice: DurationArgument?
+
+    /// `--loop-slice` in nanoseconds (rounded: "100us" is not exactly 1e-4 s in binary).
+    var loopSliceNanoseconds: Int64 {
+        loopSlice.map { Int64(($0.duration.seconds * 1e9).rounded()) } ?? PolicyOptions.defaultLoopSlice.nanoseconds
+    }
+
     @Option(name: .customLong("memory-limit"), help: ArgumentHelp(
         "Memory cap of the Lua state: a size (64MiB, 1GiB, 512K) or a number of MiB.", valueName: "SIZE"))
     var memoryLimit: SizeArgument = SizeArgument(bytes: 64 << 20)
@@ -141,6 +151,9 @@ struct RunCommand: ColorunSubcommand {
         if let timeLimit, timeLimit.duration.seconds <= 0 {
             throw ValidationError("--time-limit '\(timeLimit.duration)': must be longer than 0")
         }
+        if let loopSlice, loopSliceNanoseconds != 0 && !(100_000...100_000_000).contains(loopSliceNanoseconds) {
+            throw ValidationError("--loop-slice '\(loopSlice.text)': must be 0 (the kernel's default) or from 100us to 100ms")
+        }
         if guest != .counting && !lab {
             throw ValidationError("--guest \(guest.rawValue): only with --lab")
         }
@@ -162,6 +175,7 @@ struct RunCommand: ColorunSubcommand {
         }
         options.runtimeDirectory = runtimeDirectory
         options.keepGenerations = keep
+        options.loopSlice = .nanoseconds(loopSliceNanoseconds)
         options.allowExec = allowExec
         options.lua.memoryLimit = memoryLimit.bytes
         if let timeLimit { options.lua.timeLimit = timeLimit.duration.timeAmount }

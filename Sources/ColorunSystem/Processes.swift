@@ -178,3 +178,21 @@ public func raiseOpenFileLimit() -> UInt64 {
     }
     return UInt64(limit.rlim_cur)
 }
+
+/// Asks the kernel for a time slice of `slice` for the calling thread, keeping its normal
+/// policy and nice value (`colorun_set_thread_slice`: sched_setattr's `sched_runtime`, the
+/// EEVDF slice of Linux 6.12 and later, clamped to 0.1-100 ms; zero restores the default).
+/// A thread with a short slice runs as soon as it wakes, ahead of one that is in the middle
+/// of a longer slice (a vCPU thread, QEMU's main loop), instead of waiting for it to end.
+/// Older kernels accept and ignore it. Returns 0 or an errno value.
+@discardableResult
+public func setThreadSlice(nanoseconds: UInt64) -> Int32 {
+    colorun_set_thread_slice(nanoseconds)
+}
+
+/// The calling thread's slice in nanoseconds as the kernel reports it (`sched_getattr`'s
+/// `sched_runtime`), or nil if it cannot say.
+public func threadSlice() -> UInt64? {
+    var slice: UInt64 = 0
+    return colorun_thread_slice(&slice) == 0 ? slice : nil
+}

@@ -16,6 +16,8 @@ import Testing
             ([policy, "--log-format", "xml"], "--log-format"),
             ([policy, "--metrics-listen", "nowhere"], "--metrics-listen 'nowhere'"),
             ([policy, "--bogus"], "--bogus"),
+            ([policy, "--loop-slice", "50us"], "--loop-slice '50us': must be 0 (the kernel's default) or from 100us to 100ms"),
+            ([policy, "--loop-slice", "1s"], "--loop-slice '1s'"),
             (["run", policy, "--domain", "web=unix:/x", "--shared", "db"], "--shared db: no --domain db=ENDPOINT"),
             (["run", policy, "--domain", "web=tls:h:1,cert=/c"], "give cert= and key= together"),
             (["run", dir + "/missing.lua"], "cannot open"),

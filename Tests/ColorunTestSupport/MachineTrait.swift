@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 
 /// How a suite uses the machine, for `swift test` running suites in parallel.
@@ -95,4 +98,14 @@ actor MachineLock {
         case .exclusive: exclusiveHeld = true
         }
     }
+}
+
+/// True when the running kernel's release (uname) is at least MAJOR.MINOR.
+public func linuxAtLeast(_ major: Int, _ minor: Int) -> Bool {
+    var name = utsname()
+    guard uname(&name) == 0 else { return false }
+    let release = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+    let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+    guard parts.count == 2 else { return false }
+    return (parts[0], parts[1]) >= (major, minor)
 }

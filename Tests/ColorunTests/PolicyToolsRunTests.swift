@@ -4,8 +4,10 @@ import LuaRuntime
 import NIOCore
 import NIOPosix
 import QEMUSimulator
+import Synchronization
 import Testing
 @testable import Colorun
+import ColorunSystem
 
 /// Several pairs in one file, simulated domains (`--sim`), out-of-memory positions, and the
 /// API table held to the live environment.
@@ -84,6 +86,22 @@ import Testing
             """) { $0.lua.memoryLimit = 4 << 20 }
         let failure = try #require(run.failure)
         #expect(failure.contains("policy.lua:2: not enough memory"), "\(failure)")
+    }
+
+    /// The session's loop thread asks the kernel for `loopSlice` (sched_setattr), and `.zero`
+    /// gives it the kernel's default back. Custom slices came with EEVDF in Linux 6.12.
+    @Test(.enabled(if: linuxAtLeast(6, 12), "custom slices need Linux 6.12 or later (sched_attr.sched_runtime for normal threads)"))
+    func theLoopThreadRunsWithTheSliceAskedFor() async throws {
+        let seen = Mutex<[UInt64]>([])
+        let hooks: [String: @Sendable () throws -> Void] = ["slice": { seen.withLock { $0.append(threadSlice() ?? 0) } }]
+        _ = try await runPolicy("test.slice()", hooks: hooks) { $0.loopSlice = .microseconds(300) }
+        _ = try await runPolicy("test.slice()", hooks: hooks) { $0.loopSlice = .zero }
+        _ = try await runPolicy("test.slice()", hooks: hooks)
+        let values = seen.withLock { $0 }
+        #expect(values.count == 3)
+        #expect(values.first == 300_000, "\(values)")
+        #expect(values.count == 3 && values[1] > 0 && values[1] != 300_000, "\(values)")
+        #expect(values.last == UInt64(PolicyOptions.defaultLoopSlice.nanoseconds), "\(values)")
     }
 
     @Test func policyBytes() async throws {

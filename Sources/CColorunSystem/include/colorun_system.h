@@ -40,4 +40,16 @@ int colorun_syncfs(int fd);
 /// Uses the CPU's crc32 instruction when it has SSE 4.2.
 uint32_t colorun_crc32c(uint32_t crc, const void *data, size_t length);
 
+/// Asks the kernel for a time slice of `nanoseconds` for the calling thread under its
+/// normal (fair) policy: sched_setattr(2) with SCHED_OTHER and `sched_runtime`, which Linux
+/// 6.12 and later (EEVDF) take as the thread's slice, clamped to 0.1-100 ms (0: the
+/// default). A thread with a shorter slice than the one running may preempt it when it
+/// wakes, so it runs as soon as its socket is readable. The nice value is kept. Older
+/// kernels accept the call and ignore the slice. Returns 0 or an errno value.
+int colorun_set_thread_slice(uint64_t nanoseconds);
+
+/// The calling thread's slice as sched_getattr(2) reports it (`sched_runtime`, ns); 0 where
+/// the kernel reports none. Returns 0 or an errno value.
+int colorun_thread_slice(uint64_t *nanoseconds);
+
 #endif

@@ -298,10 +298,10 @@ final class Domain: CheckpointTarget, @unchecked Sendable {
                     let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
                     self.stats.totalLatencySeconds += seconds
                     if case .failure = reply { self.stats.failures += 1 }
-                    completion(reply.mapError { self.domainError($0, command: command) })
-                    // After the completion, which may send the caller's next command at once
-                    // (a Lua task resumed by its reply): the metric is not on the way to it.
+                    // Before the completion: it may resume a Lua task that ends the run, and
+                    // a run that has ended has every command it sent counted.
                     self.options.metrics.qmpCommand(command, seconds: seconds, failed: (try? reply.get()) == nil)
+                    completion(reply.mapError { self.domainError($0, command: command) })
                 }
             }
         }

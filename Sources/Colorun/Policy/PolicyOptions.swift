@@ -101,6 +101,14 @@ public struct PolicyOptions: Sendable {
     /// A thread pool for blocking file work shared by many sessions (a fleet instance runs
     /// one session per pair); nil: the session starts and stops a pool of its own.
     public var sharedBlockingIO: NIOThreadPool?
+    /// `--loop-slice`: the time slice the session's event-loop thread asks the kernel for
+    /// (`setThreadSlice`; Linux 6.12 and later). A short one lets the loop run as soon as a
+    /// monitor answers, ahead of a vCPU thread or QEMU's own loop that is in the middle of a
+    /// longer one, instead of after it. `.zero`: the kernel's default; nil: the thread is
+    /// left as it is. The thread keeps it after the session (it is the loop's thread).
+    public var loopSlice: TimeAmount? = PolicyOptions.defaultLoopSlice
+    /// 0.1 ms, the shortest slice the kernel grants.
+    public static let defaultLoopSlice = TimeAmount.microseconds(100)
 
     public init(policyPath: String) {
         self.policyPath = policyPath

@@ -110,6 +110,12 @@ public final class PolicySession: @unchecked Sendable {
         self.options = options
         self.eventLoop = eventLoop
         self.logger = logger
+        if let slice = options.loopSlice {
+            let error = setThreadSlice(nanoseconds: UInt64(max(0, slice.nanoseconds)))
+            if error != 0 {
+                logger.debug("the kernel refused the event loop's time slice", metadata: ["slice-ns": "\(slice.nanoseconds)", "errno": "\(error)"])
+            }
+        }
         blockingIO = options.sharedBlockingIO ?? NIOThreadPool(numberOfThreads: 4)
         ownsBlockingIO = options.sharedBlockingIO == nil
         committer = GroupCommitter(pool: blockingIO, eventLoop: eventLoop)
