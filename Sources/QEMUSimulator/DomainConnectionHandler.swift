@@ -9,7 +9,8 @@ final class DomainConnectionHandler: ChannelInboundHandler {
 
     private let domain: SimulatedDomain
     private var id = 0
-    private var pending: [QMPInput] = []
+    /// Inputs read and not served yet, with when each was read (wall clock, for the log).
+    private var pending: [(input: QMPInput, arrived: Double)] = []
     private var pendingStart = 0
     /// Waiting out a `delay` fault: later input queues.
     private var busy = false
@@ -34,7 +35,7 @@ final class DomainConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        pending.append(unwrapInboundIn(data))
+        pending.append((unwrapInboundIn(data), wallClock()))
         drain(context: context)
     }
 
@@ -57,7 +58,7 @@ final class DomainConnectionHandler: ChannelInboundHandler {
     /// Serves queued input while this connection holds the monitor and nothing blocks it.
     private func drain(context: ChannelHandlerContext) {
         while !busy, !hung, !closed, pendingStart < pending.count {
-            guard let steps = domain.receive(pending[pendingStart], from: id) else { break }
+            guard let steps = domain.receive(pending[pendingStart].input, from: id, arrived: pending[pendingStart].arrived) else { break }
             pendingStart += 1
             run(steps[...], context: context)
         }

@@ -3,7 +3,8 @@ import QMP
 
 /// One command as the simulator received it.
 public struct CommandLogEntry: Sendable, Hashable {
-    /// Wall-clock seconds when it arrived.
+    /// Wall-clock seconds when it arrived (was read from the socket; it may have been served
+    /// later, behind a delayed command).
     public var time: Double
     /// Which connection sent it (1, 2, ... per domain).
     public var connection: Int
@@ -107,8 +108,10 @@ public struct DomainCore: Sendable {
 
     // MARK: - Input
 
-    /// One input from `connection`, which must hold the monitor. `now` is wall-clock seconds.
-    public mutating func receive(_ input: QMPInput, from connection: Int, now: Double) -> [DomainStep] {
+    /// One input from `connection`, which must hold the monitor. `now` is wall-clock seconds;
+    /// `arrived`, when the input was read from the socket (it may have waited behind a
+    /// delayed command since): the command log's time, `now` if not given.
+    public mutating func receive(_ input: QMPInput, from connection: Int, now: Double, arrived: Double? = nil) -> [DomainStep] {
         guard isAlive else { return [] }
         guard !isFrozen else { return [] }
         var session = sessions[connection] ?? QMPSessionState()
@@ -122,7 +125,7 @@ public struct DomainCore: Sendable {
         let elapsed = Duration.nanoseconds(Int64(max(0, now - startedAt) * 1e9))
         let fault = faults.action(for: command.name, elapsed: elapsed)
         if log.count >= 2 * Self.historyLimit { log.removeFirst(log.count - Self.historyLimit) }
-        log.append(CommandLogEntry(time: now, connection: connection, name: command.name, arguments: command.arguments, id: command.id, fault: fault))
+        log.append(CommandLogEntry(time: arrived ?? now, connection: connection, name: command.name, arguments: command.arguments, id: command.id, fault: fault))
 
         func errorReply(_ cls: String, _ desc: String) -> JSONValue {
             QMPReply(id: command.id, result: .failure(QMPErrorBodyError(QMPErrorBody(errorClass: cls, desc: desc)))).json

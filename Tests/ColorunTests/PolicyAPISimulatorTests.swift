@@ -277,6 +277,27 @@ import Glibc
         }
     }
 
+    /// The secondary's `cont` goes out behind its load, in the same write: it reaches QEMU
+    /// before the load is answered (here the load's reply is held back half a second), and
+    /// QEMU runs it after the load.
+    @Test func theSecondaryResumesBehindItsLoadWithoutWaitingForTheReply() async throws {
+        try await withSimulatedPair { pair in
+            let run = try await runPolicy(#"""
+                local p, s = domain.get("web-p"), domain.get("web-s")
+                test.fault()
+                local r = colo.checkpoint(p, s)
+                assert(r.generation == 1, tostring(r.generation))
+                """#, domains: pair.domains,
+                hooks: ["fault": { try pair.secondary.addFaults(parsing: "xen-load-devices-state:delay=500ms,count=1") }])
+            #expect(run.failure == nil, "\(run.failure ?? "")")
+            let log = pair.secondary.commandLog
+            let load = try #require(log.first { $0.name == "xen-load-devices-state" })
+            let cont = try #require(log.first { $0.name == "cont" && $0.time >= load.time })
+            #expect(cont.time - load.time < 0.25, "cont arrived \(cont.time - load.time) s after the load")
+            #expect(pair.primary.runState == .running && pair.secondary.runState == .running)
+        }
+    }
+
     /// Each failure of the cycle ends with both domains running, the failed step named and
     /// the last good generation intact.
     @Test(arguments: [

@@ -234,6 +234,10 @@ private final class XenCheckpoint {
     /// The checkpoint failed: replies still due (the save queued behind a failed stop, the
     /// other domain's stop) change nothing.
     var finished = false
+    /// The answer to the secondary's `cont`, sent behind its load, once it came.
+    var secondaryResumed: Result<Void, DomainError>?
+    /// Waits for that answer (the primary's `cont` was answered first).
+    var whenSecondaryResumed: ((Result<Void, DomainError>) -> Void)?
 
     init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
          resumed: ((CheckpointResult) -> Bool)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
@@ -289,32 +293,69 @@ private final class XenCheckpoint {
     }
 
     /// 3. Never hand the secondary a torn or foreign file (a read of its head, from the page
-    /// cache), 4. then load it on the secondary.
+    /// cache), 4. then load it on the secondary, with its `cont` right behind in the same
+    /// write: QEMU runs them in order, so the secondary runs again as soon as it holds the
+    /// state, without waiting a round trip for the load's reply. A load that fails leaves the
+    /// secondary running its own state, as the rollback would (which resumes both anyway).
     func verifyAndLoad() {
         do {
             bytes = try store.validate(generation, magic: CheckpointEngine.stateMagic)
         } catch {
             return fail("verify", DomainError(domain: primary.name, command: "xen-save-devices-state", errorClass: "TornCheckpoint", desc: error.description))
         }
-        secondary.send("xen-load-devices-state", ["filename": .string(partial)]) { result in
+        secondary.send("xen-load-devices-state", ["filename": .string(partial)], deferFlush: true) { result in
+            guard !self.finished else { return }
             if case .failure(let error) = result { return self.fail("restore", error) }
             self.restoreEnd = self.clock.now
             self.resume()
         }
+        guard !finished else { return }  // the load was refused before it was sent
+        secondary.sendResume { result in
+            guard let waiting = self.whenSecondaryResumed else {
+                self.secondaryResumed = result
+                return
+            }
+            self.whenSecondaryResumed = nil
+            waiting(result)
+        }
     }
 
-    /// 5. Resume both at once.
+    /// 5. Resume the primary (once the secondary holds the state) and see the secondary's
+    /// `cont` answered; a `cont` that failed is tried again as `resumeAll` does.
     func resume() {
-        CheckpointEngine.resumeAll([primary, secondary]) { unresumed in
-            self.pauseEnd = self.clock.now
-            if let first = unresumed.first {
-                self.store.discard(self.generation)
-                return self.completion(.failure(CheckpointError(
-                    step: "resume", first, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
-            }
-            let answered = self.resumed?(self.outcome(path: self.store.path(of: self.generation), durable: false)) ?? false
-            self.commit(urgent: !answered)
+        var unresumed: [DomainError] = []
+        var left = 2
+        let done = { (failures: [DomainError]) in
+            unresumed += failures
+            left -= 1
+            if left == 0 { self.bothResumed(unresumed: unresumed) }
         }
+        CheckpointEngine.resumeAll([primary], done)
+        let secondary = self.secondary
+        let secondaryAnswered = { (result: Result<Void, DomainError>) in
+            if case .failure = result {
+                CheckpointEngine.resumeAll([secondary], done)
+            } else {
+                done([])
+            }
+        }
+        if let result = secondaryResumed {
+            secondaryAnswered(result)
+        } else {
+            whenSecondaryResumed = secondaryAnswered
+        }
+    }
+
+    /// Both run again (or the ones in `unresumed` could not be resumed).
+    func bothResumed(unresumed: [DomainError]) {
+        pauseEnd = clock.now
+        if let first = unresumed.first {
+            store.discard(generation)
+            return completion(.failure(CheckpointError(
+                step: "resume", first, generation: generation, lastGood: lastGood, unresumed: unresumed)))
+        }
+        let answered = resumed?(outcome(path: store.path(of: generation), durable: false)) ?? false
+        commit(urgent: !answered)
     }
 
     /// 6. Make it the last good generation (after the resume: the fsync is not pause time).
