@@ -125,21 +125,30 @@ enum SimFileIO {
         }
     }
 
-    /// Reads the whole of `path` (at most `limit` bytes).
+    /// Reads the whole of `path` (at most `limit` bytes), in reads of the file's size (and
+    /// one byte more, to meet its end): a device state of a few KiB is one `read` into its
+    /// own array, with no chunk to clear and copy.
     static func readFile(_ path: String, limit: Int = 64 * 1024 * 1024) throws(Failure) -> [UInt8] {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .open(describe(errno)) }
         defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw .io(describe(errno)) }
         var result: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65_536)
         while result.count < limit {
-            let n = chunk.withUnsafeMutableBytes { raw in read(fd, raw.baseAddress!, raw.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .io(describe(errno))
+            let want = min(max(Int(info.st_size) + 1 - result.count, 4096), limit - result.count)
+            var failure: Int32 = 0
+            let chunk = [UInt8](unsafeUninitializedCapacity: want) { buffer, count in
+                count = 0
+                while true {
+                    let n = read(fd, buffer.baseAddress!, want)
+                    if n >= 0 { count = n; return }
+                    if errno != EINTR { failure = errno; return }
+                }
             }
-            if n == 0 { break }
-            result.append(contentsOf: chunk[0..<n])
+            if failure != 0 { throw .io(describe(failure)) }
+            if chunk.isEmpty { break }
+            if result.isEmpty { result = chunk } else { result += chunk }
         }
         return result
     }
