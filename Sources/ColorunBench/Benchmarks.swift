@@ -72,27 +72,27 @@ func benchQMPRoundTrip(_ config: BenchConfig, _ results: Results) async throws {
         // default slice (a diagnostic: what the slice is worth here).
         var own: [String: Double] = [:]
         for (key, slice) in [("colorun", PolicyOptions.defaultLoopSlice), ("colorun-default-slice", TimeAmount.zero)] {
-        let bench = BenchModule(arguments: ["n": String(n)])
-        _ = try await runPolicy(
-            """
-            local d = domain.get("d")
-            local n = tonumber(bench.arg("n"))
-            local now = bench.now
-            for i = 1, 50 do qmp.status(d) end
-            local s = {}
-            local cpu0 = bench.cpu()
-            for i = 1, n do
-              local t = now()
-              qmp.status(d)
-              s[i] = now() - t
-            end
-            bench.put("cpu_ns", { math.floor((bench.cpu() - cpu0) * 1e9 / n) })
-            bench.put("rt", s)
-            """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench) { $0.loopSlice = slice }
-        if key == "colorun" { cpuPerCall += bench.samples("cpu_ns") }
-        let mine = bench.samples("rt")
-        all[key, default: []] += mine
-        own[key] = Stats(mine).p50
+            let bench = BenchModule(arguments: ["n": String(n)])
+            _ = try await runPolicy(
+                """
+                local d = domain.get("d")
+                local n = tonumber(bench.arg("n"))
+                local now = bench.now
+                for i = 1, 50 do qmp.status(d) end
+                local s = {}
+                local cpu0 = bench.cpu()
+                for i = 1, n do
+                  local t = now()
+                  qmp.status(d)
+                  s[i] = now() - t
+                end
+                bench.put("cpu_ns", { math.floor((bench.cpu() - cpu0) * 1e9 / n) })
+                bench.put("rt", s)
+                """, domains: [DomainSpec(name: "d", endpoint: qemu.qmpEndpoint)], bench: bench) { $0.loopSlice = slice }
+            if key == "colorun" { cpuPerCall += bench.samples("cpu_ns") }
+            let mine = bench.samples("rt")
+            all[key, default: []] += mine
+            own[key] = Stats(mine).p50
         }
         if let c = p50["c"] {
             ratioC.append(own["colorun"]! / c)

@@ -33,12 +33,12 @@ public struct PolicyReport: Sendable {
 ///
 /// The Lua state, the domains' monitor connections and the timers live on one event loop, so
 /// the reply to a plain QMP call from Lua (`qmp.execute`, `qmp.stop`, `qmp.resume`) resumes
-/// the waiting Lua task with no thread hop; `qmp.execute` (and so `qmp.status`, `qmp.save`,
-/// `qmp.restore`) resumes it inside the reply's handler (`LuaCompletion.completeNow`), so the
-/// task's next command goes out in the same turn of the loop. A `colo.checkpoint` runs on the loop too, as one
-/// line of callbacks (each QMP reply starts the next step where it arrives); only its commit
-/// leaves the loop, grouped with the other pairs' commits on the blocking-I/O pool
-/// (`GroupCommitter`), and comes back once per group. Remus checkpoints and restores, whose
+/// the waiting Lua task with no thread hop, inside the reply's handler
+/// (`LuaCompletion.completeNow`), so the task's next command goes out in the same turn of the
+/// loop. A `colo.checkpoint` runs on the loop too, as one line of callbacks (each QMP reply
+/// starts the next step where it arrives); only its commit leaves the loop, grouped with the
+/// other pairs' commits on the blocking-I/O pool (`GroupCommitter`), and comes back once per
+/// group. Remus checkpoints and restores, whose
 /// steps wait for QEMU's migration and for qemu-img, run as Swift `Task`s that hop to the
 /// loop for each QMP command.
 ///
