@@ -187,7 +187,7 @@ public final class SimulatedDomain: Sendable {
         if let next = core.withLock({ $0.disconnect(id) }) { sendGreeting(to: next) }
     }
 
-    func receive(_ input: QMPInput, from id: Int, arrived: Double? = nil) -> [DomainStep]? {
+    func receive(_ input: QMPInput, from id: Int, arrived: Double) -> [DomainStep]? {
         core.withLock { core in
             guard core.isServing(id) || core.isFrozen else { return nil }
             return core.receive(input, from: id, now: wallClock(), arrived: arrived)

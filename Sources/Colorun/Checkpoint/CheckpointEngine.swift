@@ -234,10 +234,15 @@ private final class XenCheckpoint {
     /// The checkpoint failed: replies still due (the save queued behind a failed stop, the
     /// other domain's stop) change nothing.
     var finished = false
-    /// The answer to the secondary's `cont`, sent behind its load, once it came.
-    var secondaryResumed: Result<Void, DomainError>?
-    /// Waits for that answer (the primary's `cont` was answered first).
-    var whenSecondaryResumed: ((Result<Void, DomainError>) -> Void)?
+    /// The secondary's `cont` sent behind its load.
+    var secondaryResume = PipelinedResume.notSent
+
+    enum PipelinedResume {
+        case notSent
+        /// Sent, not answered yet; `waiting` (if set) takes the answer.
+        case sent(waiting: ((Result<Void, DomainError>) -> Void)?)
+        case answered(Result<Void, DomainError>)
+    }
 
     init(primary: Domain, secondary: Domain, store: GenerationStore, committer: GroupCommitter?,
          resumed: ((CheckpointResult) -> Bool)?, completion: @escaping (Result<CheckpointResult, CheckpointError>) -> Void) {
@@ -296,7 +301,8 @@ private final class XenCheckpoint {
     /// cache), 4. then load it on the secondary, with its `cont` right behind in the same
     /// write: QEMU runs them in order, so the secondary runs again as soon as it holds the
     /// state, without waiting a round trip for the load's reply. A load that fails leaves the
-    /// secondary running its own state, as the rollback would (which resumes both anyway).
+    /// secondary running its own state, as the rollback would: that `cont` is the rollback's
+    /// for the secondary (`resumeBoth`).
     func verifyAndLoad() {
         do {
             bytes = try store.validate(generation, magic: CheckpointEngine.stateMagic)
@@ -310,39 +316,39 @@ private final class XenCheckpoint {
             self.resume()
         }
         guard !finished else { return }  // the load was refused before it was sent
+        secondaryResume = .sent(waiting: nil)
         secondary.sendResume { result in
-            guard let waiting = self.whenSecondaryResumed else {
-                self.secondaryResumed = result
-                return
-            }
-            self.whenSecondaryResumed = nil
-            waiting(result)
+            guard case .sent(let waiting) = self.secondaryResume else { return }
+            self.secondaryResume = .answered(result)
+            waiting?(result)
         }
     }
 
-    /// 5. Resume the primary (once the secondary holds the state) and see the secondary's
-    /// `cont` answered; a `cont` that failed is tried again as `resumeAll` does.
+    /// 5. Resume the primary once the secondary holds the state.
     func resume() {
+        resumeBoth { self.bothResumed(unresumed: $0) }
+    }
+
+    /// Resumes both at once, as `CheckpointEngine.resumeAll` does, with the secondary's `cont`
+    /// sent behind its load standing for the secondary's (tried again as `resumeAll` does
+    /// if it failed); `done` gets the failures that remain.
+    func resumeBoth(_ done: @escaping ([DomainError]) -> Void) {
         var unresumed: [DomainError] = []
         var left = 2
-        let done = { (failures: [DomainError]) in
+        let one = { (failures: [DomainError]) in
             unresumed += failures
             left -= 1
-            if left == 0 { self.bothResumed(unresumed: unresumed) }
+            if left == 0 { done(unresumed) }
         }
-        CheckpointEngine.resumeAll([primary], done)
+        CheckpointEngine.resumeAll([primary], one)
         let secondary = self.secondary
-        let secondaryAnswered = { (result: Result<Void, DomainError>) in
-            if case .failure = result {
-                CheckpointEngine.resumeAll([secondary], done)
-            } else {
-                done([])
-            }
+        let answered = { (result: Result<Void, DomainError>) in
+            if case .failure = result { CheckpointEngine.resumeAll([secondary], one) } else { one([]) }
         }
-        if let result = secondaryResumed {
-            secondaryAnswered(result)
-        } else {
-            whenSecondaryResumed = secondaryAnswered
+        switch secondaryResume {
+        case .notSent: CheckpointEngine.resumeAll([secondary], one)
+        case .sent: secondaryResume = .sent(waiting: answered)
+        case .answered(let result): answered(result)
         }
     }
 
@@ -393,7 +399,7 @@ private final class XenCheckpoint {
         // The save still queued behind a failed stop writes its file yet: removed (and its
         // slot given back) when its reply comes, which is before the primary's `cont`'s.
         if !saveInFlight { store.discard(generation) }
-        CheckpointEngine.resumeAll([primary, secondary]) { unresumed in
+        resumeBoth { unresumed in
             self.completion(.failure(CheckpointError(
                 step: step, error, generation: self.generation, lastGood: self.lastGood, unresumed: unresumed)))
         }
