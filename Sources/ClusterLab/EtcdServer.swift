@@ -104,6 +104,9 @@ public final class EtcdServer: Sendable {
             return Glibc.kill(pid, signal) == 0
         }
 
+        /// True once the process is stopped (SIGSTOP takes effect after `kill` returns).
+        public var isStopped: Bool { ProcessInfoFile.stat(pid)?.state == "T" }
+
         /// How the process ended, if it has (reaps it without blocking).
         public var exitStatus: ChildExitStatus? { reap(blocking: false) }
 

@@ -152,16 +152,16 @@ public enum RunDirectorySweep {
 }
 
 /// `/proc/PID/stat`, the fields used here.
-enum ProcessInfoFile {
-    struct Stat {
+public enum ProcessInfoFile {
+    public struct Stat: Sendable {
         /// R, S, D, Z, T, ...
-        var state: Character
-        var parent: pid_t
+        public var state: Character
+        public var parent: pid_t
         /// Clock ticks since boot.
-        var startTime: UInt64
+        public var startTime: UInt64
     }
 
-    static func stat(_ pid: pid_t) -> Stat? {
+    public static func stat(_ pid: pid_t) -> Stat? {
         guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
         let text = String(decoding: bytes, as: UTF8.self)
         // The command name (field 2) is in parentheses and may hold spaces and parentheses.

@@ -198,6 +198,9 @@ func deadEndpoint() throws -> String {
             try await withClient({ try EtcdClient(endpoints: server.clientURLs, requestTimeout: .milliseconds(500), eventLoopGroup: MultiThreadedEventLoopGroup.singleton) }) { etcd in
                 try await etcd.put("/frozen", "before", timeout: .seconds(5))
                 server.members[0].kill(SIGSTOP)
+                // The signal is delivered after kill returns: a request sent before it takes
+                // effect would still be answered.
+                try await waitUntil("etcd stopped by SIGSTOP") { server.members[0].isStopped }
                 let clock = ContinuousClock()
                 let began = clock.now
                 let error = await #expect(throws: EtcdError.self) { try await etcd.get("/frozen") }
